@@ -1,0 +1,190 @@
+"""Plain HTTP tool endpoints: ``POST /tools/lookup_tracking {"order_id": "A1"}``.
+
+- tool: the path segment ``route.tool_segment`` after the route prefix (first by default);
+- params: the JSON body; for a request without a body (GET, DELETE...) the query string
+  as a dict; both when both are present;
+- outcome: the response body (JSON when it parses, else text); error: status >= 400;
+  an ``x-loopguard-progress`` response header is an explicit progress marker.
+
+The observer keeps at most ``MAX_OUTCOME_BYTES`` of a response for the outcome: a
+tool that answers with a huge body is hashed on its prefix plus its length, and the
+outcome says it was truncated.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+from urllib.parse import parse_qs
+
+import xxhash
+
+from adapters.base import (
+    Answer,
+    Observation,
+    Outcome,
+    ParsedRequest,
+    RequestView,
+    ToolInvocation,
+)
+from guard.calls import Verdict
+from guard.config import RouteConfig, SessionConfig
+from guard.problem import stall_problem
+
+MAX_OUTCOME_BYTES = 1024 * 1024
+PROGRESS_HEADER = "x-loopguard-progress"
+_BODYLESS = frozenset({"GET", "HEAD", "DELETE", "OPTIONS"})
+
+
+class HttpToolAdapter:
+    name = "http-tool"
+    provider: str | None = None
+
+    def __init__(
+        self, route: RouteConfig, *, session_headers: tuple[str, ...] | None = None
+    ) -> None:
+        self.route = route
+        self.tool_segment = route.tool_segment
+        # Only used to name the session in the stop answer; the Exchange decides tracking.
+        self.session_headers = tuple(
+            h.lower() for h in (session_headers or SessionConfig().headers)
+        )
+
+    # -- request ---------------------------------------------------------------------
+
+    def parse(self, request: RequestView) -> ParsedRequest:
+        tool = self._tool(request.path)
+        if tool is None:
+            # The route's root or a path without a tool segment: served, not guarded.
+            return ParsedRequest(operation="passthrough", span_name=request.method)
+        params, error = _params(request)
+        return ParsedRequest(
+            operation="execute_tool",
+            invocations=[ToolInvocation(tool=tool, params=params)],
+            admission_error=error,
+            span_name=f"execute_tool {tool}",
+        )
+
+    def _tool(self, path: str) -> str | None:
+        segments = [s for s in path.split("/") if s]
+        if len(segments) <= self.tool_segment:
+            return None
+        return segments[self.tool_segment]
+
+    # -- answers ---------------------------------------------------------------------
+
+    def stop_answer(self, request: RequestView, parsed: ParsedRequest, verdict: Verdict) -> Answer:
+        """422 problem+json written for the model, ``x-loopguard-route: stop_and_review``."""
+        return stall_problem(verdict, self._session(request))
+
+    def nudge(self, request: RequestView, parsed: ParsedRequest, verdict: Verdict) -> bytes:
+        # Tools have no conversation to add a message to: the request goes as it came.
+        return request.body
+
+    def _session(self, request: RequestView) -> str | None:
+        for name in self.session_headers:
+            value = request.headers.get(name)
+            if value:
+                return value
+        return None
+
+    # -- response --------------------------------------------------------------------
+
+    def observer(
+        self, parsed: ParsedRequest, status: int, headers: dict[str, str]
+    ) -> ToolResponseObserver | _NullObserver:
+        if not parsed.invocations:
+            return _NullObserver()
+        return ToolResponseObserver(status, headers)
+
+
+class ToolResponseObserver:
+    """Keeps the first ``MAX_OUTCOME_BYTES`` of the body; passes every chunk on as is."""
+
+    __slots__ = ("_chunks", "_encoding", "_explicit", "_kept", "_seen", "error", "status")
+
+    def __init__(self, status: int, headers: dict[str, str]) -> None:
+        self.status = status
+        self.error = status >= 400
+        self._explicit = headers.get(PROGRESS_HEADER) or None
+        encoding = headers.get("content-encoding", "identity").strip().lower()
+        self._encoding = None if encoding in ("", "identity") else encoding
+        self._chunks: list[bytes] = []
+        self._kept = 0
+        self._seen = 0
+
+    def feed(self, chunk: bytes, now: float) -> bytes:
+        self._seen += len(chunk)
+        room = MAX_OUTCOME_BYTES - self._kept
+        if room > 0:
+            piece = chunk if len(chunk) <= room else chunk[:room]
+            self._chunks.append(piece)
+            self._kept += len(piece)
+        return chunk
+
+    def finish(self) -> Observation:
+        body = b"".join(self._chunks)
+        outcome = Outcome(value=self._value(body), error=self.error, explicit_marker=self._explicit)
+        return Observation(outcomes=[outcome])
+
+    def _value(self, body: bytes) -> Any:
+        if self._encoding is not None:
+            # Compressed despite "accept-encoding: identity": hash the bytes we saw.
+            return {
+                "content_encoding": self._encoding,
+                "body_xxh3": xxhash.xxh3_128_hexdigest(body),
+                "length": self._seen,
+            }
+        if self._seen > self._kept:
+            return {
+                "truncated": True,
+                "length": self._seen,
+                "prefix": body.decode("utf-8", "replace"),
+            }
+        if not body:
+            return ""
+        try:
+            return json.loads(body)
+        except ValueError:
+            return body.decode("utf-8", "replace")
+
+
+class _NullObserver:
+    __slots__ = ()
+
+    def feed(self, chunk: bytes, now: float) -> bytes:
+        return chunk
+
+    def finish(self) -> Observation:
+        return Observation()
+
+
+def _params(request: RequestView) -> tuple[Any, str | None]:
+    """The call's parameters, and why they could not be read (None if fine)."""
+    query = _query_dict(request.query) if request.query else None
+    body = request.body
+    if not body or (request.method in _BODYLESS and not body.strip()):
+        return (query or {}), None
+    content_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    if content_type == "application/x-www-form-urlencoded":
+        data: Any = _query_dict(body.decode("latin-1"))
+    elif content_type in ("", "application/json", "text/json") or content_type.endswith("+json"):
+        try:
+            data = json.loads(body)
+        except ValueError as exc:
+            # Still a call: hash the raw text, so a repeated malformed call is still seen.
+            text = body.decode("utf-8", "replace")
+            return text, f"request body is not valid JSON: {exc}"
+    elif content_type.startswith("text/"):
+        data = body.decode("utf-8", "replace")
+    else:
+        # Binary uploads: the bytes' hash stands for them.
+        data = {"content_type": content_type, "body_xxh3": xxhash.xxh3_128_hexdigest(body)}
+    if query:
+        return {"query": query, "body": data}, None
+    return data, None
+
+
+def _query_dict(query: str) -> dict[str, Any]:
+    parsed = parse_qs(query, keep_blank_values=True)
+    return {key: values[0] if len(values) == 1 else values for key, values in parsed.items()}

@@ -1,0 +1,315 @@
+"""What the OpenAI and Anthropic adapters share.
+
+- reading the request body (JSON or an admission error) and naming the conversation;
+- ``ModelObserver``: the response tee. SSE bodies go through ``guard.sse`` one chunk
+  at a time (never buffered whole); JSON bodies are kept up to a cap and parsed at
+  the end. Subclasses only say what one event / one JSON body means;
+- tool calls assembled from deltas split across chunks;
+- synthetic answers (the stop completion) as JSON or as an SSE stream.
+
+The stall analysis itself lives in ``guard.conversation`` (the Exchange calls it);
+the nudge and stop wording in ``guard.problem``, shared with the tool adapters.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+import uuid
+from collections.abc import Iterable
+from typing import Any
+
+import xxhash
+
+from adapters.base import Answer, Observation, ToolInvocation
+from guard.calls import Route, Usage
+from guard.problem import ROUTE_HEADER
+from guard.sse import SSEEvent, SSEParser, encode_event
+
+# A non-streamed answer bigger than this is passed on but not parsed (no usage, no tools).
+MAX_JSON_OBSERVE_BYTES = 8 * 1024 * 1024
+# Explicit conversation id a client may send; otherwise one is derived from the content.
+CONVERSATION_HEADER = "x-loopguard-conversation"
+
+
+class BodyError(ValueError):
+    """The request body is not the JSON object the API expects."""
+
+
+def load_object(body: bytes) -> dict[str, Any]:
+    try:
+        value = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BodyError(f"request body is not valid JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise BodyError("request body must be a JSON object")
+    return value
+
+
+def dump_object(value: dict[str, Any]) -> bytes:
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+def conversation_id(headers: dict[str, str], *anchors: Any) -> str | None:
+    """A stable id for one conversation across its requests.
+
+    An explicit ``x-loopguard-conversation`` header wins. Otherwise: xxh3_64 of the
+    conversation's anchors (its system prompt / instructions and first user message),
+    which an agent resends unchanged on every turn. Two runs of the same agent on the
+    same task share an id: send the header to tell them apart.
+    """
+    explicit = headers.get(CONVERSATION_HEADER)
+    if explicit:
+        return explicit
+    if all(anchor is None for anchor in anchors):
+        return None
+    blob = json.dumps(anchors, sort_keys=True, separators=(",", ":"), default=str)
+    return "conv_" + xxhash.xxh3_64_hexdigest(blob.encode())
+
+
+def parse_arguments(arguments: Any) -> Any:
+    """Tool arguments as JSON when they parse (they arrive as a string), else as given."""
+    if isinstance(arguments, str):
+        try:
+            return json.loads(arguments)
+        except json.JSONDecodeError:
+            return arguments
+    return arguments
+
+
+class ToolCallAssembler:
+    """Tool calls streamed as fragments: name and id first, arguments in pieces."""
+
+    __slots__ = ("_calls",)
+
+    def __init__(self) -> None:
+        self._calls: dict[Any, list[Any]] = {}  # key -> [name, call_id, [fragments]]
+
+    def start(self, key: Any, name: str | None, call_id: Any = None, arguments: str = "") -> None:
+        entry = self._calls.setdefault(key, [None, None, []])
+        if name:
+            entry[0] = name
+        if call_id is not None:
+            entry[1] = call_id
+        if arguments:
+            entry[2].append(arguments)
+
+    def add(self, key: Any, fragment: str) -> None:
+        if fragment:
+            self._calls.setdefault(key, [None, None, []])[2].append(fragment)
+
+    def replace(self, key: Any, arguments: str) -> None:
+        """The full arguments, when the API repeats them at the end of a call."""
+        self._calls.setdefault(key, [None, None, []])[2] = [arguments]
+
+    def result(self) -> list[ToolInvocation]:
+        return [
+            ToolInvocation(name or "", parse_arguments("".join(parts)), call_id)
+            for name, call_id, parts in self._calls.values()
+        ]
+
+
+class ModelObserver:
+    """Tee for one model response: pass bytes on at once, learn from them on the way.
+
+    Subclasses implement ``on_event`` (one SSE event; return True to hide it from the
+    client) and ``on_json`` (a whole non-streamed body), and set ``terminal`` when
+    the stream's closing event arrives.
+    """
+
+    def __init__(self, status: int, headers: dict[str, str]) -> None:
+        content_type = headers.get("content-type", "")
+        encoding = headers.get("content-encoding", "identity").lower()
+        # Error bodies pass through unread; a compressed body cannot be read incrementally.
+        self._active = status < 400 and encoding in ("identity", "")
+        self._sse = self._active and content_type.startswith("text/event-stream")
+        self._parser = SSEParser() if self._sse else None
+        self._json = bytearray()
+        self._json_overflow = False
+        # Set by subclasses (Chat Completions with injected usage): hide chosen events.
+        self.hiding = False
+        self._held = bytearray()
+        self._held_at = 0  # absolute stream offset of self._held[0]
+        self._deferred: tuple[bytes, float] | None = None
+        # What is learned.
+        self.first_output_at: float | None = None
+        self.output_chunks = 0
+        self.usage: Usage | None = None
+        self.response_id: str | None = None
+        self.response_model: str | None = None
+        self.finish_reasons: list[str] = []
+        self.tools = ToolCallAssembler()
+        self.terminal = False
+
+    # -- the contract ------------------------------------------------------------------
+
+    def feed(self, chunk: bytes, now: float) -> bytes:
+        parser = self._parser
+        if parser is None:
+            if self._active and not self._json_overflow:
+                if len(self._json) + len(chunk) > MAX_JSON_OBSERVE_BYTES:
+                    self._json_overflow = True
+                    self._json.clear()
+                else:
+                    self._json += chunk
+            return chunk
+        if self.hiding:
+            return self._feed_hiding(chunk, parser.feed(chunk), now)
+        # Read each chunk one step late, after it has been passed on: a chunk carrying
+        # the first token often carries dozens of events behind it, and reading them
+        # first would delay the token by as much. Each chunk keeps its arrival time.
+        deferred = self._deferred
+        self._deferred = (chunk, now)
+        if deferred is not None:
+            self._read(*deferred)
+        return chunk
+
+    def _read(self, chunk: bytes, at: float) -> None:
+        assert self._parser is not None
+        for event in self._parser.feed(chunk):
+            self._event(event, at)
+
+    def finish(self) -> Observation:
+        complete = True
+        if self._parser is not None:
+            if self._deferred is not None:
+                self._read(*self._deferred)
+                self._deferred = None
+            complete = self.terminal
+        elif self._active and not self._json_overflow and self._json:
+            try:
+                body = json.loads(self._json)
+            except (UnicodeDecodeError, json.JSONDecodeError):
+                complete = False  # a truncated body
+            else:
+                if isinstance(body, dict):
+                    self.on_json(body)
+            self._json = bytearray()
+        return Observation(
+            first_output_at=self.first_output_at,
+            output_chunks=self.output_chunks,
+            usage=self.usage or Usage(source="absent"),
+            response_id=self.response_id,
+            response_model=self.response_model,
+            finish_reasons=tuple(self.finish_reasons),
+            complete=complete,
+            requested_tools=self.tools.result(),
+        )
+
+    # -- for subclasses ----------------------------------------------------------------
+
+    def on_event(self, event: SSEEvent, data: Any, now: float) -> bool:
+        """One parsed SSE event (``data`` is its JSON, or the raw string); True hides it."""
+        raise NotImplementedError
+
+    def on_json(self, body: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    def quick(self, event: SSEEvent, now: float) -> bool:
+        """Handle an event without decoding its JSON, when its text says enough (the
+        bulk of a stream: plain text deltas). False: decode it and call ``on_event``."""
+        return False
+
+    def output(self, now: float) -> None:
+        """This event carried output (a text or tool-call delta): first token, chunk count."""
+        if self.first_output_at is None:
+            self.first_output_at = now
+        self.output_chunks += 1
+
+    # -- internals ---------------------------------------------------------------------
+
+    def _event(self, event: SSEEvent, now: float) -> bool:
+        if self.quick(event, now):
+            return False
+        data: Any = event.data
+        if data and data[0] in "{[":
+            with contextlib.suppress(json.JSONDecodeError):
+                data = json.loads(data)
+        return self.on_event(event, data, now)
+
+    def _feed_hiding(self, chunk: bytes, events: list[SSEEvent], now: float) -> bytes:
+        # Complete blocks go on at once; only the unfinished tail (at most one event) is
+        # held until its blank line shows whether it is the one to hide. A tail still held
+        # when the stream breaks is an event no client would dispatch anyway.
+        held = self._held
+        held += chunk
+        out = bytearray()
+        at = self._held_at
+        for event in events:
+            if self._event(event, now):
+                out += held[: event.start - at]
+                del held[: event.end - at]
+                at = event.end
+        safe = self._parser.boundary if self._parser is not None else at
+        if safe > at:
+            out += held[: safe - at]
+            del held[: safe - at]
+            at = safe
+        self._held_at = at
+        return bytes(out)
+
+
+def usage_of(
+    input_tokens: Any, output_tokens: Any, cached: Any = None, *, previous: Usage | None = None
+) -> Usage:
+    """A reported usage; fields the API left out stay None (or keep a previous value)."""
+    usage = previous or Usage()
+    if isinstance(input_tokens, int):
+        usage.input_tokens = input_tokens
+    if isinstance(output_tokens, int):
+        usage.output_tokens = output_tokens
+    if isinstance(cached, int):
+        usage.cached_input_tokens = cached
+    usage.source = "response"
+    return usage
+
+
+def dig(value: Any, *keys: str) -> Any:
+    """``value[k1][k2]...`` or None when any level is missing or not an object."""
+    for key in keys:
+        if not isinstance(value, dict):
+            return None
+        value = value.get(key)
+    return value
+
+
+# -- synthetic answers -------------------------------------------------------------------
+
+
+def new_id(prefix: str) -> str:
+    return prefix + uuid.uuid4().hex[:24]
+
+
+def now_s() -> int:
+    return int(time.time())
+
+
+def stop_headers(content_type: str) -> list[tuple[str, str]]:
+    headers = [("content-type", content_type), (ROUTE_HEADER, Route.STOP_AND_REVIEW.value)]
+    if content_type.startswith("text/event-stream"):
+        headers.append(("cache-control", "no-cache"))
+    return headers
+
+
+def json_answer(body: dict[str, Any]) -> Answer:
+    return Answer(200, stop_headers("application/json"), [dump_object(body)])
+
+
+def sse_answer(events: Iterable[tuple[str | None, Any]]) -> Answer:
+    """An SSE stream, one chunk per event: ``(event name or None, JSON value or raw str)``."""
+    chunks = [
+        encode_event(data if isinstance(data, str) else json.dumps(data), name)
+        for name, data in events
+    ]
+    return Answer(200, stop_headers("text/event-stream; charset=utf-8"), chunks)
+
+
+class PassiveObserver:
+    """For requests that are not model calls (``GET /v1/models``): bytes pass, nothing read."""
+
+    def feed(self, chunk: bytes, now: float) -> bytes:
+        return chunk
+
+    def finish(self) -> Observation:
+        return Observation()

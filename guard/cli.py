@@ -1,0 +1,62 @@
+"""``loopguard`` command line: serve | replay | demo."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from guard.config import Config, ConfigError
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="loopguard", description="Stop agents that loop, and measure what they call."
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = commands.add_parser("serve", help="run the reverse proxy")
+    serve.add_argument("--config", "-c", help="TOML config file (defaults if omitted)")
+    serve.add_argument("--listen", help="host:port, overrides [server] listen")
+
+    replay = commands.add_parser("replay", help="replay a recorded trajectory through the detector")
+    replay.add_argument("file", help="JSONL steps, or an OpenAI / Anthropic transcript (JSON)")
+    replay.add_argument("--config", "-c", help="TOML config file (defaults if omitted)")
+    replay.add_argument("--json", action="store_true", help="one JSON object per step")
+
+    demo = commands.add_parser("demo", help="a looping agent against loopguard, all in-process")
+    demo.add_argument("--json", action="store_true", help="machine-readable output")
+    demo.add_argument("--records", help="where to write the durable records (JSONL)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _build_parser().parse_args(argv)
+    try:
+        config = Config.load(getattr(args, "config", None))
+    except ConfigError as exc:
+        print(f"loopguard: {exc}", file=sys.stderr)
+        return 2
+
+    if args.command == "serve":
+        from guard.serve import serve
+
+        if args.listen:
+            server = config.server.model_copy(update={"listen": args.listen})
+            config = Config.from_mapping(
+                {**config.model_dump(), "server": server.model_dump()}, source="--listen"
+            )
+        return serve(config)
+    if args.command == "replay":
+        from guard import replay
+
+        return replay.run(args.file, config, as_json=args.json, out=sys.stdout)
+    if args.command == "demo":
+        from guard import demo
+
+        return demo.run(as_json=args.json, records=args.records)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

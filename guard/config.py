@@ -1,0 +1,274 @@
+"""One validated configuration, loaded from TOML or built in code.
+
+Every section has defaults, so ``Config()`` is a working guard with no file.
+Unknown keys are errors (a typo must not silently disable a rule), and every
+error names the dotted key and what was expected.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+Mode = Literal["enforce", "observe", "off"]
+RedactionMode = Literal["mask", "pseudonymize"]
+AdapterName = Literal["http-tool", "mcp", "openai", "anthropic"]
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used; the message names the key."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ToolOverride(_Section):
+    """Per-tool limits under ``[loop.tools.NAME]``; unset fields inherit ``[loop]``."""
+
+    mode: Mode | None = None
+    max_repeats: int | None = Field(default=None, ge=1)
+    max_identical_errors: int | None = Field(default=None, ge=1)
+    max_identical_calls: int | None = Field(default=None, ge=1)
+    # RFC 6901 pointer into the tool's JSON outcome whose value is the progress marker.
+    progress_pointer: str | None = None
+
+    @field_validator("progress_pointer")
+    @classmethod
+    def _pointer_syntax(cls, value: str | None) -> str | None:
+        if value is not None and value != "" and not value.startswith("/"):
+            raise ValueError("a JSON pointer starts with '/' (RFC 6901), e.g. '/status'")
+        return value
+
+
+DEFAULT_VOLATILE_KEYS = (
+    "timestamp",
+    "time",
+    "ts",
+    "date",
+    "created",
+    "created_at",
+    "updated_at",
+    "request_id",
+    "requestId",
+    "trace_id",
+    "traceId",
+    "span_id",
+    "id",
+    "etag",
+    "nonce",
+    "elapsed",
+    "elapsed_ms",
+    "duration",
+    "duration_ms",
+    "latency_ms",
+)
+DEFAULT_VOLATILE_PATTERNS = (
+    # ISO 8601 timestamps, with or without time and zone.
+    r"\d{4}-\d{2}-\d{2}(?:[T ]\d{2}:\d{2}(?::\d{2}(?:\.\d+)?)?(?:Z|[+-]\d{2}:?\d{2})?)?",
+    # UUIDs.
+    r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}",
+    # Long hex ids (request ids, digests).
+    r"\b[0-9a-fA-F]{16,}\b",
+)
+
+
+class LoopConfig(_Section):
+    mode: Mode = "enforce"
+    window: int = Field(default=64, ge=2, le=4096)
+    max_repeats: int = Field(default=3, ge=1)
+    max_identical_errors: int = Field(default=3, ge=1)
+    max_identical_calls: int = Field(default=30, ge=1)
+    volatile_keys: tuple[str, ...] = DEFAULT_VOLATILE_KEYS
+    volatile_patterns: tuple[str, ...] = DEFAULT_VOLATILE_PATTERNS
+    tools: dict[str, ToolOverride] = Field(default_factory=dict)
+
+    @field_validator("volatile_patterns")
+    @classmethod
+    def _patterns_compile(cls, patterns: tuple[str, ...]) -> tuple[str, ...]:
+        _check_regexes(patterns)
+        return patterns
+
+
+class RedactionRule(_Section):
+    """A user rule: values matching ``pattern`` (or any value under one of ``keys``)."""
+
+    name: str = Field(pattern=r"^[A-Za-z][A-Za-z0-9_]*$")
+    pattern: str | None = None
+    keys: tuple[str, ...] = ()
+    mode: RedactionMode = "pseudonymize"
+
+    @field_validator("pattern")
+    @classmethod
+    def _pattern_compiles(cls, pattern: str | None) -> str | None:
+        if pattern is not None:
+            _check_regexes((pattern,))
+        return pattern
+
+
+DEFAULT_SECRET_KEYS = (
+    "password",
+    "passwd",
+    "token",
+    "access_token",
+    "refresh_token",
+    "api_key",
+    "apikey",
+    "authorization",
+    "secret",
+    "client_secret",
+    "cookie",
+    "set-cookie",
+    "x-api-key",
+    "private_key",
+)
+
+
+class RedactionConfig(_Section):
+    policy: str = Field(default="default", pattern=r"^[A-Za-z0-9_.-]+$")
+    version: int = Field(default=1, ge=1)
+    # Built-in detectors (emails, phones, cards, tokens, keys, JWTs, IPv4).
+    builtins: bool = True
+    builtin_mode: RedactionMode = "mask"
+    secret_keys: tuple[str, ...] = DEFAULT_SECRET_KEYS
+    rules: tuple[RedactionRule, ...] = ()
+    # Env var holding the pseudonym key; without it a random per-process key is used
+    # (pseudonyms then differ across restarts and replicas: set it in production).
+    pseudonym_key_env: str = "LOOPGUARD_PSEUDONYM_KEY"
+
+    @property
+    def policy_id(self) -> str:
+        """The versioned policy name recorded with every fingerprint, e.g. ``default-v1``."""
+        return f"{self.policy}-v{self.version}"
+
+
+class StoreConfig(_Section):
+    backend: Literal["memory", "redis"] = "memory"
+    url: str = "redis://127.0.0.1:6379/0"
+    key_prefix: str = "loopguard:"
+    max_sessions: int = Field(default=100_000, ge=1)
+    ttl_seconds: float = Field(default=3600.0, gt=0)
+
+
+class SessionConfig(_Section):
+    # Request headers naming the session, in order; the first present wins.
+    headers: tuple[str, ...] = ("x-loopguard-session", "mcp-session-id")
+
+
+class ServerConfig(_Section):
+    listen: str = "127.0.0.1:8787"
+    max_body_bytes: int = Field(default=10 * 1024 * 1024, ge=1)
+    connect_timeout: float = Field(default=5.0, gt=0)
+    read_timeout: float = Field(default=60.0, gt=0)
+    total_timeout: float = Field(default=600.0, gt=0)
+    # Malformed JSON on a guarded route: forward it marked (false) or answer 400 (true).
+    reject_malformed_json: bool = False
+    max_connections: int = Field(default=512, ge=1)
+
+    @field_validator("listen")
+    @classmethod
+    def _host_port(cls, value: str) -> str:
+        host, sep, port = value.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError("expected 'host:port', e.g. '127.0.0.1:8787'")
+        return value
+
+    @property
+    def host(self) -> str:
+        return self.listen.rpartition(":")[0].strip("[]")
+
+    @property
+    def port(self) -> int:
+        return int(self.listen.rpartition(":")[2])
+
+
+class TelemetryConfig(_Section):
+    exporter: Literal["none", "console", "otlp"] = "none"
+    # OTLP/HTTP traces endpoint; unset means the OTEL_EXPORTER_OTLP_* variables decide.
+    otlp_endpoint: str | None = None
+    service_name: str | None = None
+    # Off by default: the only switch that lets (redacted) content onto spans.
+    capture_content: bool = False
+    # Durable records: a JSONL path, "-" for stdout, "" for none.
+    records: str = "loopguard-records.jsonl"
+    # Namespace for the app's own decision attributes taken from x-loopguard-app-* headers.
+    app_namespace: str = "app."
+
+
+class RouteConfig(_Section):
+    prefix: str = Field(pattern=r"^/")
+    upstream: str = Field(pattern=r"^https?://")
+    adapter: AdapterName
+    # http-tool: which path segment after the prefix names the tool (0 = first).
+    tool_segment: int = Field(default=0, ge=0)
+    # Model routes: answer a continued stall with a completion ("answer") or 422 ("error").
+    on_stop: Literal["answer", "error"] = "answer"
+    # Model routes: first answer a stall with a nudge message before stopping.
+    nudge: bool = True
+    # OpenAI Chat Completions: ask for usage on streams and hide it from clients that did not.
+    inject_stream_usage: bool = False
+
+    @field_validator("prefix")
+    @classmethod
+    def _no_trailing_slash(cls, value: str) -> str:
+        return value.rstrip("/") or "/"
+
+    @field_validator("upstream")
+    @classmethod
+    def _upstream_base(cls, value: str) -> str:
+        return value.rstrip("/")
+
+
+class Config(_Section):
+    server: ServerConfig = ServerConfig()
+    session: SessionConfig = SessionConfig()
+    loop: LoopConfig = LoopConfig()
+    redaction: RedactionConfig = RedactionConfig()
+    store: StoreConfig = StoreConfig()
+    telemetry: TelemetryConfig = TelemetryConfig()
+    routes: tuple[RouteConfig, ...] = ()
+
+    @classmethod
+    def from_mapping(cls, data: dict[str, Any], source: str = "<config>") -> Config:
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            raise ConfigError(_describe(exc, source)) from None
+
+    @classmethod
+    def load(cls, path: str | Path | None) -> Config:
+        """Load a TOML file; ``None`` gives the embedded defaults."""
+        if path is None:
+            return cls()
+        path = Path(path)
+        try:
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: no such config file") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+        return cls.from_mapping(data, source=str(path))
+
+
+def _check_regexes(patterns: tuple[str, ...]) -> None:
+    import re
+
+    for pattern in patterns:
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            raise ValueError(f"not a valid regular expression {pattern!r}: {exc}") from None
+
+
+def _describe(exc: ValidationError, source: str) -> str:
+    lines = [f"{source}: invalid configuration"]
+    for error in exc.errors():
+        key = ".".join(str(part) for part in error["loc"]) or "(top level)"
+        if error["type"] == "extra_forbidden":
+            lines.append(f"  {key}: unknown key")
+        else:
+            lines.append(f"  {key}: {error['msg']} (got {error.get('input')!r})")
+    return "\n".join(lines)

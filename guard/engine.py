@@ -1,0 +1,107 @@
+"""The engine: one object holding the scrub policy, detector, session store and telemetry.
+
+Every front door (reverse proxy, middleware, in-process ``Guard``, replay) builds
+one ``Engine`` from a ``Config`` and asks it the same questions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from guard.calls import Step, Verdict
+from guard.config import Config, RouteConfig
+from guard.detector import Detector
+from guard.fingerprint import params_hash
+from guard.progress import ProgressMarkers
+from guard.records import keyed_session_hasher
+from guard.redact import Redactor, load_key
+from guard.store import MemoryStore, SessionStore
+
+
+class Engine:
+    def __init__(
+        self,
+        config: Config | None = None,
+        *,
+        store: SessionStore | None = None,
+        telemetry: Any | None = None,
+    ) -> None:
+        self.config = config or Config()
+        # One key for parameter pseudonyms and session pseudonyms in records.
+        key = load_key(self.config.redaction.pseudonym_key_env)
+        self.redactor = Redactor(self.config.redaction, key=key)
+        self.detector = Detector(self.config.loop)
+        self.markers = ProgressMarkers(self.config.loop, self.redactor)
+        self.store = store or _store_from_config(self.config)
+        if telemetry is None:
+            from guard.telemetry import Telemetry
+
+            telemetry = Telemetry(
+                self.config.telemetry,
+                scrub_policy=self.scrub_policy,
+                session_hasher=keyed_session_hasher(key),
+            )
+        self.telemetry = telemetry
+
+    @property
+    def scrub_policy(self) -> str:
+        return self.config.redaction.policy_id
+
+    def fingerprint(self, params: Any) -> str:
+        """xxh3_128 hex of the redacted canonical parameters."""
+        return params_hash(params, self.redactor)
+
+    def marker(self, tool: str, outcome: Any, explicit: str | None = None) -> str:
+        return self.markers.marker(tool, outcome, explicit)
+
+    def evaluate(self, history: Sequence[Step], tool: str, params_hash: str) -> Verdict:
+        """Stateless: the verdict on a call given a history (replay, model conversations)."""
+        return self.detector.evaluate(history, tool, params_hash)
+
+    async def check(self, session: str, tool: str, params_hash: str) -> Verdict:
+        """The verdict on a call given the session's stored history."""
+        if self.detector.disabled_for(tool):
+            return Verdict("allow", tool, params_hash)
+        history = await self.store.history(session)
+        return self.detector.evaluate(history, tool, params_hash)
+
+    async def record(self, session: str, step: Step) -> None:
+        await self.store.append(session, step, self.config.loop.window)
+
+    def route_for(self, path: str) -> tuple[RouteConfig, str] | None:
+        """The longest-prefix route for a path, and the path left after the prefix."""
+        best: RouteConfig | None = None
+        for route in self.config.routes:
+            prefix = route.prefix
+            matches = prefix == "/" or path == prefix or path.startswith(prefix + "/")
+            if matches and (best is None or len(prefix) > len(best.prefix)):
+                best = route
+        if best is None:
+            return None
+        rest = path if best.prefix == "/" else path[len(best.prefix) :]
+        return best, rest
+
+    def session_of(self, headers: dict[str, str]) -> str | None:
+        """The first configured session header present (headers lower-cased)."""
+        for name in self.config.session.headers:
+            value = headers.get(name.lower())
+            if value:
+                return value
+        return None
+
+    async def aclose(self) -> None:
+        await self.store.aclose()
+        self.telemetry.shutdown()
+
+
+def _store_from_config(config: Config) -> SessionStore:
+    if config.store.backend == "redis":
+        from guard.store import RedisStore
+
+        return RedisStore(
+            config.store.url,
+            key_prefix=config.store.key_prefix,
+            ttl_seconds=config.store.ttl_seconds,
+        )
+    return MemoryStore(max_sessions=config.store.max_sessions, ttl_seconds=config.store.ttl_seconds)

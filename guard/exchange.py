@@ -1,0 +1,295 @@
+"""One request through the guard, whatever moves its bytes.
+
+The reverse proxy and the embedded middleware both drive an ``Exchange``:
+
+    ex = Exchange(engine, route, adapter, request, session)
+    admitted = await ex.admit()          # Answer -> send it, never call upstream
+                                         # bytes  -> the body to forward
+    headers.update(ex.upstream_headers())
+    ex.mark_sent()                       # the TTFT clock starts here
+    client_headers = ex.response_start(status, upstream_headers)
+    for chunk in upstream: send(ex.response_chunk(chunk))
+    await ex.finish(failure=None)        # records steps, ends the span, writes the record
+
+It knows the engine and the adapter contract, and nothing of HTTP libraries or of
+any protocol.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from functools import lru_cache
+from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
+
+import structlog
+
+from adapters.base import Adapter, Answer, Observation, ParsedRequest, RequestView, ResponseObserver
+from guard.calls import CallRecord, FailureStage, Route, Step, Verdict
+from guard.conversation import StallDecision, analyze
+from guard.problem import ROUTE_HEADER, problem, stall_problem
+from guard.timing import MalformedTiming, output_throughput
+
+if TYPE_CHECKING:
+    from guard.config import RouteConfig
+    from guard.engine import Engine
+
+log = structlog.get_logger("loopguard")
+
+APP_HEADER_PREFIX = "x-loopguard-app-"
+PROGRESS_HEADER = "x-loopguard-progress"
+
+
+class Exchange:
+    def __init__(
+        self,
+        engine: Engine,
+        route: RouteConfig,
+        adapter: Adapter,
+        request: RequestView,
+        session: str | None,
+    ) -> None:
+        self.engine = engine
+        self.route = route
+        self.adapter = adapter
+        self.request = request
+        self.session = session
+        self.parsed: ParsedRequest | None = None
+        self.span = None
+        self.record = CallRecord(operation="passthrough", span_name=request.method)
+        self._hashes: list[str] = []
+        self._verdicts: list[Verdict] = []
+        self._observer: ResponseObserver | None = None
+        self._sent_at: float | None = None
+        self._started = time.perf_counter()
+        self._finished = False
+
+    # -- before upstream -------------------------------------------------------------
+
+    async def admit(self) -> Answer | bytes:
+        request, record = self.request, self.record
+        parsed = self.parsed = self.adapter.parse(request)
+        record.operation = parsed.operation
+        record.span_name = parsed.span_name
+        record.provider = self.adapter.provider
+        record.model = parsed.model
+        record.stream = parsed.stream if parsed.operation == "chat" else None
+        record.session = self.session
+        record.session_tracked = self.session is not None
+        record.scrub_policy = self.engine.scrub_policy
+        record.server_address, record.server_port = _host_port(self.route.upstream)
+        for name, value in parsed.fields.items():
+            setattr(record, name, value)
+        if parsed.invocations:
+            record.tool = parsed.invocations[0].tool
+        self.span = self.engine.telemetry.start(parsed.span_name, request.headers)
+
+        if parsed.admission_error is not None:
+            record.failure_stage = FailureStage.REQUEST_ADMISSION
+            record.error_type = "malformed_request"
+            if self.engine.config.server.reject_malformed_json:
+                record.status_code = 400
+                answer = problem(
+                    400, "malformed-request", "Malformed request", parsed.admission_error
+                )
+                await self.finish(FailureStage.REQUEST_ADMISSION, "malformed_request")
+                return answer
+            return request.body
+
+        if parsed.history is not None:
+            return await self._admit_conversation(parsed)
+        return await self._admit_tool_calls(parsed)
+
+    async def _admit_tool_calls(self, parsed: ParsedRequest) -> Answer | bytes:
+        record = self.record
+        for invocation in parsed.invocations:
+            params_hash = self.engine.fingerprint(invocation.params)
+            self._hashes.append(params_hash)
+            verdict = await self._check(invocation.tool, params_hash)
+            self._verdicts.append(verdict)
+        if self._hashes:
+            record.params_hash = self._hashes[0]
+            self._capture("gen_ai.tool.call.arguments", parsed.invocations[0].params)
+        blocking = [v for v in self._verdicts if v.action == "block"]
+        if not blocking:
+            return parsed.body if parsed.body is not None else self.request.body
+        self._note_stall(blocking[0])
+        if all(v.blocked for v in self._verdicts):
+            return await self._stop(blocking[0])
+        record.route = Route.OBSERVE
+        return parsed.body if parsed.body is not None else self.request.body
+
+    async def _admit_conversation(self, parsed: ParsedRequest) -> Answer | bytes:
+        decision: StallDecision = analyze(
+            self.engine, parsed.history or [], nudge_first=self.route.nudge
+        )
+        body = parsed.body if parsed.body is not None else self.request.body
+        if decision.verdict is None:
+            return body
+        self._note_stall(decision.verdict)
+        if decision.action == "serve":
+            self.record.route = Route.OBSERVE
+            return body
+        if decision.action == "nudge":
+            self.record.route = Route.NUDGE
+            return self.adapter.nudge(self.request, parsed, decision.verdict)
+        return await self._stop(decision.verdict)
+
+    async def _check(self, tool: str, params_hash: str) -> Verdict:
+        if self.session is None:
+            return Verdict("allow", tool, params_hash)
+        try:
+            return await self.engine.check(self.session, tool, params_hash)
+        except Exception as exc:  # the store is down: serve (fail open) and say so
+            self._store_failed(exc)
+            return Verdict("allow", tool, params_hash)
+
+    def _note_stall(self, verdict: Verdict) -> None:
+        record = self.record
+        record.stall_rule = verdict.rule
+        record.repeat_count = verdict.repeats
+        record.params_hash = verdict.params_hash
+        record.tool = record.tool or verdict.tool
+
+    async def _stop(self, verdict: Verdict) -> Answer:
+        assert self.parsed is not None
+        if self.parsed.operation == "chat" and self.route.on_stop == "error":
+            answer = stall_problem(verdict, self.session)
+        else:
+            answer = self.adapter.stop_answer(self.request, self.parsed, verdict)
+        self.record.route = Route.STOP_AND_REVIEW
+        self.record.failure_stage = FailureStage.LOOP_GUARD
+        self.record.status_code = answer.status
+        await self.finish(FailureStage.LOOP_GUARD)
+        return answer
+
+    def upstream_headers(self) -> dict[str, str]:
+        """Trace context naming loopguard's span as the parent of the upstream call."""
+        headers: dict[str, str] = {}
+        if self.span is not None:
+            self.span.inject(headers)
+        return headers
+
+    def mark_sent(self) -> None:
+        self._sent_at = time.perf_counter()
+
+    # -- the response ----------------------------------------------------------------
+
+    def response_start(self, status: int, headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
+        """Headers for the client: the app's decision headers taken off, the route added."""
+        assert self.parsed is not None
+        record = self.record
+        record.status_code = status
+        if status >= 500:
+            record.failure_stage = FailureStage.UPSTREAM_STATUS
+            record.error_type = str(status)
+        prefix_len = len(APP_HEADER_PREFIX)
+        passed: list[tuple[str, str]] = []
+        seen: dict[str, str] = {}
+        for name, value in headers:
+            lower = name.lower()
+            if lower.startswith(APP_HEADER_PREFIX):
+                record.app[lower[prefix_len:].replace("-", "_")] = value
+                continue
+            seen[lower] = value
+            passed.append((name, value))
+        passed.append((ROUTE_HEADER, record.route.value))
+        self._observer = self.adapter.observer(self.parsed, status, seen)
+        return passed
+
+    def response_chunk(self, chunk: bytes) -> bytes:
+        if self._observer is None:
+            return chunk
+        return self._observer.feed(chunk, time.perf_counter())
+
+    # -- after -----------------------------------------------------------------------
+
+    async def finish(
+        self, failure: FailureStage | None = None, error_type: str | None = None
+    ) -> None:
+        """Record what happened; safe to call once from any path (later calls do nothing)."""
+        if self._finished:
+            return
+        self._finished = True
+        record = self.record
+        if failure is not None and failure is not FailureStage.PASSED:
+            record.failure_stage = failure
+            record.error_type = error_type or record.error_type or failure.value
+        observation = self._observer.finish() if self._observer is not None else None
+        if observation is not None:
+            self._apply_observation(observation)
+            await self._record_outcomes(observation)
+        if self.span is not None:
+            try:
+                self.engine.telemetry.finish(self.span, record)
+            except Exception:  # telemetry must never break an answer
+                log.warning("telemetry_finish_failed", exc_info=True)
+
+    def _apply_observation(self, obs: Observation) -> None:
+        record = self.record
+        if not obs.complete and record.failure_stage is FailureStage.PASSED:
+            record.failure_stage = FailureStage.STREAM
+            record.error_type = "incomplete_stream"
+        record.usage = obs.usage
+        record.response_id = obs.response_id
+        record.response_model = obs.response_model
+        record.finish_reasons = obs.finish_reasons
+        record.output_chunks = obs.output_chunks
+        if self._sent_at is None:
+            return
+        end = time.perf_counter()
+        record.total_s = end - self._sent_at
+        if obs.first_output_at is not None:
+            record.ttft_s = obs.first_output_at - self._sent_at
+        output_tokens = obs.usage.output_tokens if obs.usage else None
+        if record.ttft_s is not None and output_tokens is not None:
+            try:
+                record.output_tps = output_throughput(output_tokens, record.total_s, record.ttft_s)
+            except MalformedTiming:
+                record.timing_malformed = True
+
+    async def _record_outcomes(self, obs: Observation) -> None:
+        parsed = self.parsed
+        if parsed is None or not parsed.invocations:
+            return
+        for invocation, params_hash, verdict, outcome in zip(
+            parsed.invocations, self._hashes, self._verdicts, obs.outcomes, strict=False
+        ):
+            if outcome is None:
+                continue
+            marker = self.engine.marker(invocation.tool, outcome.value, outcome.explicit_marker)
+            if self.record.progress_marker is None:
+                self.record.progress_marker = marker
+                self._capture("gen_ai.tool.call.result", outcome.value)
+            if self.session is None or verdict.blocked:
+                continue
+            try:
+                await self.engine.record(
+                    self.session, Step(invocation.tool, params_hash, marker, outcome.error)
+                )
+            except Exception as exc:
+                self._store_failed(exc)
+                return
+
+    def _store_failed(self, exc: Exception) -> None:
+        log.warning("session_store_unavailable", error=type(exc).__name__)
+        if self.record.failure_stage is FailureStage.PASSED:
+            self.record.failure_stage = FailureStage.STORE
+            self.record.error_type = type(exc).__name__
+
+    def _capture(self, key: str, value: object) -> None:
+        """Content on the span only when capture is switched on, and then redacted."""
+        if not self.engine.config.telemetry.capture_content:
+            return
+        redacted = self.engine.redactor.redact(value)
+        self.record.captured[key] = (
+            redacted if isinstance(redacted, str) else json.dumps(redacted, default=str)
+        )
+
+
+@lru_cache(maxsize=256)
+def _host_port(url: str) -> tuple[str | None, int | None]:
+    parts = urlsplit(url)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    return parts.hostname, port

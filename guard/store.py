@@ -1,0 +1,170 @@
+"""Session history stores behind one async protocol.
+
+``MemoryStore`` keeps sessions in this process: bounded (at most ``max_sessions``, the
+least recently used evicted) and idle sessions expire after ``ttl_seconds``.
+
+``RedisStore`` shares sessions between replicas: one list per session, appended with
+RPUSH + LTRIM + EXPIRE in one MULTI transaction, so the window bound and the idle
+expiry hold whichever replica writes. Any Redis failure surfaces as ``StoreError``
+(the exchange reports it as failure stage ``store``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable
+from typing import Protocol
+
+from guard.calls import Step
+
+
+class StoreError(RuntimeError):
+    """The session store could not be read or written."""
+
+
+class SessionStore(Protocol):
+    async def history(self, session: str) -> list[Step]:
+        """The session's steps, oldest first (a copy)."""
+        ...
+
+    async def append(self, session: str, step: Step, window: int) -> None:
+        """Add a step, keeping at most ``window`` steps."""
+        ...
+
+    async def aclose(self) -> None: ...
+
+
+class _Entry:
+    __slots__ = ("seen", "steps")
+
+    def __init__(self, steps: deque[Step], seen: float) -> None:
+        self.steps = steps
+        self.seen = seen
+
+
+class MemoryStore:
+    def __init__(
+        self,
+        max_sessions: int = 100_000,
+        ttl_seconds: float = 3600.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.max_sessions = max_sessions
+        self.ttl = ttl_seconds
+        self._clock = clock
+        # Ordered by last access, least recent first.
+        self._sessions: OrderedDict[str, _Entry] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+    async def history(self, session: str) -> list[Step]:
+        entry = self._sessions.get(session)
+        if entry is None:
+            return []
+        now = self._clock()
+        if now - entry.seen > self.ttl:
+            del self._sessions[session]
+            return []
+        entry.seen = now
+        self._sessions.move_to_end(session)
+        return list(entry.steps)
+
+    async def append(self, session: str, step: Step, window: int) -> None:
+        now = self._clock()
+        sessions = self._sessions
+        entry = sessions.get(session)
+        if entry is not None and now - entry.seen > self.ttl:
+            entry = None  # expired: start afresh
+        if entry is None:
+            entry = sessions[session] = _Entry(deque(maxlen=window), now)
+        elif entry.steps.maxlen != window:
+            entry.steps = deque(entry.steps, maxlen=window)
+        entry.steps.append(step)
+        entry.seen = now
+        sessions.move_to_end(session)
+        if len(sessions) > self.max_sessions or now - next(iter(sessions.values())).seen > self.ttl:
+            self._evict(now)
+
+    def _evict(self, now: float) -> None:
+        sessions = self._sessions
+        # The least recently used come first, so expired sessions are at the front.
+        while sessions:
+            oldest, entry = next(iter(sessions.items()))
+            if len(sessions) > self.max_sessions or now - entry.seen > self.ttl:
+                del sessions[oldest]
+            else:
+                break
+
+    async def aclose(self) -> None:
+        self._sessions.clear()
+
+
+def encode_step(step: Step) -> str:
+    return json.dumps(
+        [step.tool, step.params_hash, step.marker, 1 if step.error else 0],
+        separators=(",", ":"),
+        ensure_ascii=False,
+    )
+
+
+def decode_step(raw: bytes | str) -> Step:
+    tool, params_hash, marker, error = json.loads(raw)
+    return Step(tool, params_hash, marker, bool(error))
+
+
+class RedisStore:
+    def __init__(
+        self,
+        url: str,
+        key_prefix: str = "loopguard:",
+        ttl_seconds: float = 3600.0,
+        *,
+        connect_timeout: float = 2.0,
+    ) -> None:
+        try:
+            import redis.asyncio as aioredis
+        except ImportError as exc:  # optional dependency
+            raise StoreError(
+                "store.backend = 'redis' needs the redis package: pip install 'loopguard[redis]'"
+            ) from exc
+        self.url = url
+        self.key_prefix = key_prefix
+        self.ttl = max(1, math.ceil(ttl_seconds))
+        self._client = aioredis.from_url(
+            url, socket_connect_timeout=connect_timeout, socket_timeout=connect_timeout
+        )
+        self._errors = (aioredis.RedisError, OSError)
+
+    def _key(self, session: str) -> str:
+        return f"{self.key_prefix}session:{session}"
+
+    async def history(self, session: str) -> list[Step]:
+        try:
+            raw = await self._client.lrange(self._key(session), 0, -1)
+        except self._errors as exc:
+            raise StoreError(f"redis store {self.url}: cannot read session: {exc}") from exc
+        try:
+            return [decode_step(item) for item in raw]
+        except (ValueError, TypeError) as exc:
+            raise StoreError(f"redis store {self.url}: malformed step in session: {exc}") from exc
+
+    async def append(self, session: str, step: Step, window: int) -> None:
+        key = self._key(session)
+        try:
+            async with self._client.pipeline(transaction=True) as pipe:
+                pipe.rpush(key, encode_step(step))
+                pipe.ltrim(key, -window, -1)
+                pipe.expire(key, self.ttl)
+                await pipe.execute()
+        except self._errors as exc:
+            raise StoreError(f"redis store {self.url}: cannot append step: {exc}") from exc
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+
+__all__ = ["MemoryStore", "RedisStore", "SessionStore", "StoreError", "decode_step", "encode_step"]
