@@ -17,11 +17,10 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from adapters.base import Answer, ParsedRequest, RequestView
+from adapters.base import Answer, ParsedRequest, PassthroughObserver, RequestView
 from adapters.model_common import (
     BodyError,
     ModelObserver,
-    PassiveObserver,
     conversation_id,
     dump_object,
     json_answer,
@@ -97,9 +96,9 @@ class AnthropicAdapter:
 
     def observer(
         self, parsed: ParsedRequest, status: int, headers: dict[str, str]
-    ) -> ModelObserver | PassiveObserver:
+    ) -> ModelObserver | PassthroughObserver:
         if parsed.operation != "chat":
-            return PassiveObserver()
+            return PassthroughObserver()
         return AnthropicObserver(status, headers)
 
 

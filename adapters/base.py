@@ -115,6 +115,11 @@ class Observation:
 
 
 class ResponseObserver(Protocol):
+    # True once every guarded call's outcome has been seen, so the steps can be
+    # recorded before the response ends (an MCP server may hold its SSE answer open).
+    # Observers that only know at the end keep it False.
+    settled: bool
+
     def feed(self, chunk: bytes, now: float) -> bytes:
         """Read one chunk as it passes; return the bytes to send on (usually ``chunk``).
 
@@ -144,3 +149,16 @@ class Adapter(Protocol):
     def observer(
         self, parsed: ParsedRequest, status: int, headers: dict[str, str]
     ) -> ResponseObserver: ...
+
+
+class PassthroughObserver:
+    """For responses nothing is learnt from (not a guarded call): bytes pass as they are."""
+
+    __slots__ = ()
+    settled = False
+
+    def feed(self, chunk: bytes, now: float) -> bytes:
+        return chunk
+
+    def finish(self) -> Observation:
+        return Observation()

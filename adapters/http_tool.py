@@ -24,6 +24,7 @@ from adapters.base import (
     Observation,
     Outcome,
     ParsedRequest,
+    PassthroughObserver,
     RequestView,
     ToolInvocation,
 )
@@ -92,9 +93,9 @@ class HttpToolAdapter:
 
     def observer(
         self, parsed: ParsedRequest, status: int, headers: dict[str, str]
-    ) -> ToolResponseObserver | _NullObserver:
+    ) -> ToolResponseObserver | PassthroughObserver:
         if not parsed.invocations:
-            return _NullObserver()
+            return PassthroughObserver()
         return ToolResponseObserver(status, headers)
 
 
@@ -102,6 +103,8 @@ class ToolResponseObserver:
     """Keeps the first ``MAX_OUTCOME_BYTES`` of the body; passes every chunk on as is."""
 
     __slots__ = ("_chunks", "_encoding", "_explicit", "_kept", "_seen", "error", "status")
+    # A tool's answer is complete only when its body ends (the front door records then).
+    settled = False
 
     def __init__(self, status: int, headers: dict[str, str]) -> None:
         self.status = status
@@ -147,16 +150,6 @@ class ToolResponseObserver:
             return json.loads(body)
         except ValueError:
             return body.decode("utf-8", "replace")
-
-
-class _NullObserver:
-    __slots__ = ()
-
-    def feed(self, chunk: bytes, now: float) -> bytes:
-        return chunk
-
-    def finish(self) -> Observation:
-        return Observation()
 
 
 def _params(request: RequestView) -> tuple[Any, str | None]:

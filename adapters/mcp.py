@@ -52,6 +52,7 @@ from adapters.base import (
     Observation,
     Outcome,
     ParsedRequest,
+    PassthroughObserver,
     RequestView,
     ResponseObserver,
     ToolInvocation,
@@ -164,18 +165,8 @@ class McpAdapter:
         self, parsed: ParsedRequest, status: int, headers: dict[str, str]
     ) -> ResponseObserver:
         if not parsed.invocations:
-            return _PassObserver()
+            return PassthroughObserver()
         return McpObserver(parsed.invocations, status, headers)
-
-
-class _PassObserver:
-    """For everything that is not a tools/call: the bytes pass, nothing is read."""
-
-    def feed(self, chunk: bytes, now: float) -> bytes:
-        return chunk
-
-    def finish(self) -> Observation:
-        return Observation()
 
 
 class McpObserver:

@@ -118,6 +118,9 @@ class ModelObserver:
     the stream's closing event arrives.
     """
 
+    # Model responses carry no guarded tool outcomes: nothing to record early.
+    settled = False
+
     def __init__(self, status: int, headers: dict[str, str]) -> None:
         content_type = headers.get("content-type", "")
         encoding = headers.get("content-encoding", "identity").lower()
@@ -303,13 +306,3 @@ def sse_answer(events: Iterable[tuple[str | None, Any]]) -> Answer:
         for name, data in events
     ]
     return Answer(200, stop_headers("text/event-stream; charset=utf-8"), chunks)
-
-
-class PassiveObserver:
-    """For requests that are not model calls (``GET /v1/models``): bytes pass, nothing read."""
-
-    def feed(self, chunk: bytes, now: float) -> bytes:
-        return chunk
-
-    def finish(self) -> Observation:
-        return Observation()

@@ -23,11 +23,10 @@ from __future__ import annotations
 import re
 from typing import Any, Literal
 
-from adapters.base import Answer, ParsedRequest, RequestView
+from adapters.base import Answer, ParsedRequest, PassthroughObserver, RequestView
 from adapters.model_common import (
     BodyError,
     ModelObserver,
-    PassiveObserver,
     conversation_id,
     dig,
     dump_object,
@@ -165,9 +164,9 @@ class OpenAIAdapter:
 
     def observer(
         self, parsed: ParsedRequest, status: int, headers: dict[str, str]
-    ) -> ModelObserver | PassiveObserver:
+    ) -> ModelObserver | PassthroughObserver:
         if parsed.operation != "chat":
-            return PassiveObserver()
+            return PassthroughObserver()
         # Only the usage injection sets parsed.body in parse(); see _parse_chat.
         return OpenAIObserver(status, headers, hide_usage=parsed.body is not None)
 

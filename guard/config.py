@@ -57,7 +57,6 @@ DEFAULT_VOLATILE_KEYS = (
     "trace_id",
     "traceId",
     "span_id",
-    "id",
     "etag",
     "nonce",
     "elapsed",

@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import json
 import time
+import traceback
 from functools import lru_cache
+from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
@@ -64,6 +66,7 @@ class Exchange:
         self._sent_at: float | None = None
         self._started = time.perf_counter()
         self._finished = False
+        self._recorded = False
 
     # -- before upstream -------------------------------------------------------------
 
@@ -198,10 +201,25 @@ class Exchange:
         self._observer = self.adapter.observer(self.parsed, status, seen)
         return passed
 
-    def response_chunk(self, chunk: bytes) -> bytes:
-        if self._observer is None:
+    async def response_chunk(self, chunk: bytes) -> bytes:
+        """The bytes to pass on; records the steps as soon as every outcome is seen.
+
+        Recording happens before the chunk that completes the outcomes goes to the
+        client, so the agent's next call always finds this one in the history.
+        """
+        observer = self._observer
+        if observer is None:
             return chunk
-        return self._observer.feed(chunk, time.perf_counter())
+        out = observer.feed(chunk, time.perf_counter())
+        if observer.settled and not self._recorded:
+            self._recorded = True
+            await self._record_outcomes(observer.finish())
+        return out
+
+    @property
+    def settled(self) -> bool:
+        """The steps are recorded: a client hanging up now has had its answers."""
+        return self._recorded
 
     # -- after -----------------------------------------------------------------------
 
@@ -219,12 +237,14 @@ class Exchange:
         observation = self._observer.finish() if self._observer is not None else None
         if observation is not None:
             self._apply_observation(observation)
-            await self._record_outcomes(observation)
+            if not self._recorded:
+                self._recorded = True
+                await self._record_outcomes(observation)
         if self.span is not None:
             try:
                 self.engine.telemetry.finish(self.span, record)
-            except Exception:  # telemetry must never break an answer
-                log.warning("telemetry_finish_failed", exc_info=True)
+            except Exception as exc:  # telemetry must never break an answer
+                log.warning("telemetry_finish_failed", **exception_fields(exc))
 
     def _apply_observation(self, obs: Observation) -> None:
         record = self.record
@@ -286,6 +306,17 @@ class Exchange:
         self.record.captured[key] = (
             redacted if isinstance(redacted, str) else json.dumps(redacted, default=str)
         )
+
+
+def exception_fields(exc: BaseException) -> dict[str, str]:
+    """An exception for a log line: its type and where it was raised, nothing else.
+
+    Not ``exc_info``: structlog's default renderer prints every frame's locals (the
+    request's headers and body among them), and a message can quote a value too.
+    """
+    frames = traceback.extract_tb(exc.__traceback__)[-6:]
+    where = " <- ".join(f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in reversed(frames))
+    return {"error": type(exc).__name__, "where": where}
 
 
 @lru_cache(maxsize=256)

@@ -47,7 +47,7 @@ from guard.asgi import (
 from guard.calls import FailureStage
 from guard.config import Config, RouteConfig
 from guard.engine import Engine
-from guard.exchange import Exchange
+from guard.exchange import Exchange, exception_fields
 
 log = structlog.get_logger("loopguard")
 
@@ -142,9 +142,9 @@ class GuardMiddleware:
         ex = Exchange(engine, route, adapter, request, engine.session_of(headers))
         try:
             admitted = await ex.admit()
-        except Exception:
+        except Exception as exc:
             # A guard bug must not take the app down: serve the call unguarded (as the proxy).
-            log.exception("guard_error", route=route.prefix)
+            log.error("guard_error", route=route.prefix, **exception_fields(exc))
             await self.app(scope, _Replay(body, receive), send)
             return
         if isinstance(admitted, Answer):
@@ -215,7 +215,7 @@ class _Responder:
             }
         elif kind == "http.response.body" and not self.complete:
             body = bytes(message.get("body", b""))
-            message = {**message, "body": self.ex.response_chunk(body)}
+            message = {**message, "body": await self.ex.response_chunk(body)}
             if self.remaining is not None:
                 self.remaining -= len(body)
             # The message that completes the body for the client waits for the record, so

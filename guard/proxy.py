@@ -18,7 +18,19 @@ Safety rules it keeps:
   upstream compresses anyway; the observer then hashes the bytes);
 - the response is never buffered: a client that stops reading stops the relay (ASGI
   ``send`` waits under uvicorn's flow control), a client that goes away closes the
-  upstream response at once.
+  upstream response (noticed within ``WATCH_AFTER_S``);
+- the call's step is recorded before the client gets the response's last byte, so
+  an agent's next call always sees it.
+
+Failures and what the client sees (failure stage in the record):
+
+- upstream refused / unreachable: 502 problem+json (``upstream_connect``);
+- upstream timeout (read or total): 504 problem+json (``upstream_timeout``);
+- upstream 5xx: passed through unchanged (``upstream_status``); a tool's 4xx is the
+  tool's answer, an error outcome for the stall rules, not a failure;
+- upstream dies mid-stream: the client's stream is cut (the ASGI call returns
+  without completing the response, uvicorn closes the connection and logs one
+  line) (``stream``); a client that goes away: ``stream`` / ``client_disconnected``.
 
 Statuses loopguard writes itself are never ones that SDKs retry on their own (408,
 409, 429, 5xx) -- except 502 and 504, which report a real upstream failure, as the
@@ -39,7 +51,7 @@ from adapters.base import Adapter, Answer, RequestView
 from guard.calls import CallRecord, FailureStage, Route
 from guard.config import Config, RouteConfig
 from guard.engine import Engine
-from guard.exchange import Exchange
+from guard.exchange import Exchange, exception_fields
 from guard.problem import ROUTE_HEADER, problem
 from guard.upstream import Upstream, classify
 
@@ -156,9 +168,9 @@ class ProxyApp:
         )
         try:
             admitted = await exchange.admit()
-        except Exception:
+        except Exception as exc:
             # A guard bug must not take the agent's tools down: serve the call unguarded.
-            log.exception("guard_error", route=route.prefix)
+            log.error("guard_error", route=route.prefix, **exception_fields(exc))
             exchange, admitted = _Unguarded(), body
         if isinstance(admitted, Answer):
             return await _answer(send, admitted, exchange.record.route)
@@ -223,7 +235,9 @@ class _Unguarded:
         self.record.status_code = status
         return [*headers, (ROUTE_HEADER, Route.SERVE.value)]
 
-    def response_chunk(self, chunk: bytes) -> bytes:
+    settled = False
+
+    async def response_chunk(self, chunk: bytes) -> bytes:
         return chunk
 
     async def finish(
@@ -306,7 +320,7 @@ class _Relay:
             self.started = True
             held = b""
             async for chunk in response.stream:
-                out = exchange.response_chunk(chunk)
+                out = await exchange.response_chunk(chunk)
                 if remaining is not None:
                     remaining -= len(chunk)
                     if remaining <= 0:
@@ -323,7 +337,11 @@ class _Relay:
             self.task.uncancel()
             if self.interrupted == "disconnect":
                 self.done = True
-                await exchange.finish(FailureStage.STREAM, "client_disconnected")
+                if exchange.settled:
+                    # The client had every answer and hung up on the rest: not a failure.
+                    await exchange.finish()
+                else:
+                    await exchange.finish(FailureStage.STREAM, "client_disconnected")
             else:
                 await self._failed(TimeoutError())
         except Exception as exc:
@@ -366,7 +384,7 @@ class _Relay:
         exchange = self.exchange
         stage, error_type = classify(exc, response_started=self.started)
         if not isinstance(exc, (httpx.HTTPError, OSError, TimeoutError)):
-            log.exception("proxy_error", route=self.route.prefix)
+            log.error("proxy_error", route=self.route.prefix, **exception_fields(exc))
         else:
             log.warning(
                 "upstream_failed", route=self.route.prefix, stage=stage.value, error=error_type

@@ -7,6 +7,7 @@ upstream client and the engine (session store, telemetry exporters, records file
 
 from __future__ import annotations
 
+import contextlib
 import gc
 
 import uvicorn
@@ -52,5 +53,7 @@ def serve(config: Config, **overrides: object) -> int:
     app = ProxyApp(config)
     server = uvicorn.Server(uvicorn_config(app, config, **overrides))
     freeze_startup_objects()
-    server.run()
+    # Ctrl-C: uvicorn re-raises the signal after its graceful shutdown; exit cleanly.
+    with contextlib.suppress(KeyboardInterrupt):
+        server.run()
     return 0 if server.started else 1

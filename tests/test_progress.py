@@ -40,10 +40,12 @@ def test_resolve_pointer_rfc6901() -> None:
 
 
 def test_hash_format_and_volatile_keys() -> None:
-    a = M.marker("t", {"status": "ok", "request_id": "r1", "items": [{"id": 1, "v": "x"}]})
-    b = M.marker("t", {"items": [{"v": "x", "id": 2}], "status": "ok", "request_id": "r2"})
+    a = M.marker("t", {"status": "ok", "request_id": "r1", "items": [{"etag": 1, "v": "x"}]})
+    b = M.marker("t", {"items": [{"v": "x", "etag": 2}], "status": "ok", "request_id": "r2"})
     assert re.fullmatch(r"h:[0-9a-f]{16}", a)
     assert a == b
+    # A resource id is not volatile: two different records are two different outcomes.
+    assert M.marker("t", {"id": "order-5"}) != M.marker("t", {"id": "order-6"})
     assert M.marker("t", {"status": "failed"}) != M.marker("t", {"status": "ok"})
 
 

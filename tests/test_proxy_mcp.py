@@ -349,12 +349,6 @@ async def read_until_response(response: httpx.Response, id_: int) -> dict:
     raise AssertionError("no response")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the exchange records a call's step when the response ends, not when the "
-    "observer has the outcome: while a server keeps its SSE answer open, the next "
-    "identical call gets through (needs record-at-settled in guard.exchange/proxy)",
-)
 async def test_a_call_is_recorded_once_its_response_is_seen() -> None:
     raw = RawJsonRpcServer(sse=True, linger=1.0)
     headers = {**ACCEPT, "x-loopguard-session": "linger-1"}
@@ -369,11 +363,6 @@ async def test_a_call_is_recorded_once_its_response_is_seen() -> None:
             assert len(raw.calls) == MAX_REPEATS
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a client that hangs up after reading its response (as the MCP SDK client "
-    "does on SSE answers) is recorded as failure stage 'stream' / client_disconnected",
-)
 async def test_hanging_up_after_the_response_is_not_a_stream_failure() -> None:
     raw = RawJsonRpcServer(sse=True, linger=1.0)
     with raw_stack(raw) as (url, spans):
