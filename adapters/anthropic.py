@@ -21,7 +21,7 @@ from adapters.base import Answer, ParsedRequest, PassthroughObserver, RequestVie
 from adapters.model_common import (
     BodyError,
     ModelObserver,
-    conversation_id,
+    conversation_fields,
     dump_object,
     json_answer,
     load_object,
@@ -74,9 +74,7 @@ class AnthropicAdapter:
             (m.get("content") for m in messages if isinstance(m, dict) and m.get("role") == "user"),
             None,
         )
-        parsed.fields["conversation_id"] = conversation_id(
-            request.headers, body.get("system"), first_user
-        )
+        parsed.fields.update(conversation_fields(request.headers, body.get("system"), first_user))
         return parsed
 
     def nudge(self, request: RequestView, parsed: ParsedRequest, verdict: Verdict) -> bytes:

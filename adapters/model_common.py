@@ -51,21 +51,26 @@ def dump_object(value: dict[str, Any]) -> bytes:
     return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode()
 
 
-def conversation_id(headers: dict[str, str], *anchors: Any) -> str | None:
-    """A stable id for one conversation across its requests.
+def conversation_fields(
+    headers: dict[str, str], *anchors: Any, explicit: str | None = None
+) -> dict[str, str]:
+    """What identifies one conversation across its requests, for ``ParsedRequest.fields``.
 
-    An explicit ``x-loopguard-conversation`` header wins. Otherwise: xxh3_64 of the
-    conversation's anchors (its system prompt / instructions and first user message),
-    which an agent resends unchanged on every turn. Two runs of the same agent on the
-    same task share an id: send the header to tell them apart.
+    An explicit id wins: the ``x-loopguard-conversation`` header, then one the API
+    itself names (``explicit``). Otherwise a digest of the conversation's anchors (its
+    system prompt / instructions and first user message), which an agent resends
+    unchanged on every turn. The digest is derived from content, so it never leaves
+    as is: the exchange turns it into a keyed pseudonym (``conversation_digest``).
+    Two runs of the same agent on the same task share it: send the header to tell
+    them apart.
     """
-    explicit = headers.get(CONVERSATION_HEADER)
-    if explicit:
-        return explicit
+    named = headers.get(CONVERSATION_HEADER) or explicit
+    if named:
+        return {"conversation_id": named}
     if all(anchor is None for anchor in anchors):
-        return None
+        return {}
     blob = json.dumps(anchors, sort_keys=True, separators=(",", ":"), default=str)
-    return "conv_" + xxhash.xxh3_64_hexdigest(blob.encode())
+    return {"conversation_digest": xxhash.xxh3_128_hexdigest(blob.encode())}
 
 
 def parse_arguments(arguments: Any) -> Any:

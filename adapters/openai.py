@@ -27,7 +27,7 @@ from adapters.base import Answer, ParsedRequest, PassthroughObserver, RequestVie
 from adapters.model_common import (
     BodyError,
     ModelObserver,
-    conversation_id,
+    conversation_fields,
     dig,
     dump_object,
     json_answer,
@@ -98,8 +98,12 @@ class OpenAIAdapter:
         # a new user turn (a human answering) is never nudged or stopped.
         ends_in_tool = bool(messages) and _role(messages[-1]) == "tool"
         parsed.history = history_from_openai_chat(messages) if ends_in_tool else []
-        parsed.fields["conversation_id"] = conversation_id(
-            request.headers, _first(messages, ("system", "developer")), _first(messages, ("user",))
+        parsed.fields.update(
+            conversation_fields(
+                request.headers,
+                _first(messages, ("system", "developer")),
+                _first(messages, ("user",)),
+            )
         )
         if (
             parsed.stream
@@ -130,10 +134,13 @@ class OpenAIAdapter:
         first_user = items if isinstance(items, str) else None
         if isinstance(items, list):
             first_user = _first(items, ("user",))
-        parsed.fields["conversation_id"] = (
-            request.headers.get("x-loopguard-conversation")
-            or (conversation if isinstance(conversation, str) else None)
-            or conversation_id(request.headers, body.get("instructions"), first_user)
+        parsed.fields.update(
+            conversation_fields(
+                request.headers,
+                body.get("instructions"),
+                first_user,
+                explicit=conversation if isinstance(conversation, str) else None,
+            )
         )
 
     def nudge(self, request: RequestView, parsed: ParsedRequest, verdict: Verdict) -> bytes:

@@ -6,6 +6,7 @@ one ``Engine`` from a ``Config`` and asks it the same questions.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -29,7 +30,7 @@ class Engine:
     ) -> None:
         self.config = config or Config()
         # One key for parameter pseudonyms and session pseudonyms in records.
-        key = load_key(self.config.redaction.pseudonym_key_env)
+        key = self._key = load_key(self.config.redaction.pseudonym_key_env)
         self.redactor = Redactor(self.config.redaction, key=key)
         self.detector = Detector(self.config.loop)
         self.markers = ProgressMarkers(self.config.loop, self.redactor)
@@ -51,6 +52,10 @@ class Engine:
     def fingerprint(self, params: Any) -> str:
         """xxh3_128 hex of the redacted canonical parameters."""
         return params_hash(params, self.redactor)
+
+    def pseudonym(self, value: str) -> str:
+        """A keyed BLAKE2b token of a value: stable, and no one without the key can test a guess."""
+        return hashlib.blake2b(value.encode(), key=self._key, digest_size=12).hexdigest()
 
     def marker(self, tool: str, outcome: Any, explicit: str | None = None) -> str:
         return self.markers.marker(tool, outcome, explicit)

@@ -83,7 +83,11 @@ class Exchange:
         record.scrub_policy = self.engine.scrub_policy
         record.server_address, record.server_port = _host_port(self.route.upstream)
         for name, value in parsed.fields.items():
-            setattr(record, name, value)
+            if name == "conversation_digest":
+                # Derived from content: only a keyed pseudonym of it may leave.
+                record.conversation_id = "conv_" + self.engine.pseudonym(value)
+            else:
+                setattr(record, name, value)
         if parsed.invocations:
             record.tool = parsed.invocations[0].tool
         self.span = self.engine.telemetry.start(parsed.span_name, request.headers)

@@ -322,8 +322,8 @@ def test_parse_names_the_span_and_the_conversation() -> None:
     )
     other = parse({"model": "gpt-test", "messages": [{"role": "user", "content": "else"}]})
     assert (first.operation, first.span_name, first.model) == ("chat", "chat gpt-test", "gpt-test")
-    assert first.fields["conversation_id"] == later.fields["conversation_id"]
-    assert first.fields["conversation_id"] != other.fields["conversation_id"]
+    assert first.fields["conversation_digest"] == later.fields["conversation_digest"]
+    assert first.fields["conversation_digest"] != other.fields["conversation_digest"]
     named = parse({"model": "m", "messages": MESSAGES}, {"x-loopguard-conversation": "c-1"})
     assert named.fields["conversation_id"] == "c-1"
     assert (
