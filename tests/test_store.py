@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import shutil
-import socket
-import subprocess
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 
 import pytest
+from servers import free_port
 
 from guard.calls import Step
 from guard.store import MemoryStore, RedisStore, StoreError, decode_step, encode_step
@@ -85,42 +83,6 @@ def test_step_encoding_roundtrip() -> None:
 # -- Redis -----------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def redis_url() -> Iterator[str]:
-    binary = shutil.which("redis-server")
-    if binary is None:
-        pytest.skip("redis-server binary not installed (apt-get install redis-server)")
-    port = _free_port()
-    proc = subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=0.2) as sock:
-                    sock.sendall(b"PING\r\n")
-                    if sock.recv(16).startswith(b"+PONG"):
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline or proc.poll() is not None:
-                raise RuntimeError("redis-server did not start")
-            time.sleep(0.05)
-        yield f"redis://127.0.0.1:{port}/0"
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
-
-
 @pytest.fixture
 async def redis_store(redis_url: str) -> AsyncIterator[RedisStore]:
     store = RedisStore(redis_url, key_prefix=f"t{time.monotonic_ns()}:", ttl_seconds=30)
@@ -155,7 +117,7 @@ async def test_redis_shared_between_replicas_and_expiry(redis_url: str) -> None:
 
 
 async def test_redis_dead_port_raises_store_error() -> None:
-    store = RedisStore(f"redis://127.0.0.1:{_free_port()}/0", connect_timeout=1.0)
+    store = RedisStore(f"redis://127.0.0.1:{free_port()}/0", connect_timeout=1.0)
     try:
         with pytest.raises(StoreError, match="redis store"):
             await store.history("s")
