@@ -19,7 +19,6 @@ from typing import Any
 
 from adapters.base import Answer, ParsedRequest, PassthroughObserver, RequestView
 from adapters.model_common import (
-    BodyError,
     ModelObserver,
     conversation_fields,
     dump_object,
@@ -27,6 +26,7 @@ from adapters.model_common import (
     load_object,
     new_id,
     sse_answer,
+    start_chat,
     usage_of,
 )
 from guard.calls import Usage, Verdict
@@ -52,17 +52,9 @@ class AnthropicAdapter:
         if not is_messages(request.method, request.path):
             # count_tokens, models, batches: passed through, timed only.
             return ParsedRequest("passthrough", span_name=request.method)
-        try:
-            body = load_object(request.body)
-        except BodyError as exc:
-            return ParsedRequest("chat", span_name="chat", admission_error=str(exc))
-        model = body.get("model") if isinstance(body.get("model"), str) else None
-        parsed = ParsedRequest(
-            "chat",
-            model=model,
-            stream=body.get("stream") is True,
-            span_name=f"chat {model}" if model else "chat",
-        )
+        parsed, body = start_chat(request)
+        if body is None:
+            return parsed
         messages = body.get("messages")
         if not isinstance(messages, list):
             parsed.admission_error = "'messages' must be an array"

@@ -22,7 +22,7 @@ from typing import Any
 
 import xxhash
 
-from adapters.base import Answer, Observation, ToolInvocation
+from adapters.base import Answer, Observation, ParsedRequest, RequestView, ToolInvocation
 from guard.calls import Route, Usage
 from guard.problem import ROUTE_HEADER
 from guard.sse import SSEEvent, SSEParser, encode_event
@@ -45,6 +45,25 @@ def load_object(body: bytes) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise BodyError("request body must be a JSON object")
     return value
+
+
+def start_chat(request: RequestView) -> tuple[ParsedRequest, dict[str, Any] | None]:
+    """The start every model adapter's parse shares: the JSON body, model, stream, span.
+
+    The body is None when it could not be read; the ParsedRequest then says why.
+    """
+    try:
+        body = load_object(request.body)
+    except BodyError as exc:
+        return ParsedRequest("chat", span_name="chat", admission_error=str(exc)), None
+    model = body.get("model") if isinstance(body.get("model"), str) else None
+    parsed = ParsedRequest(
+        "chat",
+        model=model,
+        stream=body.get("stream") is True,
+        span_name=f"chat {model}" if model else "chat",
+    )
+    return parsed, body
 
 
 def dump_object(value: dict[str, Any]) -> bytes:

@@ -35,6 +35,7 @@ from adapters.model_common import (
     new_id,
     now_s,
     sse_answer,
+    start_chat,
     usage_of,
 )
 from guard.calls import Usage, Verdict
@@ -70,17 +71,9 @@ class OpenAIAdapter:
         api = api_of(request.method, request.path)
         if api is None:
             return ParsedRequest("passthrough", span_name=request.method)
-        try:
-            body = load_object(request.body)
-        except BodyError as exc:
-            return ParsedRequest("chat", span_name="chat", admission_error=str(exc))
-        model = body.get("model") if isinstance(body.get("model"), str) else None
-        parsed = ParsedRequest(
-            "chat",
-            model=model,
-            stream=body.get("stream") is True,
-            span_name=f"chat {model}" if model else "chat",
-        )
+        parsed, body = start_chat(request)
+        if body is None:
+            return parsed
         if api == "chat":
             self._parse_chat(request, body, parsed)
         else:

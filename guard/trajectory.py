@@ -84,12 +84,7 @@ def history_from_openai_chat(messages: list[Any]) -> list[HistoryStep]:
             call_id = _get(message, "tool_call_id")
             if call_id is not None:
                 results[call_id] = _content_text(_get(message, "content"))
-    steps = []
-    for call_id, name, params in calls:
-        if call_id in results:
-            outcome = results[call_id]
-            steps.append(HistoryStep(name, params, outcome, looks_like_error(outcome)))
-    return steps
+    return _paired(calls, results)
 
 
 def history_from_openai_responses(input_items: list[Any]) -> list[HistoryStep]:
@@ -109,12 +104,7 @@ def history_from_openai_responses(input_items: list[Any]) -> list[HistoryStep]:
             call_id = _get(item, "call_id")
             if call_id is not None:
                 results[call_id] = _content_text(_get(item, "output"))
-    steps = []
-    for call_id, name, params in calls:
-        if call_id in results:
-            outcome = results[call_id]
-            steps.append(HistoryStep(name, params, outcome, looks_like_error(outcome)))
-    return steps
+    return _paired(calls, results)
 
 
 def history_from_anthropic(messages: list[Any]) -> list[HistoryStep]:
@@ -150,3 +140,13 @@ __all__ = [
     "history_from_openai_responses",
     "looks_like_error",
 ]
+
+
+def _paired(calls: list[tuple[Any, str, Any]], results: dict[Any, Any]) -> list[HistoryStep]:
+    """Calls that have their result, in call order; unanswered calls are not history yet."""
+    steps = []
+    for call_id, name, params in calls:
+        if call_id in results:
+            outcome = results[call_id]
+            steps.append(HistoryStep(name, params, outcome, looks_like_error(outcome)))
+    return steps
