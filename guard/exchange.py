@@ -89,8 +89,12 @@ class Exchange:
             else:
                 setattr(record, name, value)
         if parsed.invocations:
-            record.tool = parsed.invocations[0].tool
-        self.span = self.engine.telemetry.start(parsed.span_name, request.headers)
+            tool = parsed.invocations[0].tool
+            record.tool = self._shown(tool)
+            if record.tool != tool:
+                # A tool named by a URL segment can carry user data (/tools/{email}).
+                record.span_name = parsed.span_name.replace(tool, record.tool)
+        self.span = self.engine.telemetry.start(record.span_name, request.headers)
 
         if parsed.admission_error is not None:
             record.failure_stage = FailureStage.REQUEST_ADMISSION
@@ -157,7 +161,7 @@ class Exchange:
         record.stall_rule = verdict.rule
         record.repeat_count = verdict.repeats
         record.params_hash = verdict.params_hash
-        record.tool = record.tool or verdict.tool
+        record.tool = record.tool or self._shown(verdict.tool)
 
     async def _stop(self, verdict: Verdict) -> Answer:
         assert self.parsed is not None
@@ -295,6 +299,10 @@ class Exchange:
             except Exception as exc:
                 self._store_failed(exc)
                 return
+
+    def _shown(self, tool: str) -> str:
+        """A tool name as it may leave in spans, records and metric labels: scrubbed."""
+        return self.engine.redactor.redact_text(tool)
 
     def _store_failed(self, exc: Exception) -> None:
         log.warning("session_store_unavailable", error=type(exc).__name__)
