@@ -29,6 +29,8 @@ class Engine:
         telemetry: Any | None = None,
     ) -> None:
         self.config = config or Config()
+        # The config is frozen: the policy id is read on every call, built once.
+        self._scrub_policy = self.config.redaction.policy_id
         # One key for parameter pseudonyms and session pseudonyms in records.
         key = self._key = load_key(self.config.redaction.pseudonym_key_env)
         self.redactor = Redactor(self.config.redaction, key=key)
@@ -47,7 +49,7 @@ class Engine:
 
     @property
     def scrub_policy(self) -> str:
-        return self.config.redaction.policy_id
+        return self._scrub_policy
 
     def fingerprint(self, params: Any) -> str:
         """xxh3_128 hex of the redacted canonical parameters."""
@@ -68,7 +70,13 @@ class Engine:
         """The verdict on a call given the session's stored history."""
         if self.detector.disabled_for(tool):
             return Verdict("allow", tool, params_hash)
-        history = await self.store.history(session)
+        # A store that can tell a call absent from the window answers with [] (same
+        # verdict: the rules only count the call's own steps) and skips the copy.
+        for_call = getattr(self.store, "history_for_call", None)
+        if for_call is not None:
+            history = await for_call(session, tool, params_hash)
+        else:
+            history = await self.store.history(session)
         return self.detector.evaluate(history, tool, params_hash)
 
     async def record(self, session: str, step: Step) -> None:

@@ -6,22 +6,25 @@ never holds a raw payload: parameters are a hash, outcomes a progress marker,
 the session a keyed pseudonym. ``guard.monitor`` and ``loopguard report`` read
 these lines back.
 
-The writer is a structlog chain of its own (timestamp -> optional sink ->
-JSON) bound to its own file, so it never touches structlog's global
-configuration that the application may own.
+The writer is a structlog chain of its own (optional sink -> JSON over orjson,
+the timestamp put first when the record is built) bound to its own file, so it
+never touches structlog's global configuration that the application may own.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import secrets
 import sys
 import threading
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, BinaryIO
 
+import orjson
 import structlog
 
 from guard.calls import CallRecord
@@ -77,6 +80,8 @@ def keyed_session_hasher(key: bytes | None = None) -> SessionHasher:
     """
     key = key if key is not None else secrets.token_bytes(32)
 
+    # An agent's calls come in sessions: the same id is hashed again and again.
+    @functools.lru_cache(maxsize=4096)
     def pseudonymize(session: str) -> str:
         # person= separates these pseudonyms from the scrub policy's, even under one key.
         digest = hashlib.blake2b(
@@ -145,46 +150,51 @@ class RecordWriter:
     The file is opened on the first record (constructing a guard creates no
     file) and every line is flushed as it is written, so a crash loses nothing
     already recorded.
+
+    structlog's fast path: ``BytesLogger`` on the file and ``JSONRenderer`` over
+    orjson, behind a two-step chain (tee to the sink, then render).
     """
 
     def __init__(self, path: str, sink: RecordSink | None = None) -> None:
         self._path = path
         self._sink = sink
-        self._file: TextIO | None = None
+        self._file: BinaryIO | None = None
         self._logger: Any = None
         self._lock = threading.Lock()
         self._closed = False
 
-    def _order_and_tee(
-        self, _logger: Any, _name: str, event_dict: dict[str, Any]
-    ) -> dict[str, Any]:
-        # Fixed field order (ts first) so the lines read well and diff cleanly.
-        ordered = {key: event_dict[key] for key in RECORD_FIELDS if key in event_dict}
-        ordered.update((key, value) for key, value in event_dict.items() if key not in ordered)
+    def _tee(self, _logger: Any, _name: str, event_dict: dict[str, Any]) -> dict[str, Any]:
         if self._sink is not None:
-            self._sink(dict(ordered))
-        return ordered
+            self._sink(dict(event_dict))
+        return event_dict
 
     def _open(self) -> Any:
         if self._path == "-":
-            # stdout as it is when the first record is written.
-            target: TextIO | None = sys.stdout
+            # stdout as it is when the first record is written (text: tests capture it).
+            base: Any = structlog.PrintLogger(sys.stdout)
+            serializer: Callable[..., Any] = _dumps_text
         elif self._path:
             path = Path(os.path.expanduser(self._path))
             path.parent.mkdir(parents=True, exist_ok=True)
-            target = self._file = path.open("a", encoding="utf-8")
+            self._file = path.open("ab")
+            base, serializer = structlog.BytesLogger(self._file), orjson.dumps
         else:
-            target = None
-        # Without a file, ReturnLogger renders and discards: the sink still sees the record.
-        base = structlog.PrintLogger(target) if target is not None else structlog.ReturnLogger()
+            # Without a file, ReturnLogger renders and discards: the sink still sees it.
+            base, serializer = structlog.ReturnLogger(), orjson.dumps
+        # Our own wrapper class and chain: the application's structlog configuration is
+        # not ours. bind() turns wrap_logger's lazy proxy into the logger itself (the
+        # proxy would rebuild it on every record).
         return structlog.wrap_logger(
             base,
-            processors=[
-                structlog.processors.TimeStamper(fmt="iso", key="ts", utc=True),
-                self._order_and_tee,
-                structlog.processors.JSONRenderer(),
-            ],
-        )
+            processors=[self._tee, structlog.processors.JSONRenderer(serializer)],
+            wrapper_class=_RecordLogger,
+            context_class=dict,
+        ).bind()
+
+    @property
+    def enabled(self) -> bool:
+        """False when a record would go nowhere (callers skip building it)."""
+        return bool(self._path or self._sink is not None) and not self._closed
 
     def write(self, fields: dict[str, Any]) -> None:
         if not self._path and self._sink is None:
@@ -201,9 +211,10 @@ class RecordWriter:
                     self._path = ""
                     self._logger = self._open()
             logger = self._logger
-        fields = dict(fields)
-        event = fields.pop("event", "call")
-        logger.info(event, **fields)
+        # ts and event first, then the fields in the order given (``record_fields``
+        # builds them in RECORD_FIELDS order), so the lines read well and diff cleanly.
+        # One dict, built here: the chain only tees and renders it.
+        logger.record({"ts": _now_iso(), "event": "call", **fields})
 
     def close(self) -> None:
         with self._lock:
@@ -211,3 +222,26 @@ class RecordWriter:
             if self._file is not None:
                 self._file.close()
                 self._file = None
+
+
+class _RecordLogger(structlog.BoundLoggerBase):
+    """A structlog wrapper class with one method: write a record through the chain.
+
+    ``_process_event`` is structlog's documented hook for custom wrapper classes;
+    calling it with the fields dict spares the ~33-field record the keyword-argument
+    copies of a ``log.info(event, **fields)`` call.
+    """
+
+    def record(self, fields: dict[str, Any]) -> None:
+        # event=None: the fields carry their own "event", in its place.
+        args, kw = self._process_event("info", None, fields)
+        self._logger.info(*args, **kw)
+
+
+def _now_iso() -> str:
+    """UTC ISO 8601 with a ``Z``, as ``structlog.processors.TimeStamper(fmt="iso", utc=True)``."""
+    return datetime.now(tz=UTC).isoformat().replace("+00:00", "Z")
+
+
+def _dumps_text(obj: Any, **kw: Any) -> str:
+    return orjson.dumps(obj, **kw).decode("utf-8")

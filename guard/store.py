@@ -38,11 +38,31 @@ class SessionStore(Protocol):
 
 
 class _Entry:
-    __slots__ = ("seen", "steps")
+    __slots__ = ("calls", "seen", "steps")
 
     def __init__(self, steps: deque[Step], seen: float) -> None:
         self.steps = steps
         self.seen = seen
+        # How many of the window's steps each (tool, params_hash) has: lets a call that
+        # is not in the window be answered without copying and scanning the window.
+        self.calls: dict[tuple[str, str], int] = {}
+        for step in steps:
+            self._count(step, 1)
+
+    def _count(self, step: Step, delta: int) -> None:
+        key = (step.tool, step.params_hash)
+        left = self.calls.get(key, 0) + delta
+        if left:
+            self.calls[key] = left
+        else:
+            del self.calls[key]
+
+    def append(self, step: Step) -> None:
+        steps = self.steps
+        if len(steps) == steps.maxlen:
+            self._count(steps[0], -1)  # the deque drops its oldest step
+        steps.append(step)
+        self._count(step, 1)
 
 
 class MemoryStore:
@@ -73,6 +93,24 @@ class MemoryStore:
         self._sessions.move_to_end(session)
         return list(entry.steps)
 
+    async def history_for_call(self, session: str, tool: str, params_hash: str) -> list[Step]:
+        """``history(session)``, or ``[]`` when the call has no step in the window.
+
+        The stall rules only ever fire on a call's own earlier steps, so for a call
+        the window does not hold, an empty history gives the same verdict -- without
+        copying and scanning the window (the common case: most calls are new).
+        """
+        entry = self._sessions.get(session)
+        if entry is not None and (tool, params_hash) not in entry.calls:
+            now = self._clock()
+            if now - entry.seen > self.ttl:
+                del self._sessions[session]
+            else:  # touched as history() touches it
+                entry.seen = now
+                self._sessions.move_to_end(session)
+            return []
+        return await self.history(session)
+
     async def append(self, session: str, step: Step, window: int) -> None:
         now = self._clock()
         sessions = self._sessions
@@ -82,8 +120,8 @@ class MemoryStore:
         if entry is None:
             entry = sessions[session] = _Entry(deque(maxlen=window), now)
         elif entry.steps.maxlen != window:
-            entry.steps = deque(entry.steps, maxlen=window)
-        entry.steps.append(step)
+            entry = sessions[session] = _Entry(deque(entry.steps, maxlen=window), now)
+        entry.append(step)
         entry.seen = now
         sessions.move_to_end(session)
         if len(sessions) > self.max_sessions or now - next(iter(sessions.values())).seen > self.ttl:

@@ -16,8 +16,9 @@ Decisions worth knowing:
   loop_guard``, ``loopguard.route`` and the ``loopguard.stops`` counter.
 * A stopped call never ran, so it is not in ``gen_ai.client.operation.duration``.
 * Providers are per instance (never the global ones): several guards, and
-  many tests, live in one process. With exporter "none" a real TracerProvider
-  without processors still creates spans, so ``traceparent`` propagation works.
+  many tests, live in one process. With exporter "none" (and no provider given)
+  spans are non-recording but carry real ids, so ``traceparent`` propagation and
+  the records' trace ids work; metrics are not recorded (nothing would read them).
 * Export is batched on background threads and bounded by a short timeout; a
   dead collector costs a rate-limited warning and dropped spans, never a
   request, and at most one timeout per signal at shutdown.
@@ -28,10 +29,10 @@ Decisions worth knowing:
 from __future__ import annotations
 
 import os
+import random
 import sys
 import threading
 import time
-import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -40,6 +41,7 @@ from urllib.parse import urlsplit
 
 import structlog
 from opentelemetry import trace
+from opentelemetry.context import Context
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import (
     ConsoleMetricExporter,
@@ -66,7 +68,7 @@ from opentelemetry.semconv._incubating.attributes import (
 from opentelemetry.semconv._incubating.metrics import gen_ai_metrics
 from opentelemetry.semconv.attributes import http_attributes
 from opentelemetry.semconv.schemas import Schemas
-from opentelemetry.trace import SpanKind, Status, StatusCode
+from opentelemetry.trace import SpanKind, Status, StatusCode, TraceFlags
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from guard.calls import CallRecord, FailureStage, Route
@@ -183,6 +185,7 @@ _NOT_ERRORS = frozenset({FailureStage.PASSED, FailureStage.LOOP_GUARD})
 _STALL_ROUTES = frozenset({Route.STOP_AND_REVIEW, Route.NUDGE, Route.OBSERVE})
 
 _EXPORT_TIMEOUT_S = 2.0
+_SAMPLED = TraceFlags(TraceFlags.SAMPLED)
 _WARN_EVERY_S = 60.0
 _APP_VALUE_MAX = 256
 
@@ -212,10 +215,17 @@ class CallSpan:
         return format(self.span.get_span_context().span_id, "016x")
 
     def inject(self, headers: dict[str, str]) -> dict[str, str]:
-        """Write ``traceparent`` (and ``tracestate``) naming this span as the parent."""
-        TraceContextTextMapPropagator().inject(
-            headers, context=trace.set_span_in_context(self.span)
-        )
+        """Write ``traceparent`` (and ``tracestate``) naming this span as the parent.
+
+        The W3C format as ``TraceContextTextMapPropagator.inject`` writes it, without
+        building a Context per request.
+        """
+        ctx = self.span.get_span_context()
+        if not ctx.is_valid:
+            return headers
+        headers["traceparent"] = f"00-{ctx.trace_id:032x}-{ctx.span_id:016x}-{ctx.trace_flags:02x}"
+        if ctx.trace_state:
+            headers["tracestate"] = ctx.trace_state.to_header()
         return headers
 
 
@@ -364,6 +374,13 @@ class Telemetry:
         self._guarded: list[_GuardedSpanExporter | _GuardedMetricExporter] = []
         self._owns_tracer = tracer_provider is None
         self._owns_meter = meter_provider is None
+        # Nothing would ever read a span or a metric point built here: exporter "none"
+        # and no provider given. Spans are then non-recording (ids only, for
+        # ``traceparent`` and the records) and metrics are not recorded at all -- the
+        # SDK's span and histogram bookkeeping is most of the guard's cost per call.
+        unread = cfg.exporter == "none"
+        self._recording_spans = not (unread and self._owns_tracer)
+        self._recording_metrics = not (unread and self._owns_meter)
         resource = build_resource(cfg) if (self._owns_tracer or self._owns_meter) else None
         self.tracer_provider = tracer_provider or self._build_tracer_provider(resource)
         self.meter_provider = meter_provider or self._build_meter_provider(resource)
@@ -460,10 +477,22 @@ class Telemetry:
         kind: SpanKind = SpanKind.CLIENT,
     ) -> CallSpan:
         """Open the call's span as a child of the agent's span (its ``traceparent``)."""
-        carrier = {k.lower(): v for k, v in incoming_headers.items()}
-        parent = self._propagator.extract(carrier)
-        span = self._tracer.start_span(span_name, context=parent, kind=kind)
-        return CallSpan(span=span, request_id=uuid.uuid4().hex)
+        parent = self._parent_context(incoming_headers)
+        if self._recording_spans:
+            span = self._tracer.start_span(span_name, context=parent, kind=kind)
+        else:
+            span = _unrecorded_span(parent)
+        # A correlation id, not a secret: no os.urandom system call per request.
+        return CallSpan(span=span, request_id=f"{random.getrandbits(128):032x}")
+
+    def _parent_context(self, headers: Mapping[str, str]) -> Context:
+        """The agent's trace context. Front doors pass lower-cased names; any other
+        mapping is lower-cased first (only then: it costs a dict per request)."""
+        if not all(k.islower() for k in headers):
+            headers = {k.lower(): v for k, v in headers.items()}
+        if "traceparent" not in headers:
+            return Context()  # a new trace
+        return self._propagator.extract(headers)
 
     def finish(
         self,
@@ -482,15 +511,19 @@ class Telemetry:
         call_span.finished = True
         elapsed = time.monotonic() - call_span.started
         # Failures are logged by exception type only: a message could quote a value.
-        try:
-            self._end_span(call_span, record)
-        except Exception as exc:
-            _log.warning("span attributes failed", error=type(exc).__name__)
-            call_span.span.end()
-        try:
-            self._record_metrics(record, elapsed, chunk_gaps)
-        except Exception as exc:
-            _log.warning("metrics failed", error=type(exc).__name__)
+        if self._recording_spans:
+            try:
+                self._end_span(call_span, record)
+            except Exception as exc:
+                _log.warning("span attributes failed", error=type(exc).__name__)
+                call_span.span.end()
+        if self._recording_metrics:
+            try:
+                self._record_metrics(record, elapsed, chunk_gaps)
+            except Exception as exc:
+                _log.warning("metrics failed", error=type(exc).__name__)
+        if not self._records.enabled:
+            return
         try:
             self._records.write(
                 _record_fields(
@@ -667,6 +700,28 @@ class Telemetry:
             except Exception:
                 _log.warning("telemetry shutdown failed", provider=type(provider).__name__)
         self._records.close()
+
+
+def _unrecorded_span(parent: Context) -> trace.Span:
+    """A non-recording span with the ids a recording one would get.
+
+    The SDK's default sampler (parent-based, else always on) decides the sampled flag
+    the same way: the agent's flag when a ``traceparent`` came in, else sampled. Ids
+    come from ``random.getrandbits`` as the SDK's ``RandomIdGenerator`` makes them.
+    """
+    parent_ctx = trace.get_current_span(parent).get_span_context()
+    if parent_ctx.is_valid:
+        trace_id, flags, state = parent_ctx.trace_id, parent_ctx.trace_flags, parent_ctx.trace_state
+    else:
+        trace_id, flags, state = _random_id(128), _SAMPLED, None
+    return trace.NonRecordingSpan(trace.SpanContext(trace_id, _random_id(64), False, flags, state))
+
+
+def _random_id(bits: int) -> int:
+    value = random.getrandbits(bits)
+    while not value:  # zero is the invalid id
+        value = random.getrandbits(bits)
+    return value
 
 
 def gen_ai_operation(record: CallRecord) -> str | None:

@@ -1,0 +1,133 @@
+"""The guard's fast paths give the same answers as the paths they shortcut.
+
+- ``MemoryStore.history_for_call``: a call with no step in the window gets ``[]``
+  (and so the same verdict as with the full history);
+- telemetry with exporter "none": non-recording spans that still continue the
+  agent's trace upstream and name their ids in the durable records;
+- the durable record writer: one flushed JSON line per call, fields in order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from guard.calls import CallRecord, Step
+from guard.config import LoopConfig, TelemetryConfig
+from guard.detector import Detector
+from guard.records import RECORD_FIELDS
+from guard.store import MemoryStore
+from guard.telemetry import Telemetry
+
+AGENT_TRACE = "0af7651916cd43dd8448eb211c80319c"
+AGENT_SPAN = "b7ad6b7169203331"
+
+steps = st.builds(
+    Step,
+    tool=st.sampled_from(["a", "b"]),
+    params_hash=st.sampled_from(["h1", "h2", "h3"]),
+    marker=st.sampled_from(["m1", "m2"]),
+    error=st.booleans(),
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    appended=st.lists(st.tuples(steps, st.sampled_from([3, 4, 64])), max_size=40),
+    tool=st.sampled_from(["a", "b"]),
+    params_hash=st.sampled_from(["h1", "h2", "h3"]),
+)
+def test_history_for_call_matches_history(
+    appended: list[tuple[Step, int]], tool: str, params_hash: str
+) -> None:
+    async def run() -> None:
+        store = MemoryStore()
+        detector = Detector(LoopConfig(max_repeats=2, max_identical_errors=2))
+        for step, window in appended:  # windows change too: the counts are rebuilt
+            await store.append("s", step, window)
+            full = await store.history("s")
+            fast = await store.history_for_call("s", tool, params_hash)
+            called = any(s.tool == tool and s.params_hash == params_hash for s in full)
+            assert fast == (full if called else [])
+            assert detector.evaluate(fast, tool, params_hash) == detector.evaluate(
+                full, tool, params_hash
+            )
+
+    asyncio.run(run())
+
+
+def test_history_for_call_touches_and_expires_like_history() -> None:
+    now = [0.0]
+    store = MemoryStore(max_sessions=2, ttl_seconds=10, clock=lambda: now[0])
+
+    async def run() -> None:
+        await store.append("old", Step("t", "h", "m"), 8)
+        await store.append("new", Step("t", "h", "m"), 8)
+        now[0] = 5.0
+        assert await store.history_for_call("old", "t", "other") == []
+        await store.append("third", Step("t", "h", "m"), 8)  # evicts the LRU: "new"
+        assert await store.history("new") == []
+        assert len(await store.history("old")) == 1
+        now[0] = 100.0
+        assert await store.history_for_call("old", "t", "other") == []
+        assert len(store) == 1  # "old" expired and was dropped, as history() does
+
+    asyncio.run(run())
+
+
+def _tool_record() -> CallRecord:
+    return CallRecord(
+        operation="execute_tool",
+        span_name="execute_tool lookup",
+        tool="lookup",
+        session="agent-1",
+        session_tracked=True,
+        params_hash="0" * 32,
+    )
+
+
+def test_unexported_spans_still_continue_the_trace_and_name_it_in_records(tmp_path) -> None:
+    path = tmp_path / "records.jsonl"
+    tel = Telemetry(TelemetryConfig(exporter="none", records=str(path)), "p")
+    incoming = {"traceparent": f"00-{AGENT_TRACE}-{AGENT_SPAN}-01", "tracestate": "k=v"}
+    call = tel.start("execute_tool lookup", incoming)
+    assert not call.span.is_recording()
+    upstream = call.inject({})
+    _, trace_id, parent_id, flags = upstream["traceparent"].split("-")
+    assert (trace_id, flags) == (AGENT_TRACE, "01")
+    assert parent_id == call.span_id != AGENT_SPAN
+    assert upstream["tracestate"] == "k=v"
+    tel.finish(call, _tool_record())
+
+    # No traceparent: a new sampled trace with fresh ids each time.
+    fresh = [tel.start("execute_tool lookup", {"Content-Type": "x"}) for _ in range(2)]
+    assert fresh[0].trace_id != fresh[1].trace_id != AGENT_TRACE
+    assert all(c.inject({})["traceparent"].endswith("-01") for c in fresh)
+    for c in fresh:
+        tel.finish(c, _tool_record())
+    # Header names in any case are understood.
+    mixed = tel.start("x", {"TraceParent": f"00-{AGENT_TRACE}-{AGENT_SPAN}-00"})
+    assert mixed.inject({})["traceparent"].split("-")[1::2] == [AGENT_TRACE, "00"]
+    tel.shutdown()
+
+    lines = path.read_bytes().splitlines()
+    records: list[dict[str, Any]] = [json.loads(line) for line in lines]
+    assert len(records) == 3
+    assert (records[0]["trace_id"], records[0]["span_id"]) == (AGENT_TRACE, call.span_id)
+    assert [r["trace_id"] for r in records[1:]] == [c.trace_id for c in fresh]
+    assert list(records[0]) == list(RECORD_FIELDS)
+    assert records[0]["session"].startswith("s_") and "agent-1" not in lines[0].decode()
+
+
+def test_given_providers_still_record(tmp_path) -> None:
+    from opentelemetry.sdk.trace import TracerProvider
+
+    tel = Telemetry(TelemetryConfig(records=""), "p", tracer_provider=TracerProvider())
+    call = tel.start("x", {})
+    assert call.span.is_recording()
+    tel.finish(call, _tool_record())
+    tel.shutdown()
