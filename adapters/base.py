@@ -73,6 +73,9 @@ class ParsedRequest:
     fields: dict[str, Any] = field(default_factory=dict)
     # The body to forward when the adapter had to change it (e.g. inject stream usage).
     body: bytes | None = None
+    # A stream meant to stay open until either side closes it (the MCP server stream):
+    # no read or total timeout applies.
+    long_lived: bool = False
 
 
 @dataclass(slots=True)

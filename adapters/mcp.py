@@ -86,6 +86,9 @@ class McpAdapter:
         session_id = request.headers.get(SESSION_HEADER)
         if session_id:
             fields["mcp_session_id"] = session_id
+        if request.method == "GET":
+            # The server's own stream (notifications, server requests): open for the session.
+            return ParsedRequest("passthrough", span_name="GET", fields=fields, long_lived=True)
         if request.method != "POST" or not _is_json_type(request.headers.get("content-type")):
             return ParsedRequest("passthrough", span_name=request.method, fields=fields)
         try:

@@ -182,6 +182,11 @@ class Exchange:
             self.span.inject(headers)
         return headers
 
+    @property
+    def long_lived(self) -> bool:
+        """The adapter says this response is a stream meant to stay open (no timeouts)."""
+        return self.parsed is not None and self.parsed.long_lived
+
     def mark_sent(self) -> None:
         self._sent_at = time.perf_counter()
 

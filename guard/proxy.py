@@ -48,6 +48,7 @@ import structlog
 
 from adapters import get_adapter
 from adapters.base import Adapter, Answer, RequestView
+from guard.asgi import BodyRefused, ClientDisconnected, read_body, send_answer
 from guard.calls import CallRecord, FailureStage, Route
 from guard.config import Config, RouteConfig
 from guard.engine import Engine
@@ -134,21 +135,24 @@ class ProxyApp:
         raw_path: bytes = scope.get("raw_path") or scope["path"].encode()
         if raw_path[:1] != b"/":
             # Absolute-form ("GET http://host/x"): a forward-proxy request; refused.
-            return await _answer(send, _problem_bad_target())
+            return await send_answer(send, _problem_bad_target())
         path = raw_path.decode("latin-1")
         method: str = scope["method"]
         if path == "/healthz" and method in ("GET", "HEAD"):
             return await _send_simple(send, 200, b"application/json", _HEALTH_BODY)
         found = self.engine.route_for(path)
         if found is None:
-            return await _answer(send, _problem_not_found(path))
+            return await send_answer(send, _problem_not_found(path))
         route, rest = found
         if _has_dot_segment(scope["path"]):
-            return await _answer(send, _problem_dot_segments())
+            return await send_answer(send, _problem_dot_segments())
 
         view_headers, forward = _split_headers(scope["headers"])
-        body = await self._read_body(view_headers, receive, send)
-        if body is None:
+        try:
+            body = await read_body(receive, self.max_body, view_headers.get("content-length"))
+        except BodyRefused as refused:
+            return await send_answer(send, refused.answer)
+        except ClientDisconnected:
             return
         query_b: bytes = scope.get("query_string", b"")
         query = query_b.decode("latin-1")
@@ -173,7 +177,7 @@ class ProxyApp:
             log.error("guard_error", route=route.prefix, **exception_fields(exc))
             exchange, admitted = _Unguarded(), body
         if isinstance(admitted, Answer):
-            return await _answer(send, admitted, exchange.record.route)
+            return await send_answer(send, admitted, exchange.record.route)
 
         url = route.upstream + rest + ("?" + query if query else "")
         for name, value in exchange.upstream_headers().items():
@@ -181,46 +185,16 @@ class ProxyApp:
             forward = [h for h in forward if h[0] != lower]
             forward.append((lower, value.encode("latin-1")))
         forward.append(_IDENTITY)
-        request = self.upstream.request(method, url, forward, admitted)
-        await _Relay(self.upstream, exchange, route, send, receive).run(request, self.total_timeout)
-
-    async def _read_body(self, headers: dict[str, str], receive: Any, send: Any) -> bytes | None:
-        """The whole request body, or None when an answer was sent instead (413, gone)."""
-        declared = headers.get("content-length")
-        if declared is not None:
-            if not declared.isdigit():
-                await _answer(send, _problem_bad_length())
-                return None
-            if int(declared) > self.max_body:
-                await _answer(send, _problem_too_large(self.max_body))
-                return None
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            return None
-        body: bytes = message.get("body", b"")
-        if not message.get("more_body", False):
-            if len(body) > self.max_body:
-                await _answer(send, _problem_too_large(self.max_body))
-                return None
-            return body
-        parts = [body]
-        size = len(body)
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return None
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self.max_body:  # chunked bodies are counted as they come
-                await _answer(send, _problem_too_large(self.max_body))
-                return None
-            parts.append(chunk)
-            if not message.get("more_body", False):
-                return b"".join(parts)
+        long_lived = exchange.long_lived
+        request = self.upstream.request(method, url, forward, admitted, long_lived=long_lived)
+        total = None if long_lived else self.total_timeout
+        await _Relay(self.upstream, exchange, route, send, receive).run(request, total)
 
 
 class _Unguarded:
     """Stands in for an Exchange whose guard failed: forwards, observes nothing."""
+
+    long_lived = False
 
     def __init__(self) -> None:
         self.record = CallRecord(operation="passthrough", span_name="passthrough")
@@ -292,12 +266,14 @@ class _Relay:
         self.interrupted: str | None = None  # "disconnect" | "timeout"
         self.watcher: asyncio.Future[None] | None = None
 
-    async def run(self, request: httpx.Request, total_timeout: float) -> None:
+    async def run(self, request: httpx.Request, total_timeout: float | None) -> None:
+        """Relay; ``total_timeout`` None means none (a long-lived stream)."""
         exchange = self.exchange
         loop = self.loop = asyncio.get_running_loop()
         self.task = asyncio.current_task()
-        self.deadline = loop.time() + total_timeout
-        self.timer = loop.call_later(min(WATCH_AFTER_S, total_timeout), self._tick)
+        self.deadline = None if total_timeout is None else loop.time() + total_timeout
+        first = WATCH_AFTER_S if total_timeout is None else min(WATCH_AFTER_S, total_timeout)
+        self.timer = loop.call_later(first, self._tick)
         response: httpx.Response | None = None
         send = self.send
         try:
@@ -361,6 +337,8 @@ class _Relay:
             return
         if self.watcher is None:
             self.watcher = asyncio.ensure_future(self._watch_disconnect())
+        if self.deadline is None:
+            return  # no total timeout: only the disconnect watcher remains
         remaining = self.deadline - self.loop.time()
         if remaining <= 0:
             self._interrupt("timeout")
@@ -410,7 +388,7 @@ class _Relay:
             )
         exchange.record.status_code = answer.status
         await exchange.finish(stage, error_type)
-        await _answer(self.send, answer, exchange.record.route)
+        await send_answer(self.send, answer, exchange.record.route)
 
 
 # -- helpers -------------------------------------------------------------------------
@@ -482,18 +460,6 @@ def _unquote(path: str) -> str:
     return unquote(path)
 
 
-async def _answer(send: Any, answer: Answer, route: Route = Route.SERVE) -> None:
-    headers = [(n.encode("latin-1"), v.encode("latin-1")) for n, v in answer.headers]
-    if not any(n.lower() == _ROUTE_HEADER_B for n, _ in headers):
-        headers.append((_ROUTE_HEADER_B, route.value.encode()))
-    body = b"".join(answer.chunks)
-    if not any(n.lower() == b"content-type" for n, _ in headers):
-        headers.append((b"content-type", b"application/octet-stream"))
-    headers.append((b"content-length", str(len(body)).encode()))
-    await send({"type": "http.response.start", "status": answer.status, "headers": headers})
-    await send({"type": "http.response.body", "body": body, "more_body": False})
-
-
 async def _send_simple(send: Any, status: int, content_type: bytes, body: bytes) -> None:
     headers = [
         (b"content-type", content_type),
@@ -530,19 +496,4 @@ def _problem_dot_segments() -> Answer:
         "Path with dot segments refused",
         "Paths with '.' or '..' segments could leave the route's upstream path; send a "
         "normalized path.",
-    )
-
-
-def _problem_bad_length() -> Answer:
-    return problem(
-        400, "bad-content-length", "Bad Content-Length", "Content-Length is not a number."
-    )
-
-
-def _problem_too_large(limit: int) -> Answer:
-    return problem(
-        413,
-        "body-too-large",
-        "Request body too large",
-        f"The request body exceeds loopguard's limit of {limit} bytes ([server] max_body_bytes).",
     )

@@ -51,6 +51,7 @@ class Upstream:
             pool=server.connect_timeout + server.read_timeout,
         )
         self._extensions = {"timeout": self.timeout.as_dict()}
+        self._long_lived_extensions = {"timeout": {**self.timeout.as_dict(), "read": None}}
         self.transport = AiohttpTransport(limits=self.limits, trust_env=False)
 
     def request(
@@ -59,11 +60,16 @@ class Upstream:
         url: str,
         headers: list[tuple[str, str]] | list[tuple[bytes, bytes]],
         content: bytes,
+        *,
+        long_lived: bool = False,
     ) -> httpx.Request:
-        """A request exactly as given: httpx adds only Host and Content-Length."""
-        return httpx.Request(
-            method, url, headers=headers, content=content, extensions=self._extensions
-        )
+        """A request exactly as given: httpx adds only Host and Content-Length.
+
+        ``long_lived``: a stream that may be idle for as long as the session lasts, so
+        no read timeout applies (connect still does).
+        """
+        extensions = self._long_lived_extensions if long_lived else self._extensions
+        return httpx.Request(method, url, headers=headers, content=content, extensions=extensions)
 
     async def send(self, request: httpx.Request) -> httpx.Response:
         """Send; the response body is not read (``aiter_raw`` it, then ``aclose``)."""

@@ -27,6 +27,10 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from servers import run_server
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, StreamingResponse
+from starlette.routing import Route as StarletteRoute
 
 from guard.config import Config
 from guard.engine import Engine
@@ -377,3 +381,40 @@ async def test_hanging_up_after_the_response_is_not_a_stream_failure() -> None:
             await asyncio.sleep(0.01)
         stages = [s.attributes["loopguard.failure.stage"] for s in spans.get_finished_spans()]
     assert stages == ["passed"]
+
+
+def test_the_server_stream_outlives_the_read_and_total_timeouts() -> None:
+    """GET is the MCP server's own stream: idle for long stretches, open for the session."""
+
+    async def slow_sse(request: Request) -> StreamingResponse:
+        async def events():
+            await asyncio.sleep(0.8)  # longer than read_timeout and total_timeout below
+            yield b'data: {"jsonrpc":"2.0","method":"notifications/ping"}\n\n'
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    async def slow_post(request: Request) -> JSONResponse:
+        await asyncio.sleep(0.8)
+        return JSONResponse({"jsonrpc": "2.0", "id": 1, "result": {}})
+
+    upstream_app = Starlette(
+        routes=[
+            StarletteRoute("/mcp", slow_sse, methods=["GET"]),
+            StarletteRoute("/mcp", slow_post, methods=["POST"]),
+        ]
+    )
+    with run_server(upstream_app) as upstream:
+        config = Config.from_mapping(
+            {
+                "server": {"read_timeout": 0.3, "total_timeout": 0.5},
+                "telemetry": {"records": ""},
+                "routes": [{"prefix": "/mcp", "upstream": upstream + "/mcp", "adapter": "mcp"}],
+            }
+        )
+        with run_server(ProxyApp(config)) as proxy:
+            stream = httpx.get(f"{proxy}/mcp", headers={"accept": "text/event-stream"}, timeout=5)
+            # The same wait on a POST is a real timeout: the control that the limits are live.
+            post = httpx.post(f"{proxy}/mcp", json={"jsonrpc": "2.0", "id": 1}, timeout=5)
+    assert stream.status_code == 200
+    assert b"notifications/ping" in stream.content
+    assert post.status_code == 504
