@@ -51,6 +51,17 @@ def test_demo_json_shows_the_nudge_then_the_stop(tmp_path: Path) -> None:
     assert all(s["parent_id"] == root[0]["span_id"] for s in spans if s is not root[0])
     lines = records.read_text().splitlines()
     assert len(lines) == result["records"] == 9
+    served_chats = [
+        r
+        for r in map(json.loads, lines)
+        if r["operation"] == "chat" and r["route"] != "stop_and_review"
+    ]
+    assert len(served_chats) == 4
+    for record in served_chats:
+        assert record["response_id"] and record["output_chunks"] > 0
+        # Derived from the conversation's content: present only as a keyed pseudonym.
+        assert record["conversation_id"].startswith("conv_")
+    assert len({r["conversation_id"] for r in served_chats}) == 1
     assert "#A10234" not in records.read_text()
 
 
