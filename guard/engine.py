@@ -70,13 +70,7 @@ class Engine:
         """The verdict on a call given the session's stored history."""
         if self.detector.disabled_for(tool):
             return Verdict("allow", tool, params_hash)
-        # A store that can tell a call absent from the window answers with [] (same
-        # verdict: the rules only count the call's own steps) and skips the copy.
-        for_call = getattr(self.store, "history_for_call", None)
-        if for_call is not None:
-            history = await for_call(session, tool, params_hash)
-        else:
-            history = await self.store.history(session)
+        history = await self.store.history_for_call(session, tool, params_hash)
         return self.detector.evaluate(history, tool, params_hash)
 
     async def record(self, session: str, step: Step) -> None:

@@ -30,6 +30,11 @@ class SessionStore(Protocol):
         """The session's steps, oldest first (a copy)."""
         ...
 
+    async def history_for_call(self, session: str, tool: str, params_hash: str) -> list[Step]:
+        """What the detector needs to judge this call: the history, or ``[]`` when the
+        store knows the call has no step in the window (same verdict, less work)."""
+        ...
+
     async def append(self, session: str, step: Step, window: int) -> None:
         """Add a step, keeping at most ``window`` steps."""
         ...
@@ -189,6 +194,10 @@ class RedisStore:
             return [decode_step(item) for item in raw]
         except (ValueError, TypeError) as exc:
             raise StoreError(f"redis store {self.url}: malformed step in session: {exc}") from exc
+
+    async def history_for_call(self, session: str, tool: str, params_hash: str) -> list[Step]:
+        # One round trip either way: the whole window is what Redis can tell us.
+        return await self.history(session)
 
     async def append(self, session: str, step: Step, window: int) -> None:
         key = self._key(session)
