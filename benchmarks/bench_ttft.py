@@ -29,7 +29,6 @@ import argparse
 import asyncio
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -40,6 +39,8 @@ ROOT = Path(__file__).resolve().parent.parent
 for path in (ROOT, ROOT / "tests"):
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))
+
+from benchmarks.bench_proxy import free_port  # noqa: E402  (after the path set-up)
 
 TEXT = "Loopguard measures the first token and passes every byte on as it arrives. " * 20
 
@@ -80,12 +81,6 @@ def run_role(role: str, port: int, upstream: str, chunks: int, first_delay: floa
         access_log=False,
         lifespan="off" if role == "upstream" else "on",
     )
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def start(role: str, port: int, args: argparse.Namespace, upstream: str = "") -> subprocess.Popen:
