@@ -116,6 +116,7 @@ class ProxyApp:
         while True:
             message = await receive()
             if message["type"] == "lifespan.startup":
+                self._announce_routes()
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
                 try:
@@ -124,6 +125,14 @@ class ProxyApp:
                     log.warning("shutdown_failed", error=type(exc).__name__)
                 await send({"type": "lifespan.shutdown.complete"})
                 return
+
+    def _announce_routes(self) -> None:
+        """Say at start-up what is guarded where: a proxy with no routes answers only 404."""
+        if not self.config.routes:
+            log.warning("no_routes", hint="add [[routes]] to the config: every path is a 404")
+        for route in self.config.routes:
+            upstream = _without_userinfo(route.upstream)
+            log.info("route", prefix=route.prefix, upstream=upstream, adapter=route.adapter)
 
     # -- one request -----------------------------------------------------------------
 
@@ -497,3 +506,15 @@ def _problem_dot_segments() -> Answer:
         "Paths with '.' or '..' segments could leave the route's upstream path; send a "
         "normalized path.",
     )
+
+
+def _without_userinfo(url: str) -> str:
+    """A URL fit for a log line: credentials in it (user:password@) are dropped."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    netloc = f"[{host}]" if ":" in host else host
+    if parts.port:
+        netloc += f":{parts.port}"
+    return urlunsplit(parts._replace(netloc=netloc))

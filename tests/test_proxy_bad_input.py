@@ -315,3 +315,26 @@ def test_upstream_sees_its_own_host(tools: tuple[ToolServer, str]) -> None:
         )
     hosts = [value for name, value in response.json()["headers"] if name == "host"]
     assert hosts == [upstream.removeprefix("http://")]
+
+
+def test_start_up_names_the_routes_without_credentials(capsys) -> None:
+    import asyncio
+
+    from guard.proxy import ProxyApp
+
+    config = proxy_config("http://svc-user:hunter2-secret@127.0.0.1:9/base")
+    app = ProxyApp(config)
+    sent: list[dict] = []
+    messages = iter([{"type": "lifespan.startup"}, {"type": "lifespan.shutdown"}])
+
+    async def receive() -> dict:
+        return next(messages)
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    asyncio.run(app({"type": "lifespan"}, receive, send))
+    out = capsys.readouterr().out
+    assert "prefix=/tools" in out and "127.0.0.1:9/base" in out
+    assert "hunter2" not in out and "svc-user" not in out
+    assert [m["type"] for m in sent] == ["lifespan.startup.complete", "lifespan.shutdown.complete"]
