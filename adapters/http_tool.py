@@ -67,7 +67,7 @@ class HttpToolAdapter:
         )
 
     def _tool(self, path: str) -> str | None:
-        segments = [s for s in path.split("/") if s]
+        segments = list(filter(None, path.split("/")))  # the non-empty segments
         if len(segments) <= self.tool_segment:
             return None
         return segments[self.tool_segment]

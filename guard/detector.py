@@ -64,6 +64,10 @@ class Detector:
         return self.limits_for(tool).mode == "off"
 
     def evaluate(self, history: Sequence[Step], tool: str, params_hash: str) -> Verdict:
+        if not history:
+            # The common case (the store answers [] for a call not in the window): no
+            # step can make a rule fire, so skip the pass and its allocations.
+            return self._allow(tool, params_hash)
         limits = self._limits.get(tool, self._default)
         if limits.mode == "off":
             return self._allow(tool, params_hash)

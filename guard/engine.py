@@ -29,8 +29,11 @@ class Engine:
         telemetry: Any | None = None,
     ) -> None:
         self.config = config or Config()
-        # The config is frozen: the policy id is read on every call, built once.
+        # The config is frozen: what is read on every call is built once.
         self._scrub_policy = self.config.redaction.policy_id
+        self._session_headers = tuple(name.lower() for name in self.config.session.headers)
+        # (route, prefix + "/") pairs: no string built per route per request.
+        self._routes = tuple((route, route.prefix + "/") for route in self.config.routes)
         # One key for parameter pseudonyms and session pseudonyms in records.
         key = self._key = load_key(self.config.redaction.pseudonym_key_env)
         self.redactor = Redactor(self.config.redaction, key=key)
@@ -79,9 +82,9 @@ class Engine:
     def route_for(self, path: str) -> tuple[RouteConfig, str] | None:
         """The longest-prefix route for a path, and the path left after the prefix."""
         best: RouteConfig | None = None
-        for route in self.config.routes:
+        for route, below in self._routes:
             prefix = route.prefix
-            matches = prefix == "/" or path == prefix or path.startswith(prefix + "/")
+            matches = prefix == "/" or path == prefix or path.startswith(below)
             if matches and (best is None or len(prefix) > len(best.prefix)):
                 best = route
         if best is None:
@@ -91,8 +94,8 @@ class Engine:
 
     def session_of(self, headers: dict[str, str]) -> str | None:
         """The first configured session header present (headers lower-cased)."""
-        for name in self.config.session.headers:
-            value = headers.get(name.lower())
+        for name in self._session_headers:
+            value = headers.get(name)
             if value:
                 return value
         return None

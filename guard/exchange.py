@@ -306,8 +306,10 @@ class Exchange:
                 return
 
     def _shown(self, tool: str) -> str:
-        """A tool name as it may leave in spans, records and metric labels: scrubbed."""
-        return self.engine.redactor.redact_text(tool)
+        """A tool name as it may leave in spans, records and metric labels: scrubbed.
+
+        ``scrub`` is ``redact_text`` with a cache: a session calls the same few tools."""
+        return self.engine.redactor.scrub(tool)
 
     def _store_failed(self, exc: Exception) -> None:
         log.warning("session_store_unavailable", error=type(exc).__name__)

@@ -30,6 +30,8 @@ from guard.redact import Redactor
 MAX_EXPLICIT = 64
 MAX_POINTER_VALUE = 60
 _MISSING = object()
+_CACHE_SIZE = 8192  # entries per cache; cleared when full (as the redactor's caches)
+_CACHED_TEXT_MAX = 512  # longer strings are stripped afresh each time
 
 
 def resolve_pointer(document: Any, pointer: str) -> Any:
@@ -66,6 +68,11 @@ class ProgressMarkers:
             for name, o in loop_cfg.tools.items()
             if o.progress_pointer is not None
         }
+        # Outcomes repeat their keys and many of their strings call after call (that is
+        # what a loop is): the volatile-key test and the pattern substitution of short
+        # strings are pure functions of their input, so they are cached.
+        self._kept_keys: dict[str, bool] = {}
+        self._text_cache: dict[str, str] = {}
 
     def marker(self, tool: str, outcome: Any, explicit: str | None = None) -> str:
         if explicit is not None and explicit != "":
@@ -95,17 +102,55 @@ class ProgressMarkers:
 
     def _strip(self, value: Any) -> Any:
         if isinstance(value, dict):
-            drop = self._volatile_keys
-            return {
-                k: self._strip(v)
-                for k, v in value.items()
-                if not (isinstance(k, str) and k.lower() in drop)
-            }
+            return self._strip_dict(value)
         if isinstance(value, list | tuple):
             return [self._strip(v) for v in value]
         if isinstance(value, str):
-            return self._strip_text(value)
+            return self._strip_str(value)
         return value
+
+    def _strip_dict(self, value: dict[Any, Any]) -> dict[Any, Any]:
+        kept_keys = self._kept_keys
+        out = {}
+        for k, v in value.items():
+            if type(k) is str:
+                kept = kept_keys.get(k)
+                if kept is None:
+                    kept = self._key_kept(k)
+                if not kept:
+                    continue
+            elif isinstance(k, str) and k.lower() in self._volatile_keys:
+                continue
+            # Exact type checks for the leaves parsed JSON is made of; anything else
+            # (subclasses, tuples) takes the general path.
+            t = type(v)
+            if t is str:
+                out[k] = self._strip_str(v)
+            elif t is dict:
+                out[k] = self._strip_dict(v)
+            elif t is int or t is bool or t is float or v is None:
+                out[k] = v
+            else:
+                out[k] = self._strip(v)
+        return out
+
+    def _key_kept(self, key: str) -> bool:
+        kept = key.lower() not in self._volatile_keys
+        if len(self._kept_keys) >= _CACHE_SIZE:
+            self._kept_keys.clear()
+        self._kept_keys[key] = kept
+        return kept
+
+    def _strip_str(self, text: str) -> str:
+        cached = self._text_cache.get(text)
+        if cached is not None:
+            return cached
+        stripped = self._strip_text(text)
+        if len(text) <= _CACHED_TEXT_MAX:
+            if len(self._text_cache) >= _CACHE_SIZE:
+                self._text_cache.clear()
+            self._text_cache[text] = stripped
+        return stripped
 
 
 __all__ = ["ProgressMarkers", "resolve_pointer"]

@@ -509,7 +509,9 @@ class Telemetry:
         if call_span.finished:
             return
         call_span.finished = True
-        elapsed = time.monotonic() - call_span.started
+        # Read by the metrics only (no clock read when they are not recorded).
+        recording_metrics = self._recording_metrics
+        elapsed = time.monotonic() - call_span.started if recording_metrics else 0.0
         # Failures are logged by exception type only: a message could quote a value.
         if self._recording_spans:
             try:
@@ -517,7 +519,7 @@ class Telemetry:
             except Exception as exc:
                 _log.warning("span attributes failed", error=type(exc).__name__)
                 call_span.span.end()
-        if self._recording_metrics:
+        if recording_metrics:
             try:
                 self._record_metrics(record, elapsed, chunk_gaps)
             except Exception as exc:
@@ -525,12 +527,13 @@ class Telemetry:
         if not self._records.enabled:
             return
         try:
+            ctx = call_span.span.get_span_context()  # once, for both ids
             self._records.write(
                 _record_fields(
                     record,
                     request_id=call_span.request_id,
-                    trace_id=call_span.trace_id,
-                    span_id=call_span.span_id,
+                    trace_id=format(ctx.trace_id, "032x"),
+                    span_id=format(ctx.span_id, "016x"),
                     scrub_policy=self.scrub_policy,
                     session_hasher=self._session_hasher,
                 )
@@ -709,8 +712,9 @@ def _unrecorded_span(parent: Context) -> trace.Span:
     the same way: the agent's flag when a ``traceparent`` came in, else sampled. Ids
     come from ``random.getrandbits`` as the SDK's ``RandomIdGenerator`` makes them.
     """
-    parent_ctx = trace.get_current_span(parent).get_span_context()
-    if parent_ctx.is_valid:
+    # An empty Context (no traceparent came in) holds no span: skip the lookup.
+    parent_ctx = trace.get_current_span(parent).get_span_context() if parent else None
+    if parent_ctx is not None and parent_ctx.is_valid:
         trace_id, flags, state = parent_ctx.trace_id, parent_ctx.trace_flags, parent_ctx.trace_state
     else:
         trace_id, flags, state = _random_id(128), _SAMPLED, None

@@ -4,22 +4,30 @@
   (and so the same verdict as with the full history);
 - telemetry with exporter "none": non-recording spans that still continue the
   agent's trace upstream and name their ids in the durable records;
-- the durable record writer: one flushed JSON line per call, fields in order.
+- the durable record writer: one flushed JSON line per call, fields in order;
+- the record timestamp (second cached, microseconds appended): exactly
+  ``datetime.now(UTC).isoformat()`` with ``Z``;
+- the progress markers' caches of volatile-key tests and stripped strings.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+from datetime import UTC, datetime
 from typing import Any
+from unittest import mock
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from guard import records
 from guard.calls import CallRecord, Step
 from guard.config import LoopConfig, TelemetryConfig
 from guard.detector import Detector
+from guard.progress import ProgressMarkers
 from guard.records import RECORD_FIELDS
+from guard.redact import Redactor
 from guard.store import MemoryStore
 from guard.telemetry import Telemetry
 
@@ -131,3 +139,58 @@ def test_given_providers_still_record(tmp_path) -> None:
     assert call.span.is_recording()
     tel.finish(call, _tool_record())
     tel.shutdown()
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    ns=st.one_of(
+        st.integers(min_value=0, max_value=4_102_444_800 * 10**9),
+        # Whole seconds and the last microsecond of a second.
+        st.integers(min_value=0, max_value=4_102_444_800).map(lambda s: s * 10**9),
+        st.integers(min_value=1, max_value=4_102_444_800).map(lambda s: s * 10**9 - 1),
+    )
+)
+def test_record_timestamp_is_isoformat_with_z(ns: int) -> None:
+    micros = ns // 1000
+    expected = (
+        datetime.fromtimestamp(micros // 10**6, tz=UTC)
+        .replace(microsecond=micros % 10**6)
+        .isoformat()
+        .replace("+00:00", "Z")
+    )
+    with mock.patch.object(records.time, "time_ns", return_value=ns):
+        assert records._now_iso() == expected
+        assert records._now_iso() == expected  # from the cached second too
+
+
+def test_record_timestamp_follows_the_clock_across_seconds() -> None:
+    for ns in (1_700_000_000_999_999_000, 1_700_000_001_000_000_000, 1_700_000_001_000_001_999):
+        with mock.patch.object(records.time, "time_ns", return_value=ns):
+            got = records._now_iso()
+        micros = ns // 1000
+        want = datetime.fromtimestamp(micros // 10**6, tz=UTC).replace(microsecond=micros % 10**6)
+        assert got == want.isoformat().replace("+00:00", "Z")
+    now = datetime.now(UTC).isoformat().replace("+00:00", "Z")
+    assert records._now_iso()[:19] >= now[:19]
+
+
+def test_marker_caches_give_the_uncached_answer() -> None:
+    markers = ProgressMarkers(LoopConfig(), Redactor())
+    outcome = {
+        "status": "in transit",
+        "Timestamp": "2026-01-02T03:04:05Z",
+        "seen": "at 2026-01-02 by 0123456789abcdef0123",
+        "nested": {"request_id": "x", "list": ["2026-01-02", 1, 2.5, None, True]},
+    }
+    stripped = {
+        "status": "in transit",
+        "seen": "at ~ by ~",
+        "nested": {"list": ["~", 1, 2.5, None, True]},
+    }
+    first = markers.marker("t", outcome)
+    for _ in range(3):  # cached keys and strings from now on
+        assert markers._strip(outcome) == stripped
+        assert markers.marker("t", outcome) == first
+    assert markers._strip({1: "2026-01-02", "ETag": "v"}) == {1: "~"}  # non-string keys kept
+    long_text = "x" * 600 + " 2026-01-02"
+    assert markers._strip({"v": long_text}) == {"v": "x" * 600 + " ~"}
