@@ -6,7 +6,6 @@ one ``Engine`` from a ``Config`` and asks it the same questions.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -15,7 +14,7 @@ from guard.config import Config, RouteConfig
 from guard.detector import Detector
 from guard.fingerprint import params_hash
 from guard.progress import ProgressMarkers
-from guard.records import keyed_session_hasher
+from guard.records import keyed_pseudonym, keyed_session_hasher
 from guard.redact import Redactor, load_key
 from guard.store import MemoryStore, SessionStore
 
@@ -35,7 +34,9 @@ class Engine:
         # (route, prefix + "/") pairs: no string built per route per request.
         self._routes = tuple((route, route.prefix + "/") for route in self.config.routes)
         # One key for parameter pseudonyms and session pseudonyms in records.
-        key = self._key = load_key(self.config.redaction.pseudonym_key_env)
+        key = load_key(self.config.redaction.pseudonym_key_env)
+        # Content-derived identifiers (conversation digests) leave only as this token.
+        self.pseudonym = keyed_pseudonym(key, b"loopguard.conv")
         self.redactor = Redactor(self.config.redaction, key=key)
         self.detector = Detector(self.config.loop)
         self.markers = ProgressMarkers(self.config.loop, self.redactor)
@@ -57,10 +58,6 @@ class Engine:
     def fingerprint(self, params: Any) -> str:
         """xxh3_128 hex of the redacted canonical parameters."""
         return params_hash(params, self.redactor)
-
-    def pseudonym(self, value: str) -> str:
-        """A keyed BLAKE2b token of a value: stable, and no one without the key can test a guess."""
-        return hashlib.blake2b(value.encode(), key=self._key, digest_size=12).hexdigest()
 
     def marker(self, tool: str, outcome: Any, explicit: str | None = None) -> str:
         return self.markers.marker(tool, outcome, explicit)

@@ -224,9 +224,8 @@ class Exchange:
         if observer is None:
             return chunk
         out = observer.feed(chunk, time.perf_counter())
-        if observer.settled and not self._recorded:
-            self._recorded = True
-            await self._record_outcomes(observer.finish())
+        if observer.settled:
+            await self._record_once(observer.finish())
         return out
 
     @property
@@ -250,9 +249,7 @@ class Exchange:
         observation = self._observer.finish() if self._observer is not None else None
         if observation is not None:
             self._apply_observation(observation)
-            if not self._recorded:
-                self._recorded = True
-                await self._record_outcomes(observation)
+            await self._record_once(observation)
         if self.span is not None:
             try:
                 self.engine.telemetry.finish(self.span, record)
@@ -281,6 +278,12 @@ class Exchange:
                 record.output_tps = output_throughput(output_tokens, record.total_s, record.ttft_s)
             except MalformedTiming:
                 record.timing_malformed = True
+
+    async def _record_once(self, obs: Observation) -> None:
+        """The steps go to the store once: as soon as they are seen, or at the end."""
+        if not self._recorded:
+            self._recorded = True
+            await self._record_outcomes(obs)
 
     async def _record_outcomes(self, obs: Observation) -> None:
         parsed = self.parsed

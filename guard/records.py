@@ -76,24 +76,27 @@ RECORD_FIELDS = (
 )
 
 
-def keyed_session_hasher(key: bytes | None = None) -> SessionHasher:
-    """A keyed BLAKE2b pseudonym for session ids (random per-process key by default).
+def keyed_pseudonym(key: bytes | None, person: bytes, prefix: str = "") -> Callable[[str], str]:
+    """A keyed BLAKE2b pseudonym of identifiers (random per-process key by default).
 
-    Two calls of one session get the same token, and no one without the key can
-    test a guessed session id against a record.
+    The same value always gets the same token, and no one without the key can test a
+    guessed value against a record. ``person`` keeps each kind of identifier (sessions,
+    conversations, the scrub policy's values) in its own space, even under one key.
     """
     key = key if key is not None else secrets.token_bytes(32)
 
-    # An agent's calls come in sessions: the same id is hashed again and again.
+    # Identifiers repeat (an agent's calls come in sessions): cache the recent ones.
     @functools.lru_cache(maxsize=4096)
-    def pseudonymize(session: str) -> str:
-        # person= separates these pseudonyms from the scrub policy's, even under one key.
-        digest = hashlib.blake2b(
-            session.encode("utf-8"), key=key[:64], digest_size=16, person=b"loopguard.sess"
-        )
-        return "s_" + digest.hexdigest()
+    def pseudonymize(value: str) -> str:
+        digest = hashlib.blake2b(value.encode("utf-8"), key=key[:64], digest_size=16, person=person)
+        return prefix + digest.hexdigest()
 
     return pseudonymize
+
+
+def keyed_session_hasher(key: bytes | None = None) -> SessionHasher:
+    """Session ids in records: ``s_`` + a keyed pseudonym."""
+    return keyed_pseudonym(key, b"loopguard.sess", "s_")
 
 
 def _ms(seconds: float | None) -> float | None:
