@@ -13,7 +13,6 @@ outcome says it was truncated.
 
 from __future__ import annotations
 
-import json
 from typing import Any
 from urllib.parse import parse_qs
 
@@ -30,6 +29,7 @@ from adapters.base import (
 )
 from guard.calls import Verdict
 from guard.config import RouteConfig, SessionConfig
+from guard.fingerprint import loads_json
 from guard.problem import stall_problem
 
 MAX_OUTCOME_BYTES = 1024 * 1024
@@ -147,7 +147,7 @@ class ToolResponseObserver:
         if not body:
             return ""
         try:
-            return json.loads(body)
+            return loads_json(body)
         except ValueError:
             return body.decode("utf-8", "replace")
 
@@ -163,7 +163,7 @@ def _params(request: RequestView) -> tuple[Any, str | None]:
         data: Any = _query_dict(body.decode("latin-1"))
     elif content_type in ("", "application/json", "text/json") or content_type.endswith("+json"):
         try:
-            data = json.loads(body)
+            data = loads_json(body)
         except ValueError as exc:
             # Still a call: hash the raw text, so a repeated malformed call is still seen.
             text = body.decode("utf-8", "replace")

@@ -58,6 +58,7 @@ from adapters.base import (
     ToolInvocation,
 )
 from guard.calls import Route, Verdict
+from guard.fingerprint import loads_json
 from guard.problem import ROUTE_HEADER, stop_text
 from guard.sse import SSEParser, encode_event
 
@@ -92,7 +93,7 @@ class McpAdapter:
         if request.method != "POST" or not _is_json_type(request.headers.get("content-type")):
             return ParsedRequest("passthrough", span_name=request.method, fields=fields)
         try:
-            decoded = json.loads(request.body)
+            decoded = loads_json(request.body)
         except ValueError as exc:
             where = (
                 f" ({exc.msg} at byte {exc.pos})" if isinstance(exc, json.JSONDecodeError) else ""
@@ -226,7 +227,7 @@ class McpObserver:
 
     def _take_text(self, text: str | bytes | bytearray) -> None:
         try:
-            decoded = json.loads(text)
+            decoded = loads_json(text)
         except ValueError:
             return  # a priming event, a ping, or a body that is not JSON-RPC
         for message in _listed(decoded):

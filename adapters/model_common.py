@@ -24,6 +24,7 @@ import xxhash
 
 from adapters.base import Answer, Observation, ParsedRequest, RequestView, ToolInvocation
 from guard.calls import Route, Usage
+from guard.fingerprint import loads_json
 from guard.problem import ROUTE_HEADER
 from guard.sse import SSEEvent, SSEParser, encode_event
 
@@ -39,7 +40,7 @@ class BodyError(ValueError):
 
 def load_object(body: bytes) -> dict[str, Any]:
     try:
-        value = json.loads(body)
+        value = loads_json(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise BodyError(f"request body is not valid JSON: {exc}") from None
     if not isinstance(value, dict):
@@ -96,7 +97,7 @@ def parse_arguments(arguments: Any) -> Any:
     """Tool arguments as JSON when they parse (they arrive as a string), else as given."""
     if isinstance(arguments, str):
         try:
-            return json.loads(arguments)
+            return loads_json(arguments)
         except json.JSONDecodeError:
             return arguments
     return arguments
@@ -206,7 +207,7 @@ class ModelObserver:
             complete = self.terminal
         elif self._active and not self._json_overflow and self._json:
             try:
-                body = json.loads(self._json)
+                body = loads_json(self._json)
             except (UnicodeDecodeError, json.JSONDecodeError):
                 complete = False  # a truncated body
             else:
@@ -252,7 +253,7 @@ class ModelObserver:
         data: Any = event.data
         if data and data[0] in "{[":
             with contextlib.suppress(json.JSONDecodeError):
-                data = json.loads(data)
+                data = loads_json(data)
         return self.on_event(event, data, now)
 
     def _feed_hiding(self, chunk: bytes, events: list[SSEEvent], now: float) -> bytes:

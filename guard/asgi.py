@@ -87,11 +87,6 @@ def str_headers(raw: Iterable[tuple[bytes, bytes]]) -> dict[str, str]:
     return headers
 
 
-def str_pairs(raw: Iterable[tuple[bytes, bytes]]) -> list[tuple[str, str]]:
-    """ASGI header pairs as ``str`` pairs, order and repeats kept."""
-    return [(name.decode("latin-1"), value.decode("latin-1")) for name, value in raw]
-
-
 def byte_pairs(pairs: Iterable[tuple[str, str]]) -> list[tuple[bytes, bytes]]:
     """``str`` header pairs as ASGI byte pairs."""
     return [(name.encode("latin-1"), value.encode("latin-1")) for name, value in pairs]

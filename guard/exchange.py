@@ -41,6 +41,10 @@ log = structlog.get_logger("loopguard")
 
 APP_HEADER_PREFIX = "x-loopguard-app-"
 PROGRESS_HEADER = "x-loopguard-progress"
+_APP_PREFIX_B = APP_HEADER_PREFIX.encode()
+_APP_PREFIX_LEN = len(_APP_PREFIX_B)
+# The route header for each route, as the ASGI pair the client gets.
+_ROUTE_PAIRS = {route: (ROUTE_HEADER.encode(), route.value.encode()) for route in Route}
 
 
 class Exchange:
@@ -94,7 +98,8 @@ class Exchange:
             if record.tool != tool:
                 # A tool named by a URL segment can carry user data (/tools/{email}).
                 record.span_name = parsed.span_name.replace(tool, record.tool)
-        self.span = self.engine.telemetry.start(record.span_name, request.headers)
+        # RequestView headers are lower-cased by both front doors.
+        self.span = self.engine.telemetry.start(record.span_name, request.headers, lowercase=True)
 
         if parsed.admission_error is not None:
             record.failure_stage = FailureStage.REQUEST_ADMISSION
@@ -192,25 +197,28 @@ class Exchange:
 
     # -- the response ----------------------------------------------------------------
 
-    def response_start(self, status: int, headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
-        """Headers for the client: the app's decision headers taken off, the route added."""
+    def response_start(
+        self, status: int, headers: list[tuple[bytes, bytes]]
+    ) -> list[tuple[bytes, bytes]]:
+        """Headers for the client (ASGI bytes pairs): the app's decision headers taken
+        off, the route added."""
         assert self.parsed is not None
         record = self.record
         record.status_code = status
         if status >= 500:
             record.failure_stage = FailureStage.UPSTREAM_STATUS
             record.error_type = str(status)
-        prefix_len = len(APP_HEADER_PREFIX)
-        passed: list[tuple[str, str]] = []
-        seen: dict[str, str] = {}
+        passed: list[tuple[bytes, bytes]] = []
+        seen: dict[str, str] = {}  # what the observer reads: lower-cased names, str values
         for name, value in headers:
             lower = name.lower()
-            if lower.startswith(APP_HEADER_PREFIX):
-                record.app[lower[prefix_len:].replace("-", "_")] = value
+            if lower.startswith(_APP_PREFIX_B):
+                key = lower[_APP_PREFIX_LEN:].decode("latin-1").replace("-", "_")
+                record.app[key] = value.decode("latin-1")
                 continue
-            seen[lower] = value
+            seen[lower.decode("latin-1")] = value.decode("latin-1")
             passed.append((name, value))
-        passed.append((ROUTE_HEADER, record.route.value))
+        passed.append(_ROUTE_PAIRS[record.route])
         self._observer = self.adapter.observer(self.parsed, status, seen)
         return passed
 

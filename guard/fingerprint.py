@@ -122,6 +122,21 @@ def normalize(value: Any) -> Any:
     return value
 
 
+def loads_json(data: str | bytes | bytearray | memoryview) -> Any:
+    """``json.loads`` semantics at orjson's speed (several times faster on request bodies).
+
+    orjson is stricter than the standard library (no ``NaN``/``Infinity``, integers to
+    64 bits, valid UTF-8 only): anything it refuses goes to ``json.loads``, which either
+    accepts it as before or raises ``json.JSONDecodeError`` with its usual message.
+    """
+    if _ORJSON is not None:
+        try:
+            return _ORJSON.loads(data)
+        except _ORJSON.JSONDecodeError:
+            pass
+    return json.loads(bytes(data) if isinstance(data, memoryview) else data)
+
+
 def parse_json_text(params: Any) -> Any:
     """A JSON object/array held in a str or bytes, parsed; anything else as given."""
     t = type(params)
@@ -136,7 +151,7 @@ def parse_json_text(params: Any) -> Any:
         head = params.lstrip()[:1]
         if head in ("{", "["):
             try:
-                return json.loads(params)
+                return loads_json(params)
             except ValueError:
                 return params
     return params
@@ -156,6 +171,7 @@ __all__ = [
     "canonical_json",
     "canonical_number",
     "encode_canonical",
+    "loads_json",
     "normalize",
     "params_hash",
     "parse_json_text",

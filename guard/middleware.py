@@ -42,7 +42,6 @@ from guard.asgi import (
     read_body,
     send_answer,
     str_headers,
-    str_pairs,
 )
 from guard.calls import FailureStage
 from guard.config import Config, RouteConfig
@@ -207,12 +206,9 @@ class _Responder:
         kind = message["type"]
         if kind == "http.response.start":
             self.started = True
-            pairs = str_pairs(message.get("headers", ()))
+            pairs = list(message.get("headers", ()))
             self.remaining = _declared_length(pairs)
-            message = {
-                **message,
-                "headers": byte_pairs(self.ex.response_start(message["status"], pairs)),
-            }
+            message = {**message, "headers": self.ex.response_start(message["status"], pairs)}
         elif kind == "http.response.body" and not self.complete:
             body = bytes(message.get("body", b""))
             message = {**message, "body": await self.ex.response_chunk(body)}
@@ -245,9 +241,9 @@ class _Replay:
         return {"type": "http.request", "body": body, "more_body": False}
 
 
-def _declared_length(headers: list[tuple[str, str]]) -> int | None:
+def _declared_length(headers: list[tuple[bytes, bytes]]) -> int | None:
     for name, value in headers:
-        if name.lower() == "content-length":
+        if name.lower() == b"content-length":
             return int(value) if value.isdigit() else None
     return None
 

@@ -214,9 +214,11 @@ class _Unguarded:
     def mark_sent(self) -> None:
         pass
 
-    def response_start(self, status: int, headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    def response_start(
+        self, status: int, headers: list[tuple[bytes, bytes]]
+    ) -> list[tuple[bytes, bytes]]:
         self.record.status_code = status
-        return [*headers, (ROUTE_HEADER, Route.SERVE.value)]
+        return [*headers, (_ROUTE_HEADER_B, _SERVE_B)]
 
     settled = False
 
@@ -296,11 +298,7 @@ class _Relay:
             bodyless = request.method == "HEAD" or response.status_code in (204, 304)
             remaining = None if bodyless else length
             await send(
-                {
-                    "type": "http.response.start",
-                    "status": response.status_code,
-                    "headers": [(n.encode("latin-1"), v.encode("latin-1")) for n, v in headers],
-                }
+                {"type": "http.response.start", "status": response.status_code, "headers": headers}
             )
             self.started = True
             held = b""
@@ -430,10 +428,10 @@ def _split_headers(
 
 def _response_headers(
     raw: list[tuple[bytes, bytes]],
-) -> tuple[list[tuple[str, str]], int | None]:
+) -> tuple[list[tuple[bytes, bytes]], int | None]:
     """The upstream's end-to-end headers, and its declared content-length (if any)."""
     named: set[bytes] | None = None
-    passed: list[tuple[str, str]] = []
+    passed: list[tuple[bytes, bytes]] = []
     length: int | None = None
     for name_b, value_b in raw:
         lower = name_b.lower()
@@ -443,9 +441,9 @@ def _response_headers(
             continue
         if lower == b"content-length" and value_b.isdigit():
             length = int(value_b)
-        passed.append((name_b.decode("latin-1"), value_b.decode("latin-1")))
+        passed.append((name_b, value_b))
     if named:
-        passed = [h for h in passed if h[0].lower().encode("latin-1") not in named]
+        passed = [h for h in passed if h[0].lower() not in named]
     return passed, length
 
 

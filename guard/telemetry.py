@@ -34,7 +34,6 @@ import sys
 import threading
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from importlib import metadata
 from typing import Any
 from urllib.parse import urlsplit
@@ -185,7 +184,7 @@ _NOT_ERRORS = frozenset({FailureStage.PASSED, FailureStage.LOOP_GUARD})
 _STALL_ROUTES = frozenset({Route.STOP_AND_REVIEW, Route.NUDGE, Route.OBSERVE})
 
 _EXPORT_TIMEOUT_S = 2.0
-_SAMPLED = TraceFlags(TraceFlags.SAMPLED)
+_SAMPLED_INT = int(TraceFlags.SAMPLED)
 _WARN_EVERY_S = 60.0
 _APP_VALUE_MAX = 256
 
@@ -197,35 +196,64 @@ def _version() -> str:
         return "0"
 
 
-@dataclass(slots=True)
 class CallSpan:
-    """One call's span, from ``Telemetry.start`` to ``Telemetry.finish``."""
+    """One call's span, from ``Telemetry.start`` to ``Telemetry.finish``.
 
-    span: trace.Span
-    request_id: str
-    started: float = field(default_factory=time.monotonic)
-    finished: bool = False
+    The ids live here as ints, read once: ``traceparent`` for the upstream and the
+    record's ids come from them. ``span`` is the SDK span when spans are recorded, else
+    None (nothing would read it; no OTel objects are built per call).
+    """
+
+    __slots__ = (
+        "_request_id",
+        "finished",
+        "flags",
+        "span",
+        "span_int",
+        "started",
+        "state",
+        "trace",
+    )
+
+    def __init__(
+        self,
+        span: trace.Span | None,
+        trace_id: int,
+        span_id: int,
+        flags: int,
+        state: trace.TraceState | None,
+    ) -> None:
+        self.span = span
+        self.trace = trace_id
+        self.span_int = span_id
+        self.flags = flags
+        self.state = state
+        self.started = 0.0  # monotonic; set only when metrics read it
+        self.finished = False
+        self._request_id: str | None = None
+
+    @property
+    def request_id(self) -> str:
+        """The record's correlation id, made when first asked for (records only)."""
+        if self._request_id is None:
+            # Not a secret: no os.urandom system call per call.
+            self._request_id = f"{random.getrandbits(128):032x}"
+        return self._request_id
 
     @property
     def trace_id(self) -> str:
-        return format(self.span.get_span_context().trace_id, "032x")
+        return f"{self.trace:032x}"
 
     @property
     def span_id(self) -> str:
-        return format(self.span.get_span_context().span_id, "016x")
+        return f"{self.span_int:016x}"
 
     def inject(self, headers: dict[str, str]) -> dict[str, str]:
-        """Write ``traceparent`` (and ``tracestate``) naming this span as the parent.
-
-        The W3C format as ``TraceContextTextMapPropagator.inject`` writes it, without
-        building a Context per request.
-        """
-        ctx = self.span.get_span_context()
-        if not ctx.is_valid:
-            return headers
-        headers["traceparent"] = f"00-{ctx.trace_id:032x}-{ctx.span_id:016x}-{ctx.trace_flags:02x}"
-        if ctx.trace_state:
-            headers["tracestate"] = ctx.trace_state.to_header()
+        """Write ``traceparent`` (and ``tracestate``) naming this span as the parent:
+        the W3C format as ``TraceContextTextMapPropagator.inject`` writes it."""
+        headers["traceparent"] = f"00-{self.trace:032x}-{self.span_int:016x}-{self.flags:02x}"
+        if self.state:
+            headers["tracestate"] = self.state.to_header()
         return headers
 
 
@@ -475,23 +503,30 @@ class Telemetry:
         span_name: str,
         incoming_headers: Mapping[str, str],
         kind: SpanKind = SpanKind.CLIENT,
+        *,
+        lowercase: bool = False,
     ) -> CallSpan:
-        """Open the call's span as a child of the agent's span (its ``traceparent``)."""
-        parent = self._parent_context(incoming_headers)
+        """Open the call's span as a child of the agent's span (its ``traceparent``).
+
+        ``lowercase``: the caller's header names are lower-cased already (the front
+        doors'), so they are not checked one by one."""
+        parent = self._parent_context(incoming_headers, lowercase)
         if self._recording_spans:
             span = self._tracer.start_span(span_name, context=parent, kind=kind)
+            ctx = span.get_span_context()
+            call = CallSpan(span, ctx.trace_id, ctx.span_id, ctx.trace_flags, ctx.trace_state)
         else:
-            span = _unrecorded_span(parent)
-        # A correlation id, not a secret: no os.urandom system call per request.
-        return CallSpan(span=span, request_id=f"{random.getrandbits(128):032x}")
+            call = _unrecorded_call(parent)
+        if self._recording_metrics:
+            call.started = time.monotonic()
+        return call
 
-    def _parent_context(self, headers: Mapping[str, str]) -> Context:
-        """The agent's trace context. Front doors pass lower-cased names; any other
-        mapping is lower-cased first (only then: it costs a dict per request)."""
-        if not all(k.islower() for k in headers):
+    def _parent_context(self, headers: Mapping[str, str], lowercase: bool) -> Context | None:
+        """The agent's trace context, None when it sent none (a new trace)."""
+        if not lowercase and not all(k.islower() for k in headers):
             headers = {k.lower(): v for k, v in headers.items()}
         if "traceparent" not in headers:
-            return Context()  # a new trace
+            return None
         return self._propagator.extract(headers)
 
     def finish(
@@ -513,12 +548,13 @@ class Telemetry:
         recording_metrics = self._recording_metrics
         elapsed = time.monotonic() - call_span.started if recording_metrics else 0.0
         # Failures are logged by exception type only: a message could quote a value.
-        if self._recording_spans:
+        span = call_span.span
+        if span is not None:
             try:
-                self._end_span(call_span, record)
+                self._end_span(span, record)
             except Exception as exc:
                 _log.warning("span attributes failed", error=type(exc).__name__)
-                call_span.span.end()
+                span.end()
         if recording_metrics:
             try:
                 self._record_metrics(record, elapsed, chunk_gaps)
@@ -527,13 +563,12 @@ class Telemetry:
         if not self._records.enabled:
             return
         try:
-            ctx = call_span.span.get_span_context()  # once, for both ids
             self._records.write(
                 _record_fields(
                     record,
                     request_id=call_span.request_id,
-                    trace_id=format(ctx.trace_id, "032x"),
-                    span_id=format(ctx.span_id, "016x"),
+                    trace_id=f"{call_span.trace:032x}",
+                    span_id=f"{call_span.span_int:016x}",
                     scrub_policy=self.scrub_policy,
                     session_hasher=self._session_hasher,
                 )
@@ -604,8 +639,7 @@ class Telemetry:
                     attrs[key] = str(value)
         return attrs
 
-    def _end_span(self, call_span: CallSpan, record: CallRecord) -> None:
-        span = call_span.span
+    def _end_span(self, span: trace.Span, record: CallRecord) -> None:
         if record.span_name:
             span.update_name(record.span_name)
         span.set_attributes(self.span_attributes(record))
@@ -705,20 +739,24 @@ class Telemetry:
         self._records.close()
 
 
-def _unrecorded_span(parent: Context) -> trace.Span:
-    """A non-recording span with the ids a recording one would get.
+def _unrecorded_call(parent: Context | None) -> CallSpan:
+    """A call without an SDK span, with the ids a recording one would get.
 
     The SDK's default sampler (parent-based, else always on) decides the sampled flag
     the same way: the agent's flag when a ``traceparent`` came in, else sampled. Ids
     come from ``random.getrandbits`` as the SDK's ``RandomIdGenerator`` makes them.
     """
-    # An empty Context (no traceparent came in) holds no span: skip the lookup.
-    parent_ctx = trace.get_current_span(parent).get_span_context() if parent else None
-    if parent_ctx is not None and parent_ctx.is_valid:
-        trace_id, flags, state = parent_ctx.trace_id, parent_ctx.trace_flags, parent_ctx.trace_state
-    else:
-        trace_id, flags, state = _random_id(128), _SAMPLED, None
-    return trace.NonRecordingSpan(trace.SpanContext(trace_id, _random_id(64), False, flags, state))
+    if parent is not None:
+        parent_ctx = trace.get_current_span(parent).get_span_context()
+        if parent_ctx.is_valid:
+            return CallSpan(
+                None,
+                parent_ctx.trace_id,
+                _random_id(64),
+                parent_ctx.trace_flags,
+                parent_ctx.trace_state,
+            )
+    return CallSpan(None, _random_id(128), _random_id(64), _SAMPLED_INT, None)
 
 
 def _random_id(bits: int) -> int:
