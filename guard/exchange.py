@@ -126,7 +126,8 @@ class Exchange:
             self._verdicts.append(verdict)
         if self._hashes:
             record.params_hash = self._hashes[0]
-            self._capture("gen_ai.tool.call.arguments", parsed.invocations[0].params)
+            if self._capturing:
+                self._capture("gen_ai.tool.call.arguments", parsed.invocations[0].params)
         blocking = [v for v in self._verdicts if v.action == "block"]
         if not blocking:
             return parsed.body if parsed.body is not None else self.request.body
@@ -305,7 +306,8 @@ class Exchange:
             marker = self.engine.marker(invocation.tool, outcome.value, outcome.explicit_marker)
             if self.record.progress_marker is None:
                 self.record.progress_marker = marker
-                self._capture("gen_ai.tool.call.result", outcome.value)
+                if self._capturing:
+                    self._capture("gen_ai.tool.call.result", outcome.value)
             if self.session is None or verdict.blocked:
                 continue
             try:
@@ -328,10 +330,12 @@ class Exchange:
             self.record.failure_stage = FailureStage.STORE
             self.record.error_type = type(exc).__name__
 
+    @property
+    def _capturing(self) -> bool:
+        return self.engine.config.telemetry.capture_content
+
     def _capture(self, key: str, value: object) -> None:
-        """Content on the span only when capture is switched on, and then redacted."""
-        if not self.engine.config.telemetry.capture_content:
-            return
+        """Content on the span (call only when capture is switched on), redacted."""
         redacted = self.engine.redactor.redact(value)
         self.record.captured[key] = (
             redacted if isinstance(redacted, str) else json.dumps(redacted, default=str)

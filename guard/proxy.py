@@ -18,7 +18,7 @@ Safety rules it keeps:
   upstream compresses anyway; the observer then hashes the bytes);
 - the response is never buffered: a client that stops reading stops the relay (ASGI
   ``send`` waits under uvicorn's flow control), a client that goes away closes the
-  upstream response (noticed within ``WATCH_AFTER_S``);
+  upstream response (noticed within two ``WATCH_AFTER_S`` sweeps);
 - the call's step is recorded before the client gets the response's last byte, so
   an agent's next call always sees it.
 
@@ -78,6 +78,7 @@ _ROUTE_HEADER_B = ROUTE_HEADER.encode()
 _SERVE_B = Route.SERVE.value.encode()
 _HEALTH_BODY = b'{"status":"ok"}'
 _IDENTITY = (b"accept-encoding", b"identity")
+_TRACE_HEADERS = frozenset({b"traceparent", b"tracestate"})
 # A call still running after this long gets a task watching for the client leaving.
 WATCH_AFTER_S = 0.05
 
@@ -98,6 +99,7 @@ class ProxyApp:
         self.max_body = config.server.max_body_bytes
         self.total_timeout = config.server.total_timeout
         self.adapters: dict[str, Adapter] = {r.prefix: get_adapter(r) for r in config.routes}
+        self._sweeper = _Sweeper()
 
     async def _other(self, scope: Scope, receive: Any, send: Any) -> None:
         if scope["type"] == "lifespan":
@@ -189,15 +191,18 @@ class ProxyApp:
             return await send_answer(send, admitted, exchange.record.route)
 
         url = route.upstream + rest + ("?" + query if query else "")
-        for name, value in exchange.upstream_headers().items():
-            lower = name.lower().encode("latin-1")
-            forward = [h for h in forward if h[0] != lower]
-            forward.append((lower, value.encode("latin-1")))
+        trace = exchange.upstream_headers()
+        if trace:
+            if "traceparent" in view_headers or "tracestate" in view_headers:
+                # The agent's own trace headers give way to loopguard's span.
+                forward = [h for h in forward if h[0] not in _TRACE_HEADERS]
+            forward.extend((n.encode("latin-1"), v.encode("latin-1")) for n, v in trace.items())
         forward.append(_IDENTITY)
         long_lived = exchange.long_lived
         request = self.upstream.request(method, url, forward, admitted, long_lived=long_lived)
         total = None if long_lived else self.total_timeout
-        await _Relay(self.upstream, exchange, route, send, receive).run(request, total)
+        relay = _Relay(self.upstream, exchange, route, send, receive)
+        await relay.run(request, total, self._sweeper)
 
 
 class _Unguarded:
@@ -235,11 +240,12 @@ class _Relay:
     """Forward one admitted request and relay its response; always ends the exchange.
 
     Two things can interrupt it: the client going away and the total timeout. Both are
-    armed lazily from one timer: a call that is over within ``WATCH_AFTER_S`` (most
-    tool calls) costs no watcher task at all; a longer one gets a task watching
-    ``receive()`` for ``http.disconnect``, so a departed client closes the upstream
-    within ``WATCH_AFTER_S`` plus a loop turn. Either interruption cancels the relay
-    task and is told apart from any other cancellation by ``interrupted``.
+    checked by the proxy's ``_Sweeper`` every ``WATCH_AFTER_S``: a call that is over
+    before a sweep finds it (most tool calls) costs no timer and no watcher task; a
+    longer one gets a task watching ``receive()`` for ``http.disconnect``, so a
+    departed client closes the upstream within two sweeps plus a loop turn, and the
+    total timeout fires within one sweep of its deadline. Either interruption cancels
+    the relay task and is told apart from any other cancellation by ``interrupted``.
     """
 
     __slots__ = (
@@ -247,13 +253,12 @@ class _Relay:
         "done",
         "exchange",
         "interrupted",
-        "loop",
         "receive",
         "route",
+        "seen",
         "send",
         "started",
         "task",
-        "timer",
         "transport",
         "watcher",
     )
@@ -276,15 +281,16 @@ class _Relay:
         self.done = False  # no more interruptions wanted
         self.interrupted: str | None = None  # "disconnect" | "timeout"
         self.watcher: asyncio.Future[None] | None = None
+        self.seen = False  # a sweep has found it running (the next one starts a watcher)
 
-    async def run(self, request: httpx.Request, total_timeout: float | None) -> None:
+    async def run(
+        self, request: httpx.Request, total_timeout: float | None, sweeper: _Sweeper
+    ) -> None:
         """Relay; ``total_timeout`` None means none (a long-lived stream)."""
         exchange = self.exchange
-        loop = self.loop = asyncio.get_running_loop()
         self.task = asyncio.current_task()
+        loop = sweeper.add(self)
         self.deadline = None if total_timeout is None else loop.time() + total_timeout
-        first = WATCH_AFTER_S if total_timeout is None else min(WATCH_AFTER_S, total_timeout)
-        self.timer = loop.call_later(first, self._tick)
         response: httpx.Response | None = None
         send = self.send
         try:
@@ -331,7 +337,7 @@ class _Relay:
             await self._failed(exc)
         finally:
             self.done = True
-            self.timer.cancel()
+            sweeper.discard(self)
             if self.watcher is not None:
                 self.watcher.cancel()
             if response is not None:
@@ -339,18 +345,17 @@ class _Relay:
                 with contextlib.suppress(Exception):
                     await response.stream.aclose()
 
-    def _tick(self) -> None:
+    def tick(self, now: float) -> None:
+        """A sweep: start the disconnect watcher on the second sweep that finds the call
+        running (so it is at least ``WATCH_AFTER_S`` old); fire the total timeout."""
         if self.done:
             return
         if self.watcher is None:
-            self.watcher = asyncio.ensure_future(self._watch_disconnect())
-        if self.deadline is None:
-            return  # no total timeout: only the disconnect watcher remains
-        remaining = self.deadline - self.loop.time()
-        if remaining <= 0:
+            if self.seen:
+                self.watcher = asyncio.ensure_future(self._watch_disconnect())
+            self.seen = True
+        if self.deadline is not None and now >= self.deadline:
             self._interrupt("timeout")
-        else:
-            self.timer = self.loop.call_later(remaining, self._tick)
 
     def _interrupt(self, why: str) -> None:
         if self.done or self.interrupted is not None:
@@ -396,6 +401,43 @@ class _Relay:
         exchange.record.status_code = answer.status
         await exchange.finish(stage, error_type)
         await send_answer(self.send, answer, exchange.record.route)
+
+
+class _Sweeper:
+    """One timer for every relay in flight, ticking every ``WATCH_AFTER_S`` while any is.
+
+    A timer per request (``call_later`` then ``cancel``) was a measurable share of the
+    proxy's CPU per call; a set add and discard is not. The timer belongs to the loop it
+    was armed on, and is armed again on another loop (tests run several loops in turn).
+    """
+
+    __slots__ = ("handle", "loop", "relays")
+
+    def __init__(self) -> None:
+        self.relays: set[_Relay] = set()
+        self.handle: asyncio.TimerHandle | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+
+    def add(self, relay: _Relay) -> asyncio.AbstractEventLoop:
+        """Track a relay; the running loop (for its clock)."""
+        loop = asyncio.get_running_loop()
+        self.relays.add(relay)
+        if self.handle is None or self.loop is not loop:
+            self.loop = loop
+            self.handle = loop.call_later(WATCH_AFTER_S, self._sweep)
+        return loop
+
+    def discard(self, relay: _Relay) -> None:
+        self.relays.discard(relay)
+
+    def _sweep(self) -> None:
+        loop = self.loop
+        assert loop is not None
+        now = loop.time()
+        for relay in list(self.relays):
+            relay.tick(now)
+        # Disarmed when idle: an idle proxy wakes for nothing.
+        self.handle = loop.call_later(WATCH_AFTER_S, self._sweep) if self.relays else None
 
 
 # -- helpers -------------------------------------------------------------------------
