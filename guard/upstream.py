@@ -25,6 +25,10 @@ from guard.config import ServerConfig
 # Below the 5 s idle timeout of uvicorn, node and most app servers: reusing a
 # connection the upstream is about to close would fail a non-idempotent request.
 KEEPALIVE_EXPIRY_S = 4.0
+# Headers aiohttp would add to a request (Accept: */*, its own Accept-Encoding and
+# User-Agent, a Content-Type for a body sent without one): the upstream sees the
+# agent's headers, or none, as it would without loopguard.
+_AUTO_HEADERS = ("Accept", "Accept-Encoding", "Content-Type", "User-Agent")
 
 
 class Upstream:
@@ -52,7 +56,21 @@ class Upstream:
         )
         self._extensions = {"timeout": self.timeout.as_dict()}
         self._long_lived_extensions = {"timeout": {**self.timeout.as_dict(), "read": None}}
-        self.transport = AiohttpTransport(limits=self.limits, trust_env=False)
+        self._ssl_context = httpx.create_ssl_context(trust_env=False)
+        # A factory: the transport makes the session on first use, inside the running loop.
+        self.transport = AiohttpTransport(client=self._session, trust_env=False)
+
+    def _session(self) -> aiohttp.ClientSession:
+        """The aiohttp session under the transport: pooled as ``[server]`` says, and
+        adding no request header of its own (a reverse proxy forwards the agent's)."""
+        connector = aiohttp.TCPConnector(
+            limit=self.limits.max_connections or 0,
+            keepalive_timeout=self.limits.keepalive_expiry,
+            ssl=self._ssl_context,
+        )
+        return aiohttp.ClientSession(
+            connector=connector, skip_auto_headers=_AUTO_HEADERS, trust_env=False
+        )
 
     def request(
         self,

@@ -8,6 +8,7 @@ on by themselves, except 502/504 for real upstream failures.
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 import time
 from collections.abc import Iterator
@@ -305,6 +306,37 @@ def test_traceparent_is_continued_upstream(tools: tuple[ToolServer, str]) -> Non
     assert (version, forwarded_trace) == ("00", trace_id)
     # The upstream's parent is loopguard's own span, a child of the agent's.
     assert parent == records[0]["span_id"] != "00f067aa0ba902b7"
+
+
+def test_upstream_sees_the_agents_headers_and_none_added_by_the_client_library(
+    tools: tuple[ToolServer, str],
+) -> None:
+    """aiohttp would add Accept, Accept-Encoding, User-Agent and a Content-Type of its
+    own; a transparent proxy forwards what the agent sent and nothing in their place."""
+    _, upstream = tools
+    raw = (
+        b"POST /tools/echo HTTP/1.1\r\nHost: x\r\nx-agent: 1\r\n"
+        b"content-length: 2\r\nconnection: close\r\n\r\n{}"
+    )
+    with guarded_proxy(proxy_config(upstream)) as (url, _):
+        host, port = url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=10) as sock:
+            sock.sendall(raw)
+            answer = b""
+            while chunk := sock.recv(65536):
+                answer += chunk
+        own = httpx.post(
+            f"{url}/tools/echo",
+            content=b"{}",
+            headers={"user-agent": "agent/1.0", "accept": "application/json"},
+        )
+    bare = dict(json.loads(answer.split(b"\r\n\r\n", 1)[1])["headers"])
+    for added in ("user-agent", "accept", "content-type"):
+        assert added not in bare
+    assert bare["x-agent"] == "1"
+    assert bare["accept-encoding"] == "identity"  # asked of every upstream, for the observers
+    forwarded = dict(own.json()["headers"])
+    assert (forwarded["user-agent"], forwarded["accept"]) == ("agent/1.0", "application/json")
 
 
 def test_upstream_sees_its_own_host(tools: tuple[ToolServer, str]) -> None:
