@@ -193,9 +193,6 @@ class TelemetryConfig(_Section):
     capture_content: bool = False
     # Durable records: a JSONL path, "-" for stdout, "" for none.
     records: str = "loopguard-records.jsonl"
-    # Record lines are written together at most this long after the first unwritten
-    # one (or at 64 KiB); 0 writes and flushes every line as it is recorded.
-    records_flush_ms: int = Field(default=100, ge=0, le=60_000)
     # Namespace for the app's own decision attributes taken from x-loopguard-app-* headers.
     app_namespace: str = "app."
 

@@ -9,10 +9,6 @@ these lines back.
 The writer is a structlog chain of its own (optional sink -> JSON over orjson,
 the timestamp put first when the record is built) bound to its own file, so it
 never touches structlog's global configuration that the application may own.
-
-Durability: lines are written within ``records_flush_ms`` (default 100 ms), many
-per write; graceful shutdown flushes everything; a crash (SIGKILL, OOM) can lose
-at most the last interval's lines; set 0 to flush every line.
 """
 
 from __future__ import annotations
@@ -24,7 +20,6 @@ import secrets
 import sys
 import threading
 import time
-import weakref
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -36,9 +31,6 @@ import structlog
 from guard.calls import CallRecord
 
 _log = structlog.get_logger("loopguard.records")
-
-# Buffered record lines are written once they reach this many bytes, whatever the interval.
-FLUSH_BYTES = 64 * 1024
 
 RecordSink = Callable[[dict[str, Any]], None]
 SessionHasher = Callable[[str], str]
@@ -172,27 +164,17 @@ class RecordWriter:
     """Appends one JSON line per call to ``path`` ("-" stdout, "" nowhere).
 
     The file is opened on the first record (constructing a guard creates no
-    file, and no thread). Lines are kept in memory and written together within
-    ``flush_interval_s`` of the first unwritten one (or at 64 KiB), by the next
-    record or by a daemon flusher thread when none comes: graceful shutdown
-    (``close``) flushes everything; a crash (SIGKILL, OOM) can lose at most the
-    last interval's lines; 0 writes and flushes every line as it is recorded.
-    The sink, if any, sees every record at once.
+    file) and every line is flushed as it is written, so a crash loses nothing
+    already recorded.
 
-    structlog's fast path: a line buffer (``_LineBuffer``, in place of
-    ``BytesLogger``) on the file and ``JSONRenderer`` over orjson, behind a two-step
-    chain (tee to the sink, then render).
+    structlog's fast path: ``BytesLogger`` on the file and ``JSONRenderer`` over
+    orjson, behind a two-step chain (tee to the sink, then render).
     """
 
-    def __init__(
-        self, path: str, sink: RecordSink | None = None, *, flush_interval_s: float = 0.1
-    ) -> None:
-        if flush_interval_s < 0:
-            raise ValueError("flush_interval_s must be >= 0")
+    def __init__(self, path: str, sink: RecordSink | None = None) -> None:
         self._path = path
         self._sink = sink
-        self._interval = flush_interval_s
-        self._buffer: _LineBuffer | None = None
+        self._file: BinaryIO | None = None
         self._logger: Any = None
         self._lock = threading.Lock()
         self._closed = False
@@ -210,8 +192,8 @@ class RecordWriter:
         elif self._path:
             path = Path(os.path.expanduser(self._path))
             path.parent.mkdir(parents=True, exist_ok=True)
-            self._buffer = _LineBuffer(path.open("ab"), self._interval)
-            base, serializer = self._buffer, orjson.dumps
+            self._file = path.open("ab")
+            base, serializer = structlog.BytesLogger(self._file), orjson.dumps
         else:
             # Without a file, ReturnLogger renders and discards: the sink still sees it.
             base, serializer = structlog.ReturnLogger(), orjson.dumps
@@ -256,145 +238,12 @@ class RecordWriter:
             fields = {"ts": _now_iso(), **fields}
         logger.record(fields)
 
-    def flush(self) -> None:
-        """Write and flush the buffered lines now (stdout is written line by line)."""
-        buffer = self._buffer
-        if buffer is not None:
-            buffer.flush()
-
     def close(self) -> None:
-        """Flush the buffered lines, close the file and stop the flusher. Idempotent."""
         with self._lock:
             self._closed = True
-            buffer, self._buffer = self._buffer, None
-        if buffer is not None:
-            buffer.close()
-
-
-class _LineBuffer:
-    """The chain's final logger for a record file: lines gathered, written together.
-
-    structlog calls ``msg`` (``info``...) with each rendered line, as it would call
-    ``BytesLogger``. A line is appended under a lock (the in-process guard records from
-    its own thread); the lines are written with one ``write`` + ``flush`` once they
-    reach ``FLUSH_BYTES`` or once ``interval`` seconds have passed since the first of
-    them, checked on each line. A daemon thread writes lines ``interval`` after they
-    start waiting, so an idle guard does not hold them (and sleeps while nothing
-    waits); interval 0 writes every line at once, with no thread.
-
-    ``close`` flushes and closes; so does a ``weakref.finalize`` when the buffer is
-    collected or the interpreter exits without ``close``. The flusher thread holds only
-    a weak reference, and the finalizer only the shared state, never the buffer.
-    """
-
-    __slots__ = ("__weakref__", "_close", "_interval", "_lines", "_lock", "_pending", "_state")
-
-    def __init__(self, file: BinaryIO, interval: float) -> None:
-        self._interval = interval
-        self._lock = threading.Lock()
-        self._lines: list[bytes] = []
-        # [bytes buffered, monotonic time of the first unwritten line, file or None once
-        # closed]: shared with the finalizer, which must not hold the buffer itself.
-        self._state: list[Any] = [0, 0.0, file]
-        stop = threading.Event()
-        # Set when a line arrives in an empty buffer: the flusher sleeps until then, so
-        # an idle guard never wakes.
-        self._pending = threading.Event()
-        self._close = weakref.finalize(
-            self, _flush_and_close, self._lock, self._lines, self._state, stop, self._pending
-        )
-        if interval > 0:
-            threading.Thread(
-                target=_flush_periodically,
-                args=(weakref.ref(self), stop, self._pending, interval),
-                name="loopguard-records-flush",
-                daemon=True,
-            ).start()
-
-    def msg(self, message: bytes) -> None:
-        line = message + b"\n"
-        state = self._state
-        with self._lock:
-            if state[2] is None:
-                return  # closed: a record racing close() is dropped, as after it
-            lines = self._lines
-            if self._interval:
-                now = time.monotonic()
-                if not lines:
-                    state[1] = now
-                    self._pending.set()
-                lines.append(line)
-                state[0] += len(line)
-                if state[0] < FLUSH_BYTES and now - state[1] < self._interval:
-                    return
-            else:
-                lines.append(line)
-            _write_out(lines, state)
-
-    log = debug = info = warn = warning = err = error = critical = exception = fatal = msg
-
-    def flush(self) -> None:
-        with self._lock:
-            _write_out(self._lines, self._state)
-
-    def close(self) -> None:
-        self._close()
-
-
-def _write_out(lines: list[bytes], state: list[Any]) -> None:
-    """Write and flush the buffered lines (the caller holds the lock). A failed write
-    loses those lines, with a warning, and never fails the caller."""
-    file = state[2]
-    if not lines or file is None:
-        return
-    data = b"".join(lines)
-    count = len(lines)
-    lines.clear()
-    state[0] = 0
-    try:
-        file.write(data)
-        file.flush()
-    except (OSError, ValueError) as exc:
-        _log.warning("durable record failed", error=type(exc).__name__, lines=count)
-
-
-def _flush_and_close(
-    lock: threading.Lock,
-    lines: list[bytes],
-    state: list[Any],
-    stop: threading.Event,
-    pending: threading.Event,
-) -> None:
-    stop.set()
-    pending.set()  # wakes the flusher, which then sees stop and ends
-    with lock:
-        _write_out(lines, state)
-        file, state[2] = state[2], None
-    if file is not None:
-        try:
-            file.close()
-        except (OSError, ValueError) as exc:
-            _log.warning("durable record failed", error=type(exc).__name__)
-
-
-def _flush_periodically(
-    ref: weakref.ReferenceType[_LineBuffer],
-    stop: threading.Event,
-    pending: threading.Event,
-    interval: float,
-) -> None:
-    """The flusher thread: once lines wait, write them ``interval`` later; ends on close."""
-    while True:
-        pending.wait()
-        if stop.wait(interval):
-            return  # closed: close() has written everything
-        buffer = ref()
-        if buffer is None:
-            return
-        with buffer._lock:
-            pending.clear()  # under the lock: a line arriving now sets it again
-            _write_out(buffer._lines, buffer._state)
-        del buffer
+            if self._file is not None:
+                self._file.close()
+                self._file = None
 
 
 class _RecordLogger(structlog.BoundLoggerBase):

@@ -419,9 +419,7 @@ class Telemetry:
             INSTRUMENTATION_NAME, _version(), schema_url=SCHEMA_URL
         )
         self._init_instruments(meter)
-        self._records = RecordWriter(
-            cfg.records, record_sink, flush_interval_s=cfg.records_flush_ms / 1000
-        )
+        self._records = RecordWriter(cfg.records, record_sink)
         self._session_hasher = session_hasher or keyed_session_hasher()
         self._propagator = TraceContextTextMapPropagator()
         self._shutdown_lock = threading.Lock()
@@ -718,7 +716,6 @@ class Telemetry:
     def force_flush(self, timeout_millis: int = 5_000) -> None:
         self.tracer_provider.force_flush(timeout_millis)
         self.meter_provider.force_flush(timeout_millis)
-        self._records.flush()
 
     def shutdown(self) -> None:
         """Flush and stop exporters (owned providers) and close the record file. Idempotent."""
