@@ -11,7 +11,10 @@ Three uvicorn processes (uvloop + httptools, one worker each):
   every request and parameters that vary, so every call is fingerprinted, checked,
   recorded and served (no blocks), with the default telemetry (spans for trace
   propagation, metrics) and durable records written to a temp file;
-- ``loopguard-no-records``: the same without the durable records file.
+- ``loopguard-no-records``: the same without the durable records file;
+- ``loopguard-redis``: ``loopguard`` with its sessions in Redis (the store replicas
+  share), when ``redis-server`` and the ``redis`` package are installed: a
+  ``redis-server`` on loopback, sharing the upstream's core.
 
 Each proxy is driven with the same load by ``wrk`` (a Lua script POSTs the JSON
 bodies) when it is installed, else by a built-in aiohttp load generator, at
@@ -157,20 +160,22 @@ class BareProxy:
             await response.aclose()
 
 
-def loopguard_app(upstream: str, records: str) -> Any:
+def loopguard_app(upstream: str, records: str, store: str = "") -> Any:
     from guard.config import Config
     from guard.proxy import ProxyApp
 
-    config = Config.from_mapping(
-        {
-            "routes": [{"prefix": "/tools", "upstream": upstream, "adapter": "http-tool"}],
-            "telemetry": {"records": records},
-        }
-    )
-    return ProxyApp(config)
+    mapping: dict[str, Any] = {
+        "routes": [{"prefix": "/tools", "upstream": upstream, "adapter": "http-tool"}],
+        "telemetry": {"records": records},
+    }
+    if store:
+        mapping["store"] = {"backend": "redis", "url": store}
+    return ProxyApp(Config.from_mapping(mapping))
 
 
-def run_role(role: str, port: int, upstream: str, cpus: list[int], records: str) -> None:
+def run_role(
+    role: str, port: int, upstream: str, cpus: list[int], records: str, store: str
+) -> None:
     import uvicorn
 
     if cpus and hasattr(os, "sched_setaffinity"):
@@ -180,7 +185,7 @@ def run_role(role: str, port: int, upstream: str, cpus: list[int], records: str)
     elif role == "bare":
         app = BareProxy(upstream)
     else:
-        app = loopguard_app(upstream, records)
+        app = loopguard_app(upstream, records, store)
     # Process tuning as ``loopguard serve`` does it, for every role alike.
     from guard.serve import freeze_startup_objects
 
@@ -220,7 +225,9 @@ def wait_listening(port: int, timeout: float = 15.0) -> None:
     raise RuntimeError(f"nothing listening on port {port}")
 
 
-def spawn(role: str, port: int, upstream: str, cpus: list[int], records: str) -> subprocess.Popen:
+def spawn(
+    role: str, port: int, upstream: str, cpus: list[int], records: str, store: str = ""
+) -> subprocess.Popen:
     args = [
         sys.executable,
         __file__,
@@ -232,6 +239,8 @@ def spawn(role: str, port: int, upstream: str, cpus: list[int], records: str) ->
         upstream,
         "--records",
         records,
+        "--store",
+        store,
         "--cpus",
         ",".join(map(str, cpus)),
     ]
@@ -346,6 +355,24 @@ def run_load(url: str, concurrency: int, duration: float, cpus: list[int]) -> di
 TARGETS = ("bare", "loopguard", "loopguard-no-records")
 
 
+def start_redis(cpus: list[int]) -> tuple[subprocess.Popen | None, str]:
+    """A throwaway redis-server on loopback (no persistence), or (None, "") without one."""
+    try:
+        import redis  # noqa: F401  (RedisStore needs it)
+    except ImportError:
+        return None, ""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        return None, ""
+    port = free_port()
+    cmd = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+    if cpus and shutil.which("taskset"):
+        cmd = ["taskset", "-c", ",".join(map(str, cpus)), *cmd]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
+    wait_listening(port)
+    return proc, f"redis://127.0.0.1:{port}/0"
+
+
 def proc_cpu_s(pid: int) -> float:
     """User + system CPU seconds of a process so far (Linux), NaN elsewhere."""
     try:
@@ -358,9 +385,10 @@ def proc_cpu_s(pid: int) -> float:
 
 def measure(target: str, args: argparse.Namespace, env: dict[str, Any]) -> None:
     port = free_port()
-    records = env["records"] if target == "loopguard" else ""
+    records = env["records"] if target in ("loopguard", "loopguard-redis") else ""
     role = "bare" if target == "bare" else "loopguard"
-    proc = spawn(role, port, env["upstream"], env["proxy_cpus"], records)
+    store = env["redis"] if target == "loopguard-redis" else ""
+    proc = spawn(role, port, env["upstream"], env["proxy_cpus"], records, store)
     try:
         url = f"http://127.0.0.1:{port}"
         run_load(url, 4, 1.0, env["other_cpus"])  # warm-up: connections, caches
@@ -382,11 +410,12 @@ def main() -> int:
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--upstream", default="", help=argparse.SUPPRESS)
     parser.add_argument("--records", default="", help=argparse.SUPPRESS)
+    parser.add_argument("--store", default="", help=argparse.SUPPRESS)
     parser.add_argument("--cpus", default="", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.role:
         cpus = [int(c) for c in args.cpus.split(",") if c]
-        run_role(args.role, args.port, args.upstream, cpus, args.records)
+        run_role(args.role, args.port, args.upstream, cpus, args.records, args.store)
         return 0
 
     available = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
@@ -407,13 +436,19 @@ def main() -> int:
         "other_cpus": other_cpus,
         "results": {},
     }
+    redis_proc, env["redis"] = start_redis(other_cpus)
+    targets = TARGETS + (("loopguard-redis",) if redis_proc is not None else ())
+    if redis_proc is None:
+        print("loopguard-redis: skipped (needs redis-server and the redis package)")
     upstream_proc = spawn("upstream", upstream_port, "", other_cpus, "")
     try:
         for _ in range(args.rounds):
-            for target in TARGETS:
+            for target in targets:
                 measure(target, args, env)
     finally:
         stop(upstream_proc)
+        if redis_proc is not None:
+            stop(redis_proc)
         shutil.rmtree(records_dir, ignore_errors=True)
     results: dict[tuple[str, int], list[dict[str, float]]] = env["results"]
 
@@ -423,14 +458,14 @@ def main() -> int:
     print()
     print(f"{'target':<21} {'conc':>4} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'cpu us/req':>10}")
     for concurrency in (1, 16):
-        for target in TARGETS:
+        for target in targets:
             r = best(target, concurrency)
             print(
                 f"{target:<21} {concurrency:>4} {r['rps']:>8.0f} {r['p50_ms']:>8.3f} "
                 f"{r['p99_ms']:>8.3f} {r['cpu_us_per_req']:>10.0f}"
             )
     print()
-    for target in TARGETS[1:]:
+    for target in targets[1:]:
         ratio16 = best(target, 16)["rps"] / best("bare", 16)["rps"]
         added_p50 = best(target, 1)["p50_ms"] - best("bare", 1)["p50_ms"]
         print(

@@ -79,7 +79,8 @@ _SERVE_B = Route.SERVE.value.encode()
 _HEALTH_BODY = b'{"status":"ok"}'
 _IDENTITY = (b"accept-encoding", b"identity")
 _TRACE_HEADERS = frozenset({b"traceparent", b"tracestate"})
-# A call still running after this long gets a task watching for the client leaving.
+# The sweep period: calls found running on two sweeps get a task watching for the
+# client leaving; total timeouts are checked on every sweep.
 WATCH_AFTER_S = 0.05
 
 

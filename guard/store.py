@@ -3,10 +3,12 @@
 ``MemoryStore`` keeps sessions in this process: bounded (at most ``max_sessions``, the
 least recently used evicted) and idle sessions expire after ``ttl_seconds``.
 
-``RedisStore`` shares sessions between replicas: one list per session, appended with
-RPUSH + LTRIM + EXPIRE in one MULTI transaction, so the window bound and the idle
-expiry hold whichever replica writes. Any Redis failure surfaces as ``StoreError``
-(the exchange reports it as failure stage ``store``).
+``RedisStore`` shares sessions between replicas: per session a list of steps and a hash
+counting each call's steps in the window (the memory store's index), both changed by
+one Lua script per append, so the window bound, the index and the idle expiry hold
+whichever replica writes. A check is one script too: the window comes back only when
+the call is in it. Any Redis failure surfaces as ``StoreError`` (the exchange reports
+it as failure stage ``store``).
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
 from typing import Protocol
+
+import orjson
 
 from guard.calls import Step
 
@@ -158,8 +162,37 @@ def encode_step(step: Step) -> str:
 
 
 def decode_step(raw: bytes | str) -> Step:
-    tool, params_hash, marker, error = json.loads(raw)
+    tool, params_hash, marker, error = orjson.loads(raw)
     return Step(tool, params_hash, marker, bool(error))
+
+
+# A call's field in the session's count hash: tool and params hash, joined by a unit
+# separator (the Lua script below builds the same field from a dropped step).
+def _call_field(tool: str, params_hash: str) -> str:
+    return f"{tool}\x1f{params_hash}"
+
+
+# KEYS: steps list, counts hash. ARGV: the call's field. The window, or nil when the
+# call has no step in it (the detector's verdict is then "allow" without it).
+_HISTORY_FOR_CALL = r"""
+if redis.call('HEXISTS', KEYS[2], ARGV[1]) == 0 then return false end
+return redis.call('LRANGE', KEYS[1], 0, -1)
+"""
+
+# KEYS: steps list, counts hash. ARGV: encoded step, its call field, window, ttl.
+# Steps pushed past the window are dropped and uncounted; both keys expire together.
+_APPEND = r"""
+redis.call('RPUSH', KEYS[1], ARGV[1])
+redis.call('HINCRBY', KEYS[2], ARGV[2], 1)
+local window = tonumber(ARGV[3])
+while redis.call('LLEN', KEYS[1]) > window do
+  local old = cjson.decode(redis.call('LPOP', KEYS[1]))
+  local field = old[1] .. '\31' .. old[2]
+  if redis.call('HINCRBY', KEYS[2], field, -1) <= 0 then redis.call('HDEL', KEYS[2], field) end
+end
+redis.call('EXPIRE', KEYS[1], ARGV[4])
+redis.call('EXPIRE', KEYS[2], ARGV[4])
+"""
 
 
 class RedisStore:
@@ -184,32 +217,43 @@ class RedisStore:
             url, socket_connect_timeout=connect_timeout, socket_timeout=connect_timeout
         )
         self._errors = (aioredis.RedisError, OSError)
+        # EVALSHA, loading the script on first use (and after a server restart).
+        self._history_for_call = self._client.register_script(_HISTORY_FOR_CALL)
+        self._append = self._client.register_script(_APPEND)
 
-    def _key(self, session: str) -> str:
-        return f"{self.key_prefix}session:{session}"
+    def _keys(self, session: str) -> list[str]:
+        """The session's steps and counts. The ``{session}`` hash tag keeps both in one
+        Redis Cluster slot, as a script touching both needs."""
+        base = f"{self.key_prefix}{{{session}}}"
+        return [f"{base}:steps", f"{base}:calls"]
 
     async def history(self, session: str) -> list[Step]:
         try:
-            raw = await self._client.lrange(self._key(session), 0, -1)
+            raw = await self._client.lrange(self._keys(session)[0], 0, -1)
         except self._errors as exc:
             raise StoreError(f"redis store {self.url}: cannot read session: {exc}") from exc
+        return self._decoded(raw)
+
+    async def history_for_call(self, session: str, tool: str, params_hash: str) -> list[Step]:
+        """One round trip; the window crosses the network only when it holds the call."""
+        try:
+            raw = await self._history_for_call(
+                keys=self._keys(session), args=[_call_field(tool, params_hash)]
+            )
+        except self._errors as exc:
+            raise StoreError(f"redis store {self.url}: cannot read session: {exc}") from exc
+        return self._decoded(raw) if raw else []
+
+    def _decoded(self, raw: list[bytes]) -> list[Step]:
         try:
             return [decode_step(item) for item in raw]
         except (ValueError, TypeError) as exc:
             raise StoreError(f"redis store {self.url}: malformed step in session: {exc}") from exc
 
-    async def history_for_call(self, session: str, tool: str, params_hash: str) -> list[Step]:
-        # One round trip either way: the whole window is what Redis can tell us.
-        return await self.history(session)
-
     async def append(self, session: str, step: Step, window: int) -> None:
-        key = self._key(session)
+        args = [encode_step(step), _call_field(step.tool, step.params_hash), window, self.ttl]
         try:
-            async with self._client.pipeline(transaction=True) as pipe:
-                pipe.rpush(key, encode_step(step))
-                pipe.ltrim(key, -window, -1)
-                pipe.expire(key, self.ttl)
-                await pipe.execute()
+            await self._append(keys=self._keys(session), args=args)
         except self._errors as exc:
             raise StoreError(f"redis store {self.url}: cannot append step: {exc}") from exc
 

@@ -108,12 +108,35 @@ async def test_redis_shared_between_replicas_and_expiry(redis_url: str) -> None:
         await two.append("s", step(2), 8)
         assert await one.history("s") == [step(1), step(2)]
         client = aioredis.from_url(redis_url)
-        ttl = await client.ttl(f"{prefix}session:s")
+        ttls = [await client.ttl(key) for key in one._keys("s")]
         await client.aclose()
-        assert 0 < ttl <= 30
+        assert all(0 < ttl <= 30 for ttl in ttls)
     finally:
         await one.aclose()
         await two.aclose()
+
+
+async def test_redis_call_index_follows_the_window(redis_store: RedisStore) -> None:
+    """The per-call counts move with the window: a call that left it is answered without
+    the window; one inside it gets the whole window (in order), from any replica."""
+    import redis.asyncio as aioredis
+
+    calls = [Step("lookup", f"h{i % 3}", f"m{i}", i == 4) for i in range(8)]
+    for s in calls:
+        await redis_store.append("s", s, window=4)
+    window = calls[4:]
+    assert await redis_store.history("s") == window
+    assert await redis_store.history_for_call("s", "lookup", "h1") == window  # steps 4 and 7
+    assert await redis_store.history_for_call("s", "other", "h1") == []
+    assert await redis_store.history_for_call("nobody", "lookup", "h1") == []
+    client = aioredis.from_url(redis_store.url)
+    counts = await client.hgetall(redis_store._keys("s")[1])
+    await client.aclose()
+    expected: dict[bytes, bytes] = {}
+    for s in window:
+        field = f"{s.tool}\x1f{s.params_hash}".encode()
+        expected[field] = str(int(expected.get(field, b"0")) + 1).encode()
+    assert counts == expected
 
 
 async def test_redis_dead_port_raises_store_error() -> None:
