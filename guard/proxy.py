@@ -346,17 +346,23 @@ class _Relay:
                 with contextlib.suppress(Exception):
                     await response.stream.aclose()
 
-    def tick(self, now: float) -> None:
+    def tick(self, now: float) -> bool:
         """A sweep: start the disconnect watcher on the second sweep that finds the call
-        running (so it is at least ``WATCH_AFTER_S`` old); fire the total timeout."""
+        running (so it is at least ``WATCH_AFTER_S`` old); fire the total timeout.
+        False when no later sweep has anything to do (done, or watched with no deadline:
+        a long-lived stream then costs no wake-ups for as long as it stays open)."""
         if self.done:
-            return
+            return False
         if self.watcher is None:
             if self.seen:
                 self.watcher = asyncio.ensure_future(self._watch_disconnect())
             self.seen = True
-        if self.deadline is not None and now >= self.deadline:
+        if self.deadline is None:
+            return self.watcher is None
+        if now >= self.deadline:
             self._interrupt("timeout")
+            return False
+        return True
 
     def _interrupt(self, why: str) -> None:
         if self.done or self.interrupted is not None:
@@ -436,7 +442,8 @@ class _Sweeper:
         assert loop is not None
         now = loop.time()
         for relay in list(self.relays):
-            relay.tick(now)
+            if not relay.tick(now):
+                self.relays.discard(relay)
         # Disarmed when idle: an idle proxy wakes for nothing.
         self.handle = loop.call_later(WATCH_AFTER_S, self._sweep) if self.relays else None
 

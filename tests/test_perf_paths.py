@@ -194,3 +194,39 @@ def test_marker_caches_give_the_uncached_answer() -> None:
     assert markers._strip({1: "2026-01-02", "ETag": "v"}) == {1: "~"}  # non-string keys kept
     long_text = "x" * 600 + " 2026-01-02"
     assert markers._strip({"v": long_text}) == {"v": "x" * 600 + " ~"}
+
+
+def test_one_sweeper_serves_every_relay_and_sleeps_when_none_needs_it() -> None:
+    """The proxy's single timer ticks each relay in flight until the relay says it needs
+    no more sweeps (done, or watched with no deadline), then disarms: an idle proxy, or
+    one holding only long-lived streams, never wakes for nothing."""
+    from guard.proxy import _Sweeper
+
+    class Relay:
+        def __init__(self, answers: list[bool]) -> None:
+            self.answers = answers
+            self.ticks = 0
+
+        def tick(self, now: float) -> bool:
+            self.ticks += 1
+            return self.answers.pop(0)
+
+    async def run() -> None:
+        sweeper = _Sweeper()
+        short, long_lived = Relay([False]), Relay([True, True, False])
+        sweeper.add(short)
+        sweeper.add(long_lived)
+        deadline = asyncio.get_running_loop().time() + 10
+        while sweeper.handle is not None and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.01)
+        assert sweeper.handle is None and not sweeper.relays
+        assert (short.ticks, long_lived.ticks) == (1, 3)
+        # Armed again by the next relay.
+        again = Relay([False])
+        sweeper.add(again)
+        assert sweeper.handle is not None
+        while sweeper.handle is not None and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.01)
+        assert again.ticks == 1
+
+    asyncio.run(run())
