@@ -18,6 +18,9 @@ def _build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="run the reverse proxy")
     serve.add_argument("--config", "-c", help="TOML config file (defaults if omitted)")
     serve.add_argument("--listen", help="host:port, overrides [server] listen")
+    serve.add_argument(
+        "--workers", type=int, help="worker processes, overrides [server] workers (needs Redis)"
+    )
 
     replay = commands.add_parser("replay", help="replay a recorded trajectory through the detector")
     replay.add_argument("file", help="JSONL steps, or an OpenAI / Anthropic transcript (JSON)")
@@ -41,11 +44,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "serve":
         from guard.serve import serve
 
-        if args.listen:
-            server = config.server.model_copy(update={"listen": args.listen})
-            config = Config.from_mapping(
-                {**config.model_dump(), "server": server.model_dump()}, source="--listen"
-            )
+        overrides = {"listen": args.listen, "workers": args.workers}
+        given = {key: value for key, value in overrides.items() if value is not None}
+        if given:
+            try:
+                config = Config.from_mapping(
+                    {**config.model_dump(), "server": {**config.server.model_dump(), **given}},
+                    source=" ".join(f"--{key}" for key in given),
+                )
+            except ConfigError as exc:
+                print(f"loopguard: {exc}", file=sys.stderr)
+                return 2
         return serve(config)
     if args.command == "replay":
         from guard import replay

@@ -166,6 +166,9 @@ class ServerConfig(_Section):
     # Malformed JSON on a guarded route: forward it marked (false) or answer 400 (true).
     reject_malformed_json: bool = False
     max_connections: int = Field(default=512, ge=1)
+    # Processes ``loopguard serve`` runs (one event loop each) on one listening socket.
+    # Above 1 they must share sessions: store.backend = "redis".
+    workers: int = Field(default=1, ge=1, le=64)
 
     @field_validator("listen")
     @classmethod
@@ -233,9 +236,16 @@ class Config(_Section):
     @classmethod
     def from_mapping(cls, data: dict[str, Any], source: str = "<config>") -> Config:
         try:
-            return cls.model_validate(data)
+            config = cls.model_validate(data)
         except ValidationError as exc:
             raise ConfigError(_describe(exc, source)) from None
+        if config.server.workers > 1 and config.store.backend != "redis":
+            # Each worker would keep its own sessions: a loop spread over them goes unseen.
+            raise ConfigError(
+                f"{source}: invalid configuration\n  server.workers: {config.server.workers} "
+                'worker processes need a shared session store: set store.backend = "redis"'
+            )
+        return config
 
     @classmethod
     def load(cls, path: str | Path | None) -> Config:

@@ -84,3 +84,16 @@ def test_bad_toml_and_missing_file(tmp_path: Path) -> None:
         Config.load(bad)
     with pytest.raises(ConfigError, match="no such config file"):
         Config.load(tmp_path / "missing.toml")
+
+
+def test_several_workers_need_the_shared_store(capsys) -> None:
+    message = _error({"server": {"workers": 2}})
+    assert message.startswith("t.toml:") and "server.workers" in message and "redis" in message
+    assert "server.workers" in _error({"server": {"workers": 0}})
+    redis = Config.from_mapping({"server": {"workers": 4}, "store": {"backend": "redis"}})
+    assert redis.server.workers == 4
+    # The command line says the same, and serves nothing.
+    from guard.cli import main
+
+    assert main(["serve", "--workers", "2"]) == 2
+    assert "server.workers" in capsys.readouterr().err

@@ -8,6 +8,12 @@ down, calls are served (fail open) and recorded with failure stage ``store``.
 from __future__ import annotations
 
 import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import httpx
 from proxy_harness import ToolServer, guarded_proxy, proxy_config
@@ -60,3 +66,73 @@ def test_a_dead_store_fails_open_and_says_so() -> None:
     assert [r.status_code for r in responses] == [200] * 4
     assert tools.hits["lookup_tracking"] == 4
     assert {r["failure_stage"] for r in records} == {"store"}
+
+
+def test_loopguard_serve_workers_share_sessions_and_stop_cleanly(redis_url: str, tmp_path) -> None:
+    """``loopguard serve`` with ``workers = 2``: two processes on one socket, sessions in
+    Redis. Every agent is stopped on its 4th identical call whichever worker takes it
+    (fresh connections, so calls spread over the workers), and SIGTERM ends both with
+    every call's record on disk, one whole JSON line each."""
+    tools = ToolServer()
+    port = free_port()
+    records = tmp_path / "records.jsonl"
+    config = tmp_path / "loopguard.toml"
+    with run_server(tools.app()) as upstream:
+        config.write_text(
+            f'[server]\nlisten = "127.0.0.1:{port}"\nworkers = 2\n'
+            f'[store]\nbackend = "redis"\nurl = "{redis_url}"\nkey_prefix = "workers:"\n'
+            f'[telemetry]\nrecords = "{records}"\n'
+            f'[[routes]]\nprefix = "/tools"\nupstream = "{upstream}"\nadapter = "http-tool"\n'
+        )
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "guard.cli", "serve", "--config", str(config)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        try:
+            url = f"http://127.0.0.1:{port}"
+            deadline = time.monotonic() + 30
+            while len(_children(proc.pid)) < 2 or not _healthy(url):
+                assert proc.poll() is None, proc.communicate()[1].decode()
+                assert time.monotonic() < deadline, "loopguard serve --workers 2 did not come up"
+                time.sleep(0.05)
+            routes = {}
+            for call in range(4):
+                for agent in range(20):
+                    response = httpx.post(  # a new connection each time
+                        f"{url}/tools/lookup_tracking",
+                        json={"order_id": "#A10234"},
+                        headers={"x-loopguard-session": f"worker-agent-{agent}"},
+                        timeout=10,
+                    )
+                    routes.setdefault(call, set()).add(response.headers["x-loopguard-route"])
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=30) in (0, -signal.SIGTERM)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    log = proc.communicate()[1].decode()
+    assert log.count("Started server process") == 2, log
+    assert routes == {0: {"serve"}, 1: {"serve"}, 2: {"serve"}, 3: {"stop_and_review"}}
+    assert tools.hits["lookup_tracking"] == 60
+    rows = [json.loads(line) for line in records.read_text().splitlines()]
+    assert len(rows) == 80 and sum(r["route"] == "stop_and_review" for r in rows) == 20
+
+
+def _children(pid: int) -> list[int]:
+    """Live child processes of ``pid`` (Linux /proc)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError), open(f"/proc/{entry}/stat") as stat:
+                if int(stat.read().rsplit(")", 1)[1].split()[1]) == pid:
+                    found.append(int(entry))
+    return found
+
+
+def _healthy(url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/healthz", timeout=1).status_code == 200
+    except httpx.TransportError:
+        return False
