@@ -95,22 +95,8 @@ class Upstream:
         response.request = request
         return response
 
-    def client(self) -> httpx.AsyncClient:
-        """An ``httpx.AsyncClient`` on the same pool, for code that wants the client API."""
-        return httpx.AsyncClient(
-            transport=self.transport,
-            timeout=self.timeout,
-            follow_redirects=False,
-            trust_env=False,
-        )
-
     async def aclose(self) -> None:
         await self.transport.aclose()
-
-
-def make_client(server: ServerConfig | None = None) -> httpx.AsyncClient:
-    """An ``httpx.AsyncClient`` over aiohttp, sized and timed from ``[server]``."""
-    return Upstream(server).client()
 
 
 def classify(exc: BaseException, *, response_started: bool) -> tuple[FailureStage, str]:
