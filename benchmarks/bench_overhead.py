@@ -1,0 +1,157 @@
+"""loopguard's own CPU per request, without sockets: a steady figure to optimize against.
+
+    python benchmarks/bench_overhead.py [--requests 20000] [--rounds 3]
+
+``bench_proxy.py`` is the benchmark that counts (real sockets, uvicorn, wrk), but on a
+virtual machine its figures move by up to ±10% between runs, more than most single
+changes to the hot path are worth. This one drives the same two apps -- the bare
+passthrough of ``bench_proxy.py`` and ``ProxyApp`` with the same http-tool route, with
+and without durable records -- directly through ASGI, with the upstream answered in
+memory (an ``httpx`` transport returning the same static body), 16 requests in flight,
+on uvloop. It prints the process CPU time per request (best of ``--rounds``) for each,
+and loopguard's overhead over the bare passthrough.
+
+What it leaves out is what the two share anyway (sockets, uvicorn, aiohttp); what it
+keeps is every step loopguard adds. Inside the real server each step costs more (about
+twice, on this machine: caches are shared with the HTTP stack), so read its overhead as
+a lower bound and confirm a change with ``bench_proxy.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+for path in (ROOT, ROOT / "benchmarks"):
+    if str(path) not in sys.path:
+        sys.path.insert(0, str(path))
+
+from bench_proxy import STATIC_BODY, BareProxy, loopguard_app  # noqa: E402
+
+UPSTREAM = "http://127.0.0.1:9"  # never contacted: the transport answers in memory
+IN_FLIGHT = 16
+_RESPONSE_HEADERS = [
+    (b"content-type", b"application/json"),
+    (b"content-length", str(len(STATIC_BODY)).encode()),
+    (b"date", b"Fri, 27 Nov 2026 15:00:00 GMT"),
+    (b"server", b"uvicorn"),
+]
+
+
+class _OneChunk(httpx.AsyncByteStream):
+    async def __aiter__(self) -> Any:
+        yield STATIC_BODY
+
+    async def aclose(self) -> None:
+        pass
+
+
+class StaticTransport(httpx.AsyncBaseTransport):
+    """The upstream, in memory: reads the request, answers the static body."""
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        request.read()
+        return httpx.Response(200, headers=_RESPONSE_HEADERS, stream=_OneChunk())
+
+
+def make_app(target: str, records: str) -> Any:
+    if target == "bare":
+        app: Any = BareProxy(UPSTREAM)
+        app.client.transport = StaticTransport()
+    else:
+        app = loopguard_app(UPSTREAM, records)
+        app.upstream.transport = StaticTransport()
+    return app
+
+
+async def one_request(app: Any, agent: int, n: int) -> None:
+    body = b'{"order_id":"A%d-%d","detail":true}' % (agent, n)
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0", "spec_version": "2.4"},
+        "http_version": "1.1",
+        "server": ("127.0.0.1", 8787),
+        "client": ("127.0.0.1", 50000 + agent),
+        "scheme": "http",
+        "method": "POST",
+        "root_path": "",
+        "path": "/tools/lookup_tracking",
+        "raw_path": b"/tools/lookup_tracking",
+        "query_string": b"",
+        "headers": [
+            (b"host", b"127.0.0.1:8787"),
+            (b"content-length", str(len(body)).encode()),
+            (b"content-type", b"application/json"),
+            (b"x-loopguard-session", b"bench-%d" % agent),
+        ],
+    }
+    messages = [{"type": "http.request", "body": body, "more_body": False}]
+
+    async def receive() -> dict[str, Any]:
+        if messages:
+            return messages.pop()
+        await asyncio.Event().wait()  # the client never leaves
+        raise AssertionError("unreachable")
+
+    async def send(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.start" and message["status"] != 200:
+            raise RuntimeError(f"unexpected status {message['status']}")
+
+    await app(scope, receive, send)
+
+
+async def cpu_per_request(target: str, records: str, requests: int) -> float:
+    app = make_app(target, records)
+    for n in range(200):  # warm-up: caches, first-use paths
+        await one_request(app, 0, n)
+    gc.collect()
+    per_agent = requests // IN_FLIGHT
+
+    async def agent(a: int) -> None:
+        for n in range(per_agent):
+            await one_request(app, a + 1, n)
+
+    started = time.process_time()
+    await asyncio.gather(*(agent(a) for a in range(IN_FLIGHT)))
+    elapsed = time.process_time() - started
+    if hasattr(app, "aclose"):
+        await app.aclose()
+    return elapsed / (per_agent * IN_FLIGHT) * 1e6
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--requests", type=int, default=20_000, help="per measurement")
+    parser.add_argument("--rounds", type=int, default=3, help="best of this many")
+    args = parser.parse_args()
+    import uvloop
+
+    records_dir = tempfile.mkdtemp(prefix="loopguard-overhead-")
+    targets = {
+        "bare": "",
+        "loopguard": str(Path(records_dir) / "records.jsonl"),
+        "loopguard-no-records": "",
+    }
+    best: dict[str, float] = {}
+    for _ in range(args.rounds):  # interleaved, so a slow spell hits every target
+        for target, records in targets.items():
+            us = uvloop.run(cpu_per_request(target, records, args.requests))
+            best[target] = min(us, best.get(target, float("inf")))
+    print(f"in-process, {IN_FLIGHT} in flight, best of {args.rounds} x {args.requests} requests")
+    print(f"{'target':<21} {'cpu us/req':>10} {'overhead':>9}")
+    for target, us in best.items():
+        print(f"{target:<21} {us:>10.1f} {us - best['bare']:>+9.1f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
