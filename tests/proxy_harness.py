@@ -12,12 +12,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import subprocess
+import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
+import httpx
 from servers import run_server
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -224,3 +228,40 @@ def wait_for(predicate: Any, timeout: float = 5.0) -> bool:
             return True
         time.sleep(0.01)
     return bool(predicate())
+
+
+@contextlib.contextmanager
+def loopguard_serve(
+    config: Path,
+    port: int,
+    *,
+    timeout: float = 20.0,
+    ready: Callable[[subprocess.Popen[bytes]], bool] | None = None,
+) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
+    """``loopguard serve --config FILE`` in its own process (output piped), yielded with
+    its base URL once ``/healthz`` answers and ``ready(proc)`` holds; killed on the way
+    out if the test left it running."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "guard.cli", "serve", "--config", str(config)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + timeout
+        while not (_healthy(url) and (ready is None or ready(proc))):
+            assert proc.poll() is None, proc.communicate()[1].decode()
+            assert time.monotonic() < deadline, "loopguard serve did not come up"
+            time.sleep(0.05)
+        yield proc, url
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def _healthy(url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/healthz", timeout=1).status_code == 200
+    except httpx.TransportError:
+        return False

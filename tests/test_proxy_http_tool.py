@@ -8,15 +8,12 @@ from __future__ import annotations
 
 import json
 import signal
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
-from proxy_harness import ToolServer, guarded_proxy, proxy_config
+from proxy_harness import ToolServer, guarded_proxy, loopguard_serve, proxy_config
 from servers import free_port, run_server
 
 ORDER = {"order_id": "A10234"}
@@ -170,23 +167,7 @@ def test_loopguard_serve_runs_the_proxy_and_shuts_down_cleanly(
         f'[telemetry]\nrecords = "{records}"\n'
         f'[[routes]]\nprefix = "/tools"\nupstream = "{upstream}"\nadapter = "http-tool"\n'
     )
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "guard.cli", "serve", "--config", str(config)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
-    try:
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert proc.poll() is None, proc.communicate()[1].decode()
-            assert time.monotonic() < deadline, "loopguard serve did not come up"
-            time.sleep(0.05)
+    with loopguard_serve(config, port) as (proc, url):
         with httpx.Client(base_url=url, timeout=5) as client:
             assert call(client, "served").status_code == 200
             assert call(client, "served").status_code == 200
@@ -194,10 +175,6 @@ def test_loopguard_serve_runs_the_proxy_and_shuts_down_cleanly(
         # uvicorn shuts down gracefully, then re-raises the signal it caught.
         assert proc.wait(timeout=15) in (0, -signal.SIGTERM)
         assert b"Finished server process" in proc.communicate()[1]
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     assert server.hits["lookup_tracking"] == 2
     # The engine was closed on the way out: both records are on disk.
     lines = records.read_text().splitlines()

@@ -12,11 +12,9 @@ import json
 import os
 import signal
 import subprocess
-import sys
-import time
 
 import httpx
-from proxy_harness import ToolServer, guarded_proxy, proxy_config
+from proxy_harness import ToolServer, guarded_proxy, loopguard_serve, proxy_config
 from servers import free_port, run_server
 
 
@@ -84,19 +82,8 @@ def test_loopguard_serve_workers_share_sessions_and_stop_cleanly(redis_url: str,
             f'[telemetry]\nrecords = "{records}"\n'
             f'[[routes]]\nprefix = "/tools"\nupstream = "{upstream}"\nadapter = "http-tool"\n'
         )
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "guard.cli", "serve", "--config", str(config)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-        )
-        try:
-            url = f"http://127.0.0.1:{port}"
-            deadline = time.monotonic() + 30
-            while len(_children(proc.pid)) < 2 or not _healthy(url):
-                assert proc.poll() is None, proc.communicate()[1].decode()
-                assert time.monotonic() < deadline, "loopguard serve --workers 2 did not come up"
-                time.sleep(0.05)
-            routes = {}
+        with loopguard_serve(config, port, timeout=30, ready=_two_workers) as (proc, url):
+            routes: dict[int, set[str]] = {}
             for call in range(4):
                 for agent in range(20):
                     response = httpx.post(  # a new connection each time
@@ -108,16 +95,16 @@ def test_loopguard_serve_workers_share_sessions_and_stop_cleanly(redis_url: str,
                     routes.setdefault(call, set()).add(response.headers["x-loopguard-route"])
             proc.send_signal(signal.SIGTERM)
             assert proc.wait(timeout=30) in (0, -signal.SIGTERM)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
     log = proc.communicate()[1].decode()
     assert log.count("Started server process") == 2, log
     assert routes == {0: {"serve"}, 1: {"serve"}, 2: {"serve"}, 3: {"stop_and_review"}}
     assert tools.hits["lookup_tracking"] == 60
     rows = [json.loads(line) for line in records.read_text().splitlines()]
     assert len(rows) == 80 and sum(r["route"] == "stop_and_review" for r in rows) == 20
+
+
+def _two_workers(proc: subprocess.Popen[bytes]) -> bool:
+    return len(_children(proc.pid)) >= 2
 
 
 def _children(pid: int) -> list[int]:
@@ -129,10 +116,3 @@ def _children(pid: int) -> list[int]:
                 if int(stat.read().rsplit(")", 1)[1].split()[1]) == pid:
                     found.append(int(entry))
     return found
-
-
-def _healthy(url: str) -> bool:
-    try:
-        return httpx.get(f"{url}/healthz", timeout=1).status_code == 200
-    except httpx.TransportError:
-        return False
