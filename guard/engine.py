@@ -6,10 +6,13 @@ one ``Engine`` from a ``Config`` and asks it the same questions.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import json
+from collections.abc import Callable, Sequence
 from typing import Any
 
-from guard.calls import Step, Verdict
+import structlog
+
+from guard.calls import CallRecord, FailureStage, Step, Verdict
 from guard.config import Config, RouteConfig
 from guard.detector import Detector
 from guard.fingerprint import params_hash
@@ -17,6 +20,8 @@ from guard.progress import ProgressMarkers
 from guard.records import keyed_pseudonym, keyed_session_hasher
 from guard.redact import Redactor, load_key
 from guard.store import MemoryStore, SessionStore
+
+_log = structlog.get_logger("loopguard")
 
 
 class Engine:
@@ -75,6 +80,26 @@ class Engine:
 
     async def record(self, session: str, step: Step) -> None:
         await self.store.append(session, step, self.config.loop.window)
+
+    def capture(
+        self, record: CallRecord, key: str, value: Any, as_json: Callable[[Any], Any] | None = None
+    ) -> None:
+        """Content onto the call's span: only when ``capture_content`` is on, redacted.
+        ``as_json`` turns a value that is not plain JSON into one (run only then)."""
+        if not self.config.telemetry.capture_content:
+            return
+        redacted = self.redactor.redact(as_json(value) if as_json is not None else value)
+        record.captured[key] = (
+            redacted if isinstance(redacted, str) else json.dumps(redacted, default=str)
+        )
+
+    def store_failed(self, record: CallRecord, exc: Exception) -> None:
+        """The session store failed: the call is served (fail open) and the record says so,
+        unless it already names an earlier failure."""
+        _log.warning("session_store_unavailable", error=type(exc).__name__)
+        if record.failure_stage is FailureStage.PASSED:
+            record.failure_stage = FailureStage.STORE
+            record.error_type = type(exc).__name__
 
     def route_for(self, path: str) -> tuple[RouteConfig, str] | None:
         """The longest-prefix route for a path, and the path left after the prefix."""

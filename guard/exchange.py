@@ -17,7 +17,6 @@ any protocol.
 
 from __future__ import annotations
 
-import json
 import time
 import traceback
 from functools import lru_cache
@@ -126,8 +125,7 @@ class Exchange:
             self._verdicts.append(verdict)
         if self._hashes:
             record.params_hash = self._hashes[0]
-            if self._capturing:
-                self._capture("gen_ai.tool.call.arguments", parsed.invocations[0].params)
+            self.engine.capture(record, "gen_ai.tool.call.arguments", parsed.invocations[0].params)
         blocking = [v for v in self._verdicts if v.action == "block"]
         if not blocking:
             return parsed.body if parsed.body is not None else self.request.body
@@ -159,7 +157,7 @@ class Exchange:
         try:
             return await self.engine.check(self.session, tool, params_hash)
         except Exception as exc:  # the store is down: serve (fail open) and say so
-            self._store_failed(exc)
+            self.engine.store_failed(self.record, exc)
             return Verdict("allow", tool, params_hash)
 
     def _note_stall(self, verdict: Verdict) -> None:
@@ -306,8 +304,7 @@ class Exchange:
             marker = self.engine.marker(invocation.tool, outcome.value, outcome.explicit_marker)
             if self.record.progress_marker is None:
                 self.record.progress_marker = marker
-                if self._capturing:
-                    self._capture("gen_ai.tool.call.result", outcome.value)
+                self.engine.capture(self.record, "gen_ai.tool.call.result", outcome.value)
             if self.session is None or verdict.blocked:
                 continue
             try:
@@ -315,7 +312,7 @@ class Exchange:
                     self.session, Step(invocation.tool, params_hash, marker, outcome.error)
                 )
             except Exception as exc:
-                self._store_failed(exc)
+                self.engine.store_failed(self.record, exc)
                 return
 
     def _shown(self, tool: str) -> str:
@@ -323,23 +320,6 @@ class Exchange:
 
         ``scrub`` is ``redact_text`` with a cache: a session calls the same few tools."""
         return self.engine.redactor.scrub(tool)
-
-    def _store_failed(self, exc: Exception) -> None:
-        log.warning("session_store_unavailable", error=type(exc).__name__)
-        if self.record.failure_stage is FailureStage.PASSED:
-            self.record.failure_stage = FailureStage.STORE
-            self.record.error_type = type(exc).__name__
-
-    @property
-    def _capturing(self) -> bool:
-        return self.engine.config.telemetry.capture_content
-
-    def _capture(self, key: str, value: object) -> None:
-        """Content on the span (call only when capture is switched on), redacted."""
-        redacted = self.engine.redactor.redact(value)
-        self.record.captured[key] = (
-            redacted if isinstance(redacted, str) else json.dumps(redacted, default=str)
-        )
 
 
 def exception_fields(exc: BaseException) -> dict[str, str]:

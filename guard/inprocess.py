@@ -33,7 +33,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import inspect
-import json
 import threading
 import time
 from collections.abc import Callable, Coroutine
@@ -297,7 +296,9 @@ class GuardedCall:
             params_hash=self.params_hash,
             scrub_policy=engine.scrub_policy,
         )
-        self._capture("gen_ai.tool.call.arguments", params)
+        self.guard.engine.capture(
+            self.record, "gen_ai.tool.call.arguments", params, as_json=_jsonable
+        )
         self._span: Any = None
         self._token: Any = None
         self._started = 0.0
@@ -326,7 +327,7 @@ class GuardedCall:
         self._started = time.perf_counter()
 
     def _check_failed(self, exc: Exception) -> Verdict:
-        self._store_failed(exc)
+        self.guard.engine.store_failed(self.record, exc)
         return Verdict("allow", self.tool, self.params_hash)
 
     def __enter__(self) -> GuardedCall:
@@ -377,7 +378,9 @@ class GuardedCall:
             outcome, error = {"error": type(exc).__qualname__, "message": str(exc)}, True
         step = self.guard._step(self.tool, self.params_hash, outcome, error, self.progress)
         record.progress_marker = step.marker
-        self._capture("gen_ai.tool.call.result", outcome)
+        self.guard.engine.capture(
+            self.record, "gen_ai.tool.call.result", outcome, as_json=_jsonable
+        )
         return step
 
     def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
@@ -386,7 +389,7 @@ class GuardedCall:
             try:
                 self.guard._loop.run(self.guard.engine.record(self.session, step), STORE_TIMEOUT_S)
             except Exception as store_exc:
-                self._store_failed(store_exc)
+                self.guard.engine.store_failed(self.record, store_exc)
         self._end()
 
     async def __aexit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
@@ -398,7 +401,7 @@ class GuardedCall:
                     STORE_TIMEOUT_S,
                 )
             except Exception as store_exc:
-                self._store_failed(store_exc)
+                self.guard.engine.store_failed(self.record, store_exc)
         self._end()
 
     @property
@@ -410,20 +413,6 @@ class GuardedCall:
     def _end(self) -> None:
         if self._span is not None:
             self.guard.engine.telemetry.finish(self._span, self.record)
-
-    def _store_failed(self, exc: Exception) -> None:
-        log.warning("session_store_unavailable", error=type(exc).__name__)
-        if self.record.failure_stage is FailureStage.PASSED:
-            self.record.failure_stage = FailureStage.STORE
-            self.record.error_type = type(exc).__name__
-
-    def _capture(self, key: str, value: Any) -> None:
-        engine = self.guard.engine
-        if engine.config.telemetry.capture_content:
-            redacted = engine.redactor.redact(_jsonable(value))
-            self.record.captured[key] = (
-                redacted if isinstance(redacted, str) else json.dumps(redacted, default=str)
-            )
 
 
 def _session(spec: SessionSpec) -> str:
