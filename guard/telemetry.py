@@ -212,7 +212,7 @@ class CallSpan:
         "span_int",
         "started",
         "state",
-        "trace",
+        "trace_int",
     )
 
     def __init__(
@@ -224,7 +224,7 @@ class CallSpan:
         state: trace.TraceState | None,
     ) -> None:
         self.span = span
-        self.trace = trace_id
+        self.trace_int = trace_id
         self.span_int = span_id
         self.flags = flags
         self.state = state
@@ -242,7 +242,7 @@ class CallSpan:
 
     @property
     def trace_id(self) -> str:
-        return f"{self.trace:032x}"
+        return f"{self.trace_int:032x}"
 
     @property
     def span_id(self) -> str:
@@ -251,7 +251,7 @@ class CallSpan:
     def inject(self, headers: dict[str, str]) -> dict[str, str]:
         """Write ``traceparent`` (and ``tracestate``) naming this span as the parent:
         the W3C format as ``TraceContextTextMapPropagator.inject`` writes it."""
-        headers["traceparent"] = f"00-{self.trace:032x}-{self.span_int:016x}-{self.flags:02x}"
+        headers["traceparent"] = f"00-{self.trace_id}-{self.span_id}-{self.flags:02x}"
         if self.state:
             headers["tracestate"] = self.state.to_header()
         return headers
@@ -567,8 +567,8 @@ class Telemetry:
                 _record_fields(
                     record,
                     request_id=call_span.request_id,
-                    trace_id=f"{call_span.trace:032x}",
-                    span_id=f"{call_span.span_int:016x}",
+                    trace_id=call_span.trace_id,
+                    span_id=call_span.span_id,
                     scrub_policy=self.scrub_policy,
                     session_hasher=self._session_hasher,
                 )
