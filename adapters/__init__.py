@@ -5,8 +5,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from adapters.base import Adapter
-    from guard.config import RouteConfig
+    from guard.engine.config import RouteConfig
+    from guard.engine.contract import Adapter
 
 
 def get_adapter(route: RouteConfig) -> Adapter:

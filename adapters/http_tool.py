@@ -18,7 +18,9 @@ from urllib.parse import parse_qs
 
 import xxhash
 
-from adapters.base import (
+from guard.engine.calls import Verdict
+from guard.engine.config import RouteConfig, SessionConfig
+from guard.engine.contract import (
     Answer,
     Observation,
     Outcome,
@@ -27,10 +29,8 @@ from adapters.base import (
     RequestView,
     ToolInvocation,
 )
-from guard.calls import Verdict
-from guard.config import RouteConfig, SessionConfig
-from guard.fingerprint import loads_json
-from guard.problem import stall_problem
+from guard.engine.fingerprint import loads_json
+from guard.engine.problem import stall_problem
 
 MAX_OUTCOME_BYTES = 1024 * 1024
 PROGRESS_HEADER = "x-loopguard-progress"

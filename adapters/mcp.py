@@ -47,7 +47,9 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from adapters.base import (
+from adapters.sse import SSEParser, encode_event
+from guard.engine.calls import Route, Verdict
+from guard.engine.contract import (
     Answer,
     Observation,
     Outcome,
@@ -57,13 +59,11 @@ from adapters.base import (
     ResponseObserver,
     ToolInvocation,
 )
-from guard.calls import Route, Verdict
-from guard.fingerprint import loads_json
-from guard.problem import ROUTE_HEADER, stop_text
-from guard.sse import SSEParser, encode_event
+from guard.engine.fingerprint import loads_json
+from guard.engine.problem import ROUTE_HEADER, stop_text
 
 SESSION_HEADER = "mcp-session-id"
-# The explicit progress marker a tool server may set (the name guard.exchange uses too).
+# The explicit progress marker a tool server may set (the name guard.doors.exchange uses too).
 PROGRESS_HEADER = "x-loopguard-progress"
 PROGRESS_META_KEY = "loopguard/progress"
 STOP_META_KEY = "loopguard/stop"

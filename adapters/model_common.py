@@ -1,14 +1,14 @@
 """What the OpenAI and Anthropic adapters share.
 
 - reading the request body (JSON or an admission error) and naming the conversation;
-- ``ModelObserver``: the response tee. SSE bodies go through ``guard.sse`` one chunk
+- ``ModelObserver``: the response tee. SSE bodies go through ``adapters.sse`` one chunk
   at a time (never buffered whole); JSON bodies are kept up to a cap and parsed at
   the end. Subclasses only say what one event / one JSON body means;
 - tool calls assembled from deltas split across chunks;
 - synthetic answers (the stop completion) as JSON or as an SSE stream.
 
-The stall analysis itself lives in ``guard.conversation`` (the Exchange calls it);
-the nudge and stop wording in ``guard.problem``, shared with the tool adapters.
+The stall analysis itself lives in ``guard.engine.conversation`` (the Exchange calls it);
+the nudge and stop wording in ``guard.engine.problem``, shared with the tool adapters.
 """
 
 from __future__ import annotations
@@ -22,11 +22,11 @@ from typing import Any
 
 import xxhash
 
-from adapters.base import Answer, Observation, ParsedRequest, RequestView, ToolInvocation
-from guard.calls import Route, Usage
-from guard.fingerprint import loads_json
-from guard.problem import ROUTE_HEADER
-from guard.sse import SSEEvent, SSEParser, encode_event
+from adapters.sse import SSEEvent, SSEParser, encode_event
+from guard.engine.calls import Route, Usage
+from guard.engine.contract import Answer, Observation, ParsedRequest, RequestView, ToolInvocation
+from guard.engine.fingerprint import loads_json
+from guard.engine.problem import ROUTE_HEADER
 
 # A non-streamed answer bigger than this is passed on but not parsed (no usage, no tools).
 MAX_JSON_OBSERVE_BYTES = 8 * 1024 * 1024

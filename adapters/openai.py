@@ -23,7 +23,6 @@ from __future__ import annotations
 import re
 from typing import Any, Literal
 
-from adapters.base import Answer, ParsedRequest, PassthroughObserver, RequestView
 from adapters.model_common import (
     BodyError,
     ModelObserver,
@@ -38,11 +37,12 @@ from adapters.model_common import (
     start_chat,
     usage_of,
 )
-from guard.calls import Usage, Verdict
-from guard.config import RouteConfig
-from guard.problem import nudge_text, stop_text
-from guard.sse import SSEEvent
-from guard.trajectory import history_from_openai_chat, history_from_openai_responses
+from adapters.sse import SSEEvent
+from adapters.trajectory import history_from_openai_chat, history_from_openai_responses
+from guard.engine.calls import Usage, Verdict
+from guard.engine.config import RouteConfig
+from guard.engine.contract import Answer, ParsedRequest, PassthroughObserver, RequestView
+from guard.engine.problem import nudge_text, stop_text
 
 Api = Literal["chat", "responses"]
 

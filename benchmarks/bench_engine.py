@@ -17,10 +17,10 @@ import statistics
 import sys
 import time
 
-from guard.calls import Step
-from guard.config import Config, RedactionRule
-from guard.engine import Engine
-from guard.store import MemoryStore
+from guard.engine.calls import Step
+from guard.engine.config import Config, RedactionRule
+from guard.engine.core import Engine
+from guard.engine.store import MemoryStore
 
 CALLS = 20_000
 RUNS = 7
@@ -79,7 +79,7 @@ async def run_once(
 
 
 async def main() -> None:
-    from guard import fingerprint
+    from guard.engine import fingerprint
 
     if "--stdlib" in sys.argv:  # measure the fallback encoder (no orjson)
         fingerprint._ORJSON = None

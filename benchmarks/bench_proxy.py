@@ -6,8 +6,8 @@ Three uvicorn processes (uvloop + httptools, one worker each):
 
 - a fast static upstream (raw ASGI, a small JSON answer);
 - ``bare``: a raw-ASGI passthrough proxy with the same upstream client as loopguard
-  (``guard.upstream.Upstream``) and no guard logic;
-- ``loopguard``: ``guard.proxy.ProxyApp`` with an http-tool route, a session header on
+  (``guard.doors.upstream.Upstream``) and no guard logic;
+- ``loopguard``: ``guard.doors.proxy.ProxyApp`` with an http-tool route, a session header on
   every request and parameters that vary, so every call is fingerprinted, checked,
   recorded and served (no blocks), with the default telemetry (spans for trace
   propagation, metrics) and durable records written to a temp file;
@@ -107,8 +107,8 @@ class BareProxy:
     """The baseline: forward and stream back, the same client, no guard."""
 
     def __init__(self, upstream: str, prefix: str = "/tools") -> None:
-        from guard.config import ServerConfig
-        from guard.upstream import Upstream
+        from guard.doors.upstream import Upstream
+        from guard.engine.config import ServerConfig
 
         self.upstream = upstream
         self.prefix = prefix.encode()
@@ -161,8 +161,8 @@ class BareProxy:
 
 
 def loopguard_app(upstream: str, records: str, store: str = "") -> Any:
-    from guard.config import Config
-    from guard.proxy import ProxyApp
+    from guard.doors.proxy import ProxyApp
+    from guard.engine.config import Config
 
     mapping: dict[str, Any] = {
         "routes": [{"prefix": "/tools", "upstream": upstream, "adapter": "http-tool"}],
@@ -187,7 +187,7 @@ def run_role(
     else:
         app = loopguard_app(upstream, records, store)
     # Process tuning as ``loopguard serve`` does it, for every role alike.
-    from guard.serve import freeze_startup_objects
+    from guard.doors.serve import freeze_startup_objects
 
     freeze_startup_objects()
     uvicorn.run(

@@ -7,7 +7,7 @@ Three uvicorn processes (uvloop + httptools):
 - the fake Chat Completions upstream of the tests (``tests/fake_models.py``): a
   role-only first chunk at once, then ``--chunks`` content chunks, the first after
   ``--first-delay-ms``;
-- loopguard (``guard.proxy.ProxyApp``) with an ``openai`` route in front of it, durable
+- loopguard (``guard.doors.proxy.ProxyApp``) with an ``openai`` route in front of it, durable
   records written to a temp file, no exporter;
 - ``bare``: the passthrough proxy of ``bench_proxy.py`` (same upstream client, no guard),
   to tell what the guard adds from what any extra hop costs.
@@ -53,15 +53,15 @@ def run_role(role: str, port: int, upstream: str, chunks: int, first_delay: floa
 
         app = BareProxy(upstream, prefix="/openai")
     elif role == "upstream":
-        from guard.fakes import Behaviour, FakeModels, Reply
+        from guard.devtools.fakes import Behaviour, FakeModels, Reply
 
         fake = FakeModels(
             reply=Reply(text=TEXT), behaviour=Behaviour(first_delay=first_delay, chunks=chunks)
         )
         app = fake.app()
     else:
-        from guard.config import Config
-        from guard.proxy import ProxyApp
+        from guard.doors.proxy import ProxyApp
+        from guard.engine.config import Config
 
         records = os.path.join(tempfile.mkdtemp(prefix="loopguard-bench-"), "records.jsonl")
         config = Config.from_mapping(
@@ -116,7 +116,7 @@ async def wait_up(port: int) -> None:
 
 async def one(session, url: str, body: bytes) -> tuple[float, float]:
     """(TTFT, total) in seconds for one streamed request."""
-    from guard.sse import SSEParser
+    from adapters.sse import SSEParser
 
     parser = SSEParser()
     ttft = None
@@ -138,7 +138,7 @@ async def one(session, url: str, body: bytes) -> tuple[float, float]:
 async def bench(args: argparse.Namespace, upstream: str, bare: str, proxy: str) -> None:
     import aiohttp
 
-    from guard.timing import percentile
+    from guard.engine.timing import percentile
 
     body = json.dumps(
         {

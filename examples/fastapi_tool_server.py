@@ -33,7 +33,7 @@ from fastapi import FastAPI
 from pydantic import BaseModel
 
 from guard import GuardMiddleware
-from guard.config import Config
+from guard.engine.config import Config
 
 api = FastAPI(title="FastShip tools")
 

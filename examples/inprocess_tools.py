@@ -17,7 +17,7 @@ import asyncio
 from typing import Any
 
 from guard import Guard, StalledRepeatError
-from guard.config import Config
+from guard.engine.config import Config
 
 # Config in code (or Guard("loopguard.toml")); records off to keep the example tidy.
 guard = Guard(Config.from_mapping({"loop": {"max_repeats": 3}, "telemetry": {"records": ""}}))

@@ -28,7 +28,7 @@ import os
 from mcp.server.mcpserver import MCPServer
 
 from guard import GuardMiddleware
-from guard.config import Config
+from guard.engine.config import Config
 
 mcp = MCPServer("fastship-tracking")
 

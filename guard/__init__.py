@@ -7,16 +7,16 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
-    from guard.inprocess import Guard, StalledRepeatError
-    from guard.middleware import GuardMiddleware
+    from guard.doors.inprocess import Guard, StalledRepeatError
+    from guard.doors.middleware import GuardMiddleware
 
 __all__ = ["Guard", "GuardMiddleware", "StalledRepeatError", "__version__"]
 
 # Imported on first use (PEP 562): `import guard` stays cheap for the CLI and the proxy.
 _LAZY = {
-    "Guard": "guard.inprocess",
-    "StalledRepeatError": "guard.inprocess",
-    "GuardMiddleware": "guard.middleware",
+    "Guard": "guard.doors.inprocess",
+    "StalledRepeatError": "guard.doors.inprocess",
+    "GuardMiddleware": "guard.doors.middleware",
 }
 
 

@@ -6,7 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from guard.config import Config, ConfigError
+from guard.engine.config import Config, ConfigError
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -42,7 +42,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
     if args.command == "serve":
-        from guard.serve import serve
+        from guard.doors.serve import serve
 
         overrides = {"listen": args.listen, "workers": args.workers}
         given = {key: value for key, value in overrides.items() if value is not None}
@@ -57,11 +57,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return 2
         return serve(config)
     if args.command == "replay":
-        from guard import replay
+        from guard.doors import replay
 
         return replay.run(args.file, config, as_json=args.json, out=sys.stdout)
     if args.command == "demo":
-        from guard import demo
+        from guard.devtools import demo
 
         return demo.run(as_json=args.json, records=args.records)
     return 2

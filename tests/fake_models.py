@@ -1,4 +1,4 @@
-"""Test harness: loopguard in front of the fake model upstreams (``guard.fakes``)."""
+"""Test harness: loopguard in front of the fake model upstreams (``guard.devtools.fakes``)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from guard.fakes import CACHED_TOKENS, INPUT_TOKENS, Behaviour, FakeModels, Reply
+from guard.devtools.fakes import CACHED_TOKENS, INPUT_TOKENS, Behaviour, FakeModels, Reply
 
 __all__ = [
     "CACHED_TOKENS",
@@ -53,9 +53,9 @@ def guarded(
     """
     from servers import run_server
 
-    from guard.config import Config
-    from guard.engine import Engine
-    from guard.proxy import ProxyApp
+    from guard.doors.proxy import ProxyApp
+    from guard.engine.config import Config
+    from guard.engine.core import Engine
     from guard.telemetry import Telemetry
 
     fake = fake or FakeModels()

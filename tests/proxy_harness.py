@@ -28,9 +28,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Mount, Route
 
-from guard.config import Config
-from guard.engine import Engine
-from guard.proxy import ProxyApp
+from guard.doors.proxy import ProxyApp
+from guard.engine.config import Config
+from guard.engine.core import Engine
 from guard.telemetry import Telemetry
 
 

@@ -1,0 +1,1 @@
+"""Development tools shipped for the demo: fake model and tool servers."""

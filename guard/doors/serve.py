@@ -1,0 +1,94 @@
+"""``loopguard serve``: the reverse proxy on uvicorn (uvloop + httptools).
+
+One process by default. ``[server] workers = N`` (or ``--workers N``) runs N worker
+processes on one listening socket under uvicorn's supervisor, which restarts a worker
+that dies; the workers share sessions through the Redis store (the config refuses
+workers > 1 with the memory store). Each worker builds its app from the configuration
+the supervisor hands down in ``WORKER_CONFIG_ENV``.
+
+Shutdown is graceful: on SIGINT/SIGTERM uvicorn stops accepting, lets open exchanges
+finish (up to ``GRACEFUL_SHUTDOWN_S``), then the ASGI lifespan shutdown closes the
+upstream client and the engine (session store, telemetry exporters, records file).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import json
+import os
+from typing import Any
+
+import uvicorn
+
+from guard.doors.proxy import ProxyApp
+from guard.engine.config import Config
+
+GRACEFUL_SHUTDOWN_S = 30
+# The validated configuration as JSON, from the supervisor to its worker processes.
+WORKER_CONFIG_ENV = "LOOPGUARD_WORKER_CONFIG"
+
+
+def _options(config: Config, **overrides: object) -> dict[str, Any]:
+    options: dict[str, Any] = {
+        "host": config.server.host,
+        "port": config.server.port,
+        "loop": "uvloop",
+        "http": "httptools",
+        "lifespan": "on",
+        # The upstream's own Server and Date headers pass through; no second pair.
+        "server_header": False,
+        "date_header": False,
+        "access_log": False,
+        "log_level": "info",
+        "proxy_headers": False,
+        "timeout_graceful_shutdown": GRACEFUL_SHUTDOWN_S,
+    }
+    options.update(overrides)
+    return options
+
+
+def uvicorn_config(app: ProxyApp, config: Config, **overrides: object) -> uvicorn.Config:
+    return uvicorn.Config(app, **_options(config, **overrides))
+
+
+def freeze_startup_objects() -> None:
+    """Move everything built at start-up out of the collector's way.
+
+    The config, engine, compiled patterns and imported modules live as long as the
+    process; frozen, they are no longer rescanned by every full collection, which
+    the per-request garbage of a busy proxy triggers often.
+    """
+    gc.collect()
+    gc.freeze()
+
+
+def worker_app() -> ProxyApp:
+    """The app factory each worker process runs (``workers`` > 1)."""
+    raw = os.environ[WORKER_CONFIG_ENV]
+    app = ProxyApp(Config.from_mapping(json.loads(raw), source="loopguard serve (worker)"))
+    freeze_startup_objects()
+    return app
+
+
+def serve(config: Config, **overrides: object) -> int:
+    """Run the proxy until interrupted; the exit code for the CLI."""
+    if config.server.workers > 1:
+        return _serve_workers(config, **overrides)
+    app = ProxyApp(config)
+    server = uvicorn.Server(uvicorn_config(app, config, **overrides))
+    freeze_startup_objects()
+    # Ctrl-C: uvicorn re-raises the signal after its graceful shutdown; exit cleanly.
+    with contextlib.suppress(KeyboardInterrupt):
+        server.run()
+    return 0 if server.started else 1
+
+
+def _serve_workers(config: Config, **overrides: object) -> int:
+    # Workers are spawned processes: they get the configuration, not this process's app.
+    os.environ[WORKER_CONFIG_ENV] = json.dumps(config.model_dump(mode="json"))
+    options = _options(config, **overrides)
+    options.update(factory=True, workers=config.server.workers)
+    # The supervisor exits the process itself when the socket cannot be bound.
+    uvicorn.run("guard.doors.serve:worker_app", **options)
+    return 0

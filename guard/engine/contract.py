@@ -1,0 +1,167 @@
+"""The contract between the engine and the protocol adapters.
+
+Adapters are the only protocol-aware code (OpenAI, Anthropic, MCP, plain HTTP
+tools). Like mitmproxy addons they are called at fixed points of one exchange:
+
+1. ``parse(request)``            -> ParsedRequest: the tool calls to guard, or the
+                                     conversation history for model APIs;
+2. ``stop_answer(...)``          -> the answer sent instead of calling upstream;
+   ``nudge(...)``                -> (model APIs) the request body with a guard message;
+3. ``observer(...)``             -> a ResponseObserver fed every response chunk as it
+                                     passes through, which finds outcomes, first token,
+                                     usage, and whether the stream ended properly.
+
+The engine (``guard.doors.exchange``) knows nothing of the protocols; the front doors
+(``guard.doors.proxy``, ``guard.doors.middleware``) know nothing of the adapters beyond this.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+from guard.engine.calls import Usage, Verdict
+
+
+@dataclass(slots=True)
+class RequestView:
+    """An incoming request with its body already read (it must be parsed)."""
+
+    method: str
+    # The path after the route prefix, e.g. "/lookup" for "/tools/lookup"; "" for the prefix itself.
+    path: str
+    query: str
+    # Lower-cased header names; values as received.
+    headers: dict[str, str]
+    body: bytes
+
+
+@dataclass(slots=True)
+class ToolInvocation:
+    """One tool call the request asks for (HTTP tool: one; MCP tools/call: one per message)."""
+
+    tool: str
+    params: Any
+    # JSON-RPC id (MCP) or tool_call_id (model transcripts); None for plain HTTP tools.
+    call_id: str | int | None = None
+
+
+@dataclass(slots=True)
+class HistoryStep:
+    """One executed tool call found in a model conversation: call and its result."""
+
+    tool: str
+    params: Any
+    outcome: Any
+    error: bool = False
+
+
+@dataclass(slots=True)
+class ParsedRequest:
+    operation: Literal["chat", "execute_tool", "mcp", "passthrough"]
+    # Guarded tool calls (empty for model requests and for unguarded MCP methods).
+    invocations: list[ToolInvocation] = field(default_factory=list)
+    # Model requests: the trajectory rebuilt from the conversation, oldest first.
+    history: list[HistoryStep] | None = None
+    model: str | None = None
+    stream: bool = False
+    # Why the body could not be understood (malformed JSON, wrong shape); None if fine.
+    admission_error: str | None = None
+    # Span name, e.g. "chat gpt-4o", "execute_tool lookup", "tools/call lookup".
+    span_name: str = "loopguard"
+    # Protocol attributes for the record: mcp_method, jsonrpc_request_id, conversation_id...
+    fields: dict[str, Any] = field(default_factory=dict)
+    # The body to forward when the adapter had to change it (e.g. inject stream usage).
+    body: bytes | None = None
+    # A stream meant to stay open until either side closes it (the MCP server stream):
+    # no read or total timeout applies.
+    long_lived: bool = False
+
+
+@dataclass(slots=True)
+class Answer:
+    """A response loopguard produces itself (stop answers, admission errors)."""
+
+    status: int
+    headers: list[tuple[str, str]]
+    # One bytes object, or several for a synthetic SSE stream.
+    chunks: list[bytes]
+
+
+@dataclass(slots=True)
+class Outcome:
+    """What one guarded tool call returned, for its progress marker."""
+
+    value: Any
+    error: bool = False
+    # An explicit marker the tool gave (x-loopguard-progress header, or protocol field).
+    explicit_marker: str | None = None
+
+
+@dataclass(slots=True)
+class Observation:
+    """What an observer learned from a whole response."""
+
+    # One per ParsedRequest.invocations entry, same order; None where no result was seen.
+    outcomes: list[Outcome | None] = field(default_factory=list)
+    # monotonic time (the clock passed to feed) of the first chunk carrying output.
+    first_output_at: float | None = None
+    output_chunks: int = 0
+    usage: Usage | None = None
+    response_id: str | None = None
+    response_model: str | None = None
+    finish_reasons: tuple[str, ...] = ()
+    # False when a stream ended without its terminal event ([DONE], message_stop...).
+    complete: bool = True
+    # Tool calls the model asked for in this response (model adapters).
+    requested_tools: list[ToolInvocation] = field(default_factory=list)
+
+
+class ResponseObserver(Protocol):
+    # True once every guarded call's outcome has been seen, so the steps can be
+    # recorded before the response ends (an MCP server may hold its SSE answer open).
+    # Observers that only know at the end keep it False.
+    settled: bool
+
+    def feed(self, chunk: bytes, now: float) -> bytes:
+        """Read one chunk as it passes; return the bytes to send on (usually ``chunk``).
+
+        Returning different bytes is only for hiding what loopguard itself added
+        (the injected usage chunk); an observer never buffers a whole response.
+        """
+        ...
+
+    def finish(self) -> Observation: ...
+
+
+class Adapter(Protocol):
+    name: str
+    # gen_ai.provider.name for model adapters ("openai", "anthropic"); None for tools.
+    provider: str | None
+
+    def parse(self, request: RequestView) -> ParsedRequest: ...
+
+    def stop_answer(self, request: RequestView, parsed: ParsedRequest, verdict: Verdict) -> Answer:
+        """The answer to a stopped call, written for the model to act on."""
+        ...
+
+    def nudge(self, request: RequestView, parsed: ParsedRequest, verdict: Verdict) -> bytes:
+        """Model adapters: the request body with a guard message added. Tools: unused."""
+        ...
+
+    def observer(
+        self, parsed: ParsedRequest, status: int, headers: dict[str, str]
+    ) -> ResponseObserver: ...
+
+
+class PassthroughObserver:
+    """For responses nothing is learnt from (not a guarded call): bytes pass as they are."""
+
+    __slots__ = ()
+    settled = False
+
+    def feed(self, chunk: bytes, now: float) -> bytes:
+        return chunk
+
+    def finish(self) -> Observation:
+        return Observation()

@@ -1,0 +1,139 @@
+"""The engine: one object holding the scrub policy, detector, session store and telemetry.
+
+Every front door (reverse proxy, middleware, in-process ``Guard``, replay) builds
+one ``Engine`` from a ``Config`` and asks it the same questions.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import structlog
+
+from guard.engine.calls import CallRecord, FailureStage, Step, Verdict
+from guard.engine.config import Config, RouteConfig
+from guard.engine.detector import Detector
+from guard.engine.fingerprint import params_hash
+from guard.engine.progress import ProgressMarkers
+from guard.engine.pseudonym import keyed_pseudonym, keyed_session_hasher
+from guard.engine.redact import Redactor, load_key
+from guard.engine.store import MemoryStore, SessionStore
+
+_log = structlog.get_logger("loopguard")
+
+
+class Engine:
+    def __init__(
+        self,
+        config: Config | None = None,
+        *,
+        store: SessionStore | None = None,
+        telemetry: Any | None = None,
+    ) -> None:
+        self.config = config or Config()
+        # The config is frozen: what is read on every call is built once.
+        self._scrub_policy = self.config.redaction.policy_id
+        self._session_headers = tuple(name.lower() for name in self.config.session.headers)
+        # (route, prefix + "/") pairs: no string built per route per request.
+        self._routes = tuple((route, route.prefix + "/") for route in self.config.routes)
+        # One key for parameter pseudonyms and session pseudonyms in records.
+        key = load_key(self.config.redaction.pseudonym_key_env)
+        # Content-derived identifiers (conversation digests) leave only as this token.
+        self.pseudonym = keyed_pseudonym(key, b"loopguard.conv")
+        self.redactor = Redactor(self.config.redaction, key=key)
+        self.detector = Detector(self.config.loop)
+        self.markers = ProgressMarkers(self.config.loop, self.redactor)
+        self.store = store or _store_from_config(self.config)
+        if telemetry is None:
+            from guard.telemetry import Telemetry
+
+            telemetry = Telemetry(
+                self.config.telemetry,
+                scrub_policy=self.scrub_policy,
+                session_hasher=keyed_session_hasher(key),
+            )
+        self.telemetry = telemetry
+
+    @property
+    def scrub_policy(self) -> str:
+        return self._scrub_policy
+
+    def fingerprint(self, params: Any) -> str:
+        """xxh3_128 hex of the redacted canonical parameters."""
+        return params_hash(params, self.redactor)
+
+    def marker(self, tool: str, outcome: Any, explicit: str | None = None) -> str:
+        return self.markers.marker(tool, outcome, explicit)
+
+    def evaluate(self, history: Sequence[Step], tool: str, params_hash: str) -> Verdict:
+        """Stateless: the verdict on a call given a history (replay, model conversations)."""
+        return self.detector.evaluate(history, tool, params_hash)
+
+    async def check(self, session: str, tool: str, params_hash: str) -> Verdict:
+        """The verdict on a call given the session's stored history."""
+        if self.detector.disabled_for(tool):
+            return Verdict("allow", tool, params_hash)
+        history = await self.store.history_for_call(session, tool, params_hash)
+        return self.detector.evaluate(history, tool, params_hash)
+
+    async def record(self, session: str, step: Step) -> None:
+        await self.store.append(session, step, self.config.loop.window)
+
+    def capture(
+        self, record: CallRecord, key: str, value: Any, as_json: Callable[[Any], Any] | None = None
+    ) -> None:
+        """Content onto the call's span: only when ``capture_content`` is on, redacted.
+        ``as_json`` turns a value that is not plain JSON into one (run only then)."""
+        if not self.config.telemetry.capture_content:
+            return
+        redacted = self.redactor.redact(as_json(value) if as_json is not None else value)
+        record.captured[key] = (
+            redacted if isinstance(redacted, str) else json.dumps(redacted, default=str)
+        )
+
+    def store_failed(self, record: CallRecord, exc: Exception) -> None:
+        """The session store failed: the call is served (fail open) and the record says so,
+        unless it already names an earlier failure."""
+        _log.warning("session_store_unavailable", error=type(exc).__name__)
+        if record.failure_stage is FailureStage.PASSED:
+            record.failure_stage = FailureStage.STORE
+            record.error_type = type(exc).__name__
+
+    def route_for(self, path: str) -> tuple[RouteConfig, str] | None:
+        """The longest-prefix route for a path, and the path left after the prefix."""
+        best: RouteConfig | None = None
+        for route, below in self._routes:
+            prefix = route.prefix
+            matches = prefix == "/" or path == prefix or path.startswith(below)
+            if matches and (best is None or len(prefix) > len(best.prefix)):
+                best = route
+        if best is None:
+            return None
+        rest = path if best.prefix == "/" else path[len(best.prefix) :]
+        return best, rest
+
+    def session_of(self, headers: dict[str, str]) -> str | None:
+        """The first configured session header present (headers lower-cased)."""
+        for name in self._session_headers:
+            value = headers.get(name)
+            if value:
+                return value
+        return None
+
+    async def aclose(self) -> None:
+        await self.store.aclose()
+        self.telemetry.shutdown()
+
+
+def _store_from_config(config: Config) -> SessionStore:
+    if config.store.backend == "redis":
+        from guard.engine.store import RedisStore
+
+        return RedisStore(
+            config.store.url,
+            key_prefix=config.store.key_prefix,
+            ttl_seconds=config.store.ttl_seconds,
+        )
+    return MemoryStore(max_sessions=config.store.max_sessions, ttl_seconds=config.store.ttl_seconds)

@@ -1,0 +1,98 @@
+"""Answers loopguard writes itself: RFC 9457 problem documents and the stop text.
+
+The stop text is written for the model that will read it: what was repeated, how
+often, and what to do instead. Every adapter uses the same words so that an agent
+meets one consistent message whatever protocol it speaks.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from guard.engine.calls import Route, StallRule, Verdict
+from guard.engine.contract import Answer
+
+PROBLEM_BASE = "https://loopguard.dev/problems/"
+ROUTE_HEADER = "x-loopguard-route"
+
+_RULE_WORDS = {
+    StallRule.STALLED_REPEAT: (
+        "returned the same result {n} times in a row with nothing new in between"
+    ),
+    StallRule.IDENTICAL_ERRORS: "failed {n} times with nothing new in between",
+    StallRule.HARD_CAP: "was made {n} times in this session",
+}
+
+
+# Every stop answer carries this phrase, so a stop that comes back inside a model
+# conversation (as the tool result the agent recorded) is recognised as a repeat.
+STOP_SIGNATURE = "loopguard stopped this call"
+
+
+def stop_text(verdict: Verdict) -> str:
+    """The explanation a model reads when its call is stopped."""
+    what = _RULE_WORDS.get(verdict.rule or StallRule.STALLED_REPEAT, "repeated").format(
+        n=verdict.repeats
+    )
+    return (
+        f"{STOP_SIGNATURE}: `{verdict.tool}` with these same arguments {what}, "
+        "so calling it again will not give you anything new. Do not repeat it. "
+        "Use the result you already have, try a different tool or different arguments, "
+        "or tell the user what is blocking you and ask how to proceed."
+    )
+
+
+def nudge_text(verdict: Verdict) -> str:
+    """The guard message added to a model request the first time a stall shows."""
+    return (
+        f"[loopguard] You have called `{verdict.tool}` with the same arguments "
+        f"{verdict.repeats} times and got the same outcome each time. Repeating it will not "
+        "help. Take a different approach: use the information you already have, change the "
+        "arguments, use another tool, or explain to the user what is blocking you."
+    )
+
+
+def problem(
+    status: int,
+    slug: str,
+    title: str,
+    detail: str,
+    *,
+    route: Route | None = None,
+    extra: dict[str, Any] | None = None,
+) -> Answer:
+    body = {"type": PROBLEM_BASE + slug, "title": title, "status": status, "detail": detail}
+    if extra:
+        body.update({k: v for k, v in extra.items() if v is not None})
+    headers = [("content-type", "application/problem+json")]
+    if route is not None:
+        headers.append((ROUTE_HEADER, route.value))
+    return Answer(status=status, headers=headers, chunks=[json.dumps(body).encode()])
+
+
+def stall_problem(verdict: Verdict, session: str | None) -> Answer:
+    """422 problem+json for a stopped call (HTTP tools; model routes with on_stop = "error")."""
+    return problem(
+        422,
+        "stalled-repeat" if verdict.rule is None else verdict.rule.value.replace("_", "-"),
+        "Call stopped by loopguard",
+        stop_text(verdict),
+        route=Route.STOP_AND_REVIEW,
+        extra={
+            "tool": verdict.tool,
+            "params_hash": verdict.params_hash,
+            "rule": verdict.rule.value if verdict.rule else None,
+            "repeats": verdict.repeats,
+            "session": session,
+        },
+    )
+
+
+def is_stop_answer(outcome: Any) -> bool:
+    """True when a tool result is loopguard's own stop answer (any protocol's form)."""
+    if isinstance(outcome, (bytes, bytearray)):
+        outcome = outcome.decode("utf-8", "replace")
+    if not isinstance(outcome, str):
+        outcome = json.dumps(outcome, default=str)
+    return STOP_SIGNATURE in outcome

@@ -1,0 +1,34 @@
+"""Keyed pseudonyms: identifiers (sessions, conversations, scrubbed values) leave
+loopguard only as keyed BLAKE2b tokens, each kind in its own person space."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import secrets
+from collections.abc import Callable
+
+SessionHasher = Callable[[str], str]
+
+
+def keyed_pseudonym(key: bytes | None, person: bytes, prefix: str = "") -> Callable[[str], str]:
+    """A keyed BLAKE2b pseudonym of identifiers (random per-process key by default).
+
+    The same value always gets the same token, and no one without the key can test a
+    guessed value against a record. ``person`` keeps each kind of identifier (sessions,
+    conversations, the scrub policy's values) in its own space, even under one key.
+    """
+    key = key if key is not None else secrets.token_bytes(32)
+
+    # Identifiers repeat (an agent's calls come in sessions): cache the recent ones.
+    @functools.lru_cache(maxsize=4096)
+    def pseudonymize(value: str) -> str:
+        digest = hashlib.blake2b(value.encode("utf-8"), key=key[:64], digest_size=16, person=person)
+        return prefix + digest.hexdigest()
+
+    return pseudonymize
+
+
+def keyed_session_hasher(key: bytes | None = None) -> SessionHasher:
+    """Session ids in records: ``s_`` + a keyed pseudonym."""
+    return keyed_pseudonym(key, b"loopguard.sess", "s_")

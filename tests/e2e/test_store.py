@@ -1,0 +1,170 @@
+"""Session stores: MemoryStore bounds and expiry; RedisStore against a real redis-server."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+
+import pytest
+from servers import free_port
+
+from guard.engine.calls import Step
+from guard.engine.store import MemoryStore, RedisStore, StoreError, decode_step, encode_step
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def step(i: int, error: bool = False) -> Step:
+    return Step("tool", f"h{i}", f"m{i}", error)
+
+
+async def test_memory_window_and_copy() -> None:
+    store = MemoryStore()
+    for i in range(10):
+        await store.append("s", step(i), window=4)
+    history = await store.history("s")
+    assert history == [step(i) for i in range(6, 10)]
+    history.clear()  # a copy: the store is untouched
+    assert len(await store.history("s")) == 4
+    assert await store.history("unknown") == []
+
+
+async def test_memory_lru_eviction() -> None:
+    clock = Clock()
+    store = MemoryStore(max_sessions=2, ttl_seconds=60, clock=clock)
+    await store.append("a", step(1), 8)
+    await store.append("b", step(2), 8)
+    await store.history("a")  # touch a: b is now least recently used
+    await store.append("c", step(3), 8)
+    assert len(store) == 2
+    assert await store.history("b") == []
+    assert await store.history("a") == [step(1)]
+    assert await store.history("c") == [step(3)]
+
+
+async def test_memory_idle_expiry() -> None:
+    clock = Clock()
+    store = MemoryStore(max_sessions=10, ttl_seconds=60, clock=clock)
+    await store.append("old", step(1), 8)
+    clock.now += 30
+    await store.append("fresh", step(2), 8)
+    clock.now += 31  # old idle 61 s, fresh 31 s
+    assert await store.history("old") == []
+    assert await store.history("fresh") == [step(2)]
+    clock.now += 61
+    await store.append("new", step(3), 8)  # appending sweeps expired sessions
+    assert len(store) == 1
+    # An expired session starts afresh rather than resuming its old steps.
+    await store.append("fresh", step(4), 8)
+    assert await store.history("fresh") == [step(4)]
+
+
+async def test_memory_window_change() -> None:
+    store = MemoryStore()
+    for i in range(6):
+        await store.append("s", step(i), window=6)
+    await store.append("s", step(6), window=3)
+    assert await store.history("s") == [step(4), step(5), step(6)]
+
+
+def test_step_encoding_roundtrip() -> None:
+    s = Step("lookup_tracking", "ab" * 16, "ptr:in transit ✓", True)
+    raw = encode_step(s)
+    assert decode_step(raw) == s and decode_step(raw.encode()) == s
+    assert " " not in raw.replace("in transit ✓", "")
+
+
+# -- Redis -----------------------------------------------------------------------------
+
+
+@pytest.fixture
+async def redis_store(redis_url: str) -> AsyncIterator[RedisStore]:
+    store = RedisStore(redis_url, key_prefix=f"t{time.monotonic_ns()}:", ttl_seconds=30)
+    yield store
+    await store.aclose()
+
+
+async def test_redis_append_history_window(redis_store: RedisStore) -> None:
+    for i in range(7):
+        await redis_store.append("s1", step(i, error=i % 2 == 0), window=5)
+    assert await redis_store.history("s1") == [step(i, error=i % 2 == 0) for i in range(2, 7)]
+    assert await redis_store.history("nobody") == []
+
+
+async def test_redis_shared_between_replicas_and_expiry(redis_url: str) -> None:
+    import redis.asyncio as aioredis
+
+    prefix = f"r{time.monotonic_ns()}:"
+    one = RedisStore(redis_url, key_prefix=prefix, ttl_seconds=30)
+    two = RedisStore(redis_url, key_prefix=prefix, ttl_seconds=30)
+    try:
+        await one.append("s", step(1), 8)
+        await two.append("s", step(2), 8)
+        assert await one.history("s") == [step(1), step(2)]
+        client = aioredis.from_url(redis_url)
+        ttls = [await client.ttl(key) for key in one._keys("s")]
+        await client.aclose()
+        assert all(0 < ttl <= 30 for ttl in ttls)
+    finally:
+        await one.aclose()
+        await two.aclose()
+
+
+async def test_redis_call_index_follows_the_window(redis_store: RedisStore) -> None:
+    """The per-call counts move with the window: a call that left it is answered without
+    the window; one inside it gets the whole window (in order), from any replica."""
+    import redis.asyncio as aioredis
+
+    calls = [Step("lookup", f"h{i % 3}", f"m{i}", i == 4) for i in range(8)]
+    for s in calls:
+        await redis_store.append("s", s, window=4)
+    window = calls[4:]
+    assert await redis_store.history("s") == window
+    assert await redis_store.history_for_call("s", "lookup", "h1") == window  # steps 4 and 7
+    assert await redis_store.history_for_call("s", "other", "h1") == []
+    assert await redis_store.history_for_call("nobody", "lookup", "h1") == []
+    client = aioredis.from_url(redis_store.url)
+    counts = await client.hgetall(redis_store._keys("s")[1])
+    await client.aclose()
+    expected: dict[bytes, bytes] = {}
+    for s in window:
+        field = f"{s.tool}\x1f{s.params_hash}".encode()
+        expected[field] = str(int(expected.get(field, b"0")) + 1).encode()
+    assert counts == expected
+
+
+async def test_redis_dead_port_raises_store_error() -> None:
+    store = RedisStore(f"redis://127.0.0.1:{free_port()}/0", connect_timeout=1.0)
+    try:
+        with pytest.raises(StoreError, match="redis store"):
+            await store.history("s")
+        with pytest.raises(StoreError, match="cannot append"):
+            await store.append("s", step(1), 8)
+    finally:
+        await store.aclose()
+
+
+async def test_engine_check_and_record_through_redis(redis_url: str) -> None:
+    from guard.engine.config import Config
+    from guard.engine.core import Engine
+
+    class NoTelemetry:
+        def shutdown(self) -> None:
+            pass
+
+    store = RedisStore(redis_url, key_prefix=f"e{time.monotonic_ns()}:", ttl_seconds=30)
+    eng = Engine(
+        Config.from_mapping({"loop": {"max_repeats": 2}}), store=store, telemetry=NoTelemetry()
+    )
+    h = eng.fingerprint({"order": "#A10234"})
+    for _ in range(2):
+        assert (await eng.check("sess", "lookup", h)).action == "allow"
+        await eng.record("sess", Step("lookup", h, "scan:v17"))
+    assert (await eng.check("sess", "lookup", h)).blocked
+    await eng.aclose()

@@ -1,0 +1,92 @@
+"""The stateless stall analysis of model conversations (guard.engine.conversation), unit level.
+
+The end-to-end behaviour through the SDKs is in test_model_stalls.py; here the edge
+cases of the decision itself: who gets nudged, who gets stopped, and who is left alone.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from test_model_stalls import LOOP, SEARCH, THINK, Step, chat_messages
+
+from adapters.openai import OpenAIAdapter
+from guard.doors.exchange import Exchange
+from guard.engine.calls import Verdict
+from guard.engine.config import Config, RouteConfig
+from guard.engine.contract import HistoryStep, RequestView
+from guard.engine.conversation import analyze
+from guard.engine.core import Engine
+from guard.engine.problem import stop_text
+
+ROUTE = RouteConfig(prefix="/openai", upstream="http://model", adapter="openai")
+
+
+def engine() -> Engine:
+    return Engine(Config.from_mapping({"telemetry": {"records": ""}}))
+
+
+def history(steps: list[Step]) -> list[HistoryStep]:
+    return [HistoryStep(tool, args, result) for tool, args, result in steps]
+
+
+def parse(messages: list[dict[str, Any]], headers: dict[str, str] | None = None):
+    body = json.dumps({"model": "m", "messages": messages}).encode()
+    view = RequestView("POST", "/v1/chat/completions", "", headers or {}, body)
+    return view, OpenAIAdapter(ROUTE).parse(view)
+
+
+def test_a_fresh_stall_is_nudged_and_a_continued_one_stopped() -> None:
+    e = engine()
+    assert analyze(e, history(LOOP[:-1])).action == "serve"
+    assert analyze(e, history(LOOP)).action == "nudge"
+    assert analyze(e, history([*LOOP, THINK, SEARCH])).action == "stop"
+    assert analyze(e, history(LOOP), nudge_first=False).action == "stop"
+
+
+def test_a_new_user_turn_after_a_stall_is_left_alone() -> None:
+    messages = [*chat_messages(LOOP), {"role": "user", "content": "try the other airline"}]
+    _, parsed = parse(messages)
+    assert parsed.history == []
+    assert analyze(engine(), parsed.history).action == "serve"
+    _, looping = parse(chat_messages(LOOP))
+    assert analyze(engine(), looping.history).action == "nudge"
+
+
+def test_an_old_stall_of_another_call_does_not_skip_the_nudge() -> None:
+    other = ("lookup", {"id": 7}, "same")
+    old_stall = [other, other, other, other]  # repeated past its limit earlier on
+    decision = analyze(engine(), history([*old_stall, *LOOP]))
+    assert decision.action == "nudge"
+    assert decision.verdict is not None and decision.verdict.tool == "search"
+
+
+def test_loopguards_own_stop_answer_in_the_history_counts_as_the_same_outcome() -> None:
+    e = engine()
+    stop = stop_text(Verdict("block", "search", "h", repeats=3))
+    steps = [*LOOP, THINK, (SEARCH[0], SEARCH[1], stop)]
+    decision = analyze(e, history(steps))
+    assert decision.action == "stop"
+    # Without the recognition the stop text would look like a new outcome and reset.
+    renamed = [*LOOP, THINK, (SEARCH[0], SEARCH[1], "something else entirely")]
+    assert analyze(e, history(renamed)).action == "serve"
+
+
+async def test_a_conversation_id_derived_from_content_leaves_only_as_a_keyed_pseudonym() -> None:
+    e = engine()
+    view, parsed = parse(chat_messages(LOOP[:2]))
+    digest = parsed.fields["conversation_digest"]
+    exchange = Exchange(e, ROUTE, OpenAIAdapter(ROUTE), view, None)
+    await exchange.admit()
+    conversation = exchange.record.conversation_id
+    assert conversation is not None and conversation.startswith("conv_")
+    assert digest not in conversation
+    # Stable within one key, different under another key.
+    assert conversation == "conv_" + e.pseudonym(digest)
+    assert engine().pseudonym(digest) != e.pseudonym(digest)
+    named_view, _ = parse(chat_messages(LOOP[:2]), {"x-loopguard-conversation": "c-42"})
+    named = Exchange(e, ROUTE, OpenAIAdapter(ROUTE), named_view, None)
+    await named.admit()
+    assert named.record.conversation_id == "c-42"
+    await e.aclose()
