@@ -10,20 +10,12 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from guard.engine.calls import Route, StallRule, Verdict
+from guard.engine.calls import Route, Verdict
 from guard.engine.contract import Answer
+from guard.engine.rules import RULES_BY_NAME
 
 PROBLEM_BASE = "https://loopguard.dev/problems/"
 ROUTE_HEADER = "x-loopguard-route"
-
-_RULE_WORDS = {
-    StallRule.STALLED_REPEAT: (
-        "returned the same result {n} times in a row with nothing new in between"
-    ),
-    StallRule.IDENTICAL_ERRORS: "failed {n} times with nothing new in between",
-    StallRule.HARD_CAP: "was made {n} times in this session",
-}
-
 
 # Every stop answer carries this phrase, so a stop that comes back inside a model
 # conversation (as the tool result the agent recorded) is recognised as a repeat.
@@ -32,9 +24,8 @@ STOP_SIGNATURE = "loopguard stopped this call"
 
 def stop_text(verdict: Verdict) -> str:
     """The explanation a model reads when its call is stopped."""
-    what = _RULE_WORDS.get(verdict.rule or StallRule.STALLED_REPEAT, "repeated").format(
-        n=verdict.repeats
-    )
+    rule = RULES_BY_NAME.get(verdict.rule or "")
+    what = (rule.words if rule is not None else "was repeated {n} times").format(n=verdict.repeats)
     return (
         f"{STOP_SIGNATURE}: `{verdict.tool}` with these same arguments {what}, "
         "so calling it again will not give you anything new. Do not repeat it. "
