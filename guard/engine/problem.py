@@ -66,14 +66,14 @@ def stall_problem(verdict: Verdict, session: str | None) -> Answer:
     """422 problem+json for a stopped call (HTTP tools; model routes with on_stop = "error")."""
     return problem(
         422,
-        "stalled-repeat" if verdict.rule is None else verdict.rule.value.replace("_", "-"),
+        "stalled-repeat" if verdict.rule is None else str(verdict.rule).replace("_", "-"),
         "Call stopped by loopguard",
         stop_text(verdict),
         route=Route.STOP_AND_REVIEW,
         extra={
             "tool": verdict.tool,
             "params_hash": verdict.params_hash,
-            "rule": verdict.rule.value if verdict.rule else None,
+            "rule": str(verdict.rule) if verdict.rule else None,
             "repeats": verdict.repeats,
             "session": session,
         },
