@@ -4,8 +4,9 @@
 
 A tool server (Starlette, FastAPI, the ``mcp`` SDK's ``streamable_http_app()``) guards
 itself: an HTTP request whose path matches a configured route goes through the same
-``guard.doors.exchange.Exchange`` as in the reverse proxy (same adapters, detector, spans and
-records), with the wrapped app in the place of the upstream. A stopped call is answered
+admission (``guard.doors.admission``) and ``Exchange`` as in the reverse proxy (same
+adapters, detector, spans and records), with the wrapped app in the place of the
+upstream. A stopped call is answered
 here and never reaches the app. Everything else (paths with no route, lifespan,
 websockets) passes straight through.
 
@@ -20,8 +21,9 @@ Notes:
   server the request actually reached (``scope["server"]``).
 * Routes match the path the app sees, i.e. without ``root_path``.
 * The step is recorded before the body's last bytes go out (the last message, or the
-  one that completes a declared content-length), so an agent that has the whole
-  answer never races its own next call past the record.
+  one that completes a declared content-length: the Exchange's rule, as in the proxy),
+  so an agent that has the whole answer never races its own next call past the record.
+* A request the guard fails on (a bug) is served unguarded, as in the proxy.
 * The engine is created once per middleware; it is closed at lifespan shutdown when the
   middleware created it, else by ``aclose()`` (an engine passed in belongs to its owner).
 """

@@ -1,7 +1,8 @@
 """The reverse proxy: a pure-ASGI app that puts the guard in front of configured upstreams.
 
-One request: match a route by longest path prefix, read the body once (bounded),
-let the ``Exchange`` admit it (a stop answer never reaches upstream), forward it to
+One request: match a route by longest path prefix (``guard.doors.routing``), admit it
+(``guard.doors.admission``, shared with the middleware: the body read once, bounded,
+and the ``Exchange``'s decision; a stop answer never reaches upstream), forward it to
 the route's upstream, and relay the response chunk by chunk as it arrives, every
 chunk passing the adapter's observer on its way.
 
