@@ -15,7 +15,10 @@ sync code; ``guard.call(tool, params, session=...)`` as a (sync or async) contex
 manager around code that is not one function.
 
 Same engine as the proxy and the middleware: same redaction, fingerprints, progress
-markers, stall rules, spans and durable records.
+markers, stall rules, spans and durable records. A guarded call goes through the same
+``Exchange`` too, over a synthetic request (one tool invocation; the tool's outcome is
+handed over as the ``Observation``), so the stop, fail-open and record rules are the
+Exchange's, not a copy of them.
 
 Why one event loop of its own: the session store is async, and a store's connections
 (Redis) belong to the loop that opened them, while agent code calls tools from plain
