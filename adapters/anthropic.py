@@ -66,11 +66,11 @@ class AnthropicAdapter:
             (m.get("content") for m in messages if isinstance(m, dict) and m.get("role") == "user"),
             None,
         )
-        parsed.fields.update(conversation_fields(request.headers, body.get("system"), first_user))
+        parsed.fields = conversation_fields(request.headers, body.get("system"), first_user)
         return parsed
 
     def nudge(self, request: RequestView, parsed: ParsedRequest, verdict: Verdict) -> bytes:
-        body = load_object(parsed.body if parsed.body is not None else request.body)
+        body = load_object(parsed.forward_body or request.body)
         text = nudge_text(verdict)
         system = body.get("system")
         if isinstance(system, list):

@@ -19,7 +19,7 @@ from urllib.parse import parse_qs
 import xxhash
 
 from guard.engine.calls import Verdict
-from guard.engine.config import RouteConfig, SessionConfig
+from guard.engine.config import RouteConfig
 from guard.engine.contract import (
     Answer,
     Observation,
@@ -41,15 +41,9 @@ class HttpToolAdapter:
     name = "http-tool"
     provider: str | None = None
 
-    def __init__(
-        self, route: RouteConfig, *, session_headers: tuple[str, ...] | None = None
-    ) -> None:
+    def __init__(self, route: RouteConfig) -> None:
         self.route = route
         self.tool_segment = route.tool_segment
-        # Only used to name the session in the stop answer; the Exchange decides tracking.
-        self.session_headers = tuple(
-            h.lower() for h in (session_headers or SessionConfig().headers)
-        )
 
     # -- request ---------------------------------------------------------------------
 
@@ -76,18 +70,12 @@ class HttpToolAdapter:
 
     def stop_answer(self, request: RequestView, parsed: ParsedRequest, verdict: Verdict) -> Answer:
         """422 problem+json written for the model, ``x-loopguard-route: stop_and_review``."""
-        return stall_problem(verdict, self._session(request))
+        # The session the front door resolved with the configured [session] headers.
+        return stall_problem(verdict, request.session)
 
     def nudge(self, request: RequestView, parsed: ParsedRequest, verdict: Verdict) -> bytes:
         # Tools have no conversation to add a message to: the request goes as it came.
         return request.body
-
-    def _session(self, request: RequestView) -> str | None:
-        for name in self.session_headers:
-            value = request.headers.get(name)
-            if value:
-                return value
-        return None
 
     # -- response --------------------------------------------------------------------
 

@@ -49,12 +49,15 @@ from typing import Any
 
 from adapters.sse import SSEParser, encode_event
 from guard.engine.calls import Route, Verdict
+from guard.engine.config import RouteConfig
 from guard.engine.contract import (
+    NO_FIELDS,
     Answer,
     Observation,
     Outcome,
     ParsedRequest,
     PassthroughObserver,
+    ProtocolFields,
     RequestView,
     ResponseObserver,
     ToolInvocation,
@@ -77,16 +80,14 @@ class McpAdapter:
     name = "mcp"
     provider: str | None = None
 
-    def __init__(self, route: Any = None) -> None:
+    def __init__(self, route: RouteConfig | None = None) -> None:
         self.route = route
 
     # -- request ---------------------------------------------------------------------
 
     def parse(self, request: RequestView) -> ParsedRequest:
-        fields: dict[str, Any] = {}
-        session_id = request.headers.get(SESSION_HEADER)
-        if session_id:
-            fields["mcp_session_id"] = session_id
+        session_id = request.headers.get(SESSION_HEADER) or None
+        fields = ProtocolFields(mcp_session_id=session_id) if session_id else NO_FIELDS
         if request.method == "GET":
             # The server's own stream (notifications, server requests): open for the session.
             return ParsedRequest("passthrough", span_name="GET", fields=fields, long_lived=True)
@@ -125,18 +126,22 @@ class McpAdapter:
             )
 
         if invocations:
-            fields["mcp_method"] = "tools/call"
-            fields["jsonrpc_request_id"] = str(invocations[0].call_id)
             return ParsedRequest(
                 "execute_tool",
                 invocations=invocations,
                 span_name=f"tools/call {invocations[0].tool}",
-                fields=fields,
+                fields=ProtocolFields(
+                    mcp_method="tools/call",
+                    mcp_session_id=session_id,
+                    jsonrpc_request_id=str(invocations[0].call_id),
+                ),
             )
         if first_method is not None:
-            fields["mcp_method"] = first_method
-            if _is_id(first_id):
-                fields["jsonrpc_request_id"] = str(first_id)
+            fields = ProtocolFields(
+                mcp_method=first_method,
+                mcp_session_id=session_id,
+                jsonrpc_request_id=str(first_id) if _is_id(first_id) else None,
+            )
         return ParsedRequest("mcp", span_name=first_method or "response", fields=fields)
 
     # -- answers ---------------------------------------------------------------------
@@ -263,7 +268,7 @@ class McpObserver:
 # -- helpers -------------------------------------------------------------------------
 
 
-def _bad(problem: str, fields: dict[str, Any]) -> ParsedRequest:
+def _bad(problem: str, fields: ProtocolFields) -> ParsedRequest:
     return ParsedRequest("mcp", admission_error=problem, span_name="POST", fields=fields)
 
 

@@ -24,7 +24,15 @@ import xxhash
 
 from adapters.sse import SSEEvent, SSEParser, encode_event
 from guard.engine.calls import Route, Usage
-from guard.engine.contract import Answer, Observation, ParsedRequest, RequestView, ToolInvocation
+from guard.engine.contract import (
+    NO_FIELDS,
+    Answer,
+    Observation,
+    ParsedRequest,
+    ProtocolFields,
+    RequestView,
+    ToolInvocation,
+)
 from guard.engine.fingerprint import loads_json
 from guard.engine.problem import ROUTE_HEADER
 
@@ -73,7 +81,7 @@ def dump_object(value: dict[str, Any]) -> bytes:
 
 def conversation_fields(
     headers: dict[str, str], *anchors: Any, explicit: str | None = None
-) -> dict[str, str]:
+) -> ProtocolFields:
     """What identifies one conversation across its requests, for ``ParsedRequest.fields``.
 
     An explicit id wins: the ``x-loopguard-conversation`` header, then one the API
@@ -86,11 +94,11 @@ def conversation_fields(
     """
     named = headers.get(CONVERSATION_HEADER) or explicit
     if named:
-        return {"conversation_id": named}
+        return ProtocolFields(conversation_id=named)
     if all(anchor is None for anchor in anchors):
-        return {}
+        return NO_FIELDS
     blob = json.dumps(anchors, sort_keys=True, separators=(",", ":"), default=str)
-    return {"conversation_digest": xxhash.xxh3_128_hexdigest(blob.encode())}
+    return ProtocolFields(conversation_digest=xxhash.xxh3_128_hexdigest(blob.encode()))
 
 
 def parse_arguments(arguments: Any) -> Any:

@@ -91,53 +91,51 @@ class OpenAIAdapter:
         # a new user turn (a human answering) is never nudged or stopped.
         ends_in_tool = bool(messages) and _role(messages[-1]) == "tool"
         parsed.history = history_from_openai_chat(messages) if ends_in_tool else []
-        parsed.fields.update(
-            conversation_fields(
-                request.headers,
-                _first(messages, ("system", "developer")),
-                _first(messages, ("user",)),
-            )
+        parsed.fields = conversation_fields(
+            request.headers,
+            _first(messages, ("system", "developer")),
+            _first(messages, ("user",)),
         )
         if (
             parsed.stream
             and self.route.inject_stream_usage
             and dig(body, "stream_options", "include_usage") is not True
         ):
-            # Only the usage injection sets parsed.body on a chat request: the observer
-            # reads "body was rewritten" as "hide the usage chunk the client did not ask for".
+            # The usage chunk this asks for is the guard's, not the client's: the
+            # observer hides it (injected_stream_usage).
             options = body.get("stream_options")
             options = dict(options) if isinstance(options, dict) else {}
             options["include_usage"] = True
-            parsed.body = dump_object({**body, "stream_options": options})
+            parsed.forward_body = dump_object({**body, "stream_options": options})
+            parsed.injected_stream_usage = True
 
     def _parse_responses(
         self, request: RequestView, body: dict[str, Any], parsed: ParsedRequest
     ) -> None:
         items = body.get("input")
-        ends_in_tool = (
+        parsed.history = []
+        if (
             isinstance(items, list)
-            and bool(items)
+            and items
             and isinstance(items[-1], dict)
             and items[-1].get("type") == "function_call_output"
-        )
-        parsed.history = history_from_openai_responses(items) if ends_in_tool else []
+        ):
+            parsed.history = history_from_openai_responses(items)
         conversation = body.get("conversation")
         if isinstance(conversation, dict):
             conversation = conversation.get("id")
         first_user = items if isinstance(items, str) else None
         if isinstance(items, list):
             first_user = _first(items, ("user",))
-        parsed.fields.update(
-            conversation_fields(
-                request.headers,
-                body.get("instructions"),
-                first_user,
-                explicit=conversation if isinstance(conversation, str) else None,
-            )
+        parsed.fields = conversation_fields(
+            request.headers,
+            body.get("instructions"),
+            first_user,
+            explicit=conversation if isinstance(conversation, str) else None,
         )
 
     def nudge(self, request: RequestView, parsed: ParsedRequest, verdict: Verdict) -> bytes:
-        body = load_object(parsed.body if parsed.body is not None else request.body)
+        body = load_object(parsed.forward_body or request.body)
         text = nudge_text(verdict)
         if api_of(request.method, request.path) == "chat":
             body["messages"] = [*body["messages"], {"role": "system", "content": text}]
@@ -167,8 +165,7 @@ class OpenAIAdapter:
     ) -> ModelObserver | PassthroughObserver:
         if parsed.operation != "chat":
             return PassthroughObserver()
-        # Only the usage injection sets parsed.body in parse(); see _parse_chat.
-        return OpenAIObserver(status, headers, hide_usage=parsed.body is not None)
+        return OpenAIObserver(status, headers, hide_usage=parsed.injected_stream_usage)
 
 
 def _first(items: list[Any], roles: tuple[str, ...]) -> Any:

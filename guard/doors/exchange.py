@@ -1,39 +1,49 @@
 """One request through the guard, whatever moves its bytes.
 
-The reverse proxy and the embedded middleware both drive an ``Exchange``:
+Every front door drives an ``Exchange``; the stop, fail-open and record-ordering
+rules live here and nowhere else:
 
-    ex = Exchange(engine, route, adapter, request, session)
+    ex = Exchange(engine, route, adapter, request)
     admitted = await ex.admit()          # Answer -> send it, never call upstream
                                          # bytes  -> the body to forward
     headers.update(ex.upstream_headers())
     ex.mark_sent()                       # the TTFT clock starts here
     client_headers = ex.response_start(status, upstream_headers)
-    for chunk in upstream: send(ex.response_chunk(chunk))
+    for chunk in upstream:
+        out = await ex.response_chunk(chunk, last=...)
+        send(out, more_body=not ex.done)  # ex.done: the body is complete for the client
     await ex.finish(failure=None)        # records steps, ends the span, writes the record
 
-It knows the engine and the adapter contract, and nothing of HTTP libraries or of
-any protocol.
+The HTTP doors reach it through ``guard.doors.admission``; the in-process Guard
+builds one per call with a synthetic request and feeds the outcome to ``finish``
+as an ``Observation``. It knows the engine and the adapter contract, and nothing of
+HTTP libraries or of any protocol.
 """
 
 from __future__ import annotations
 
 import time
 import traceback
+from dataclasses import asdict, dataclass, is_dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import urlsplit
 
 import structlog
 
 from guard.engine.calls import CallRecord, FailureStage, Route, Step, Verdict
 from guard.engine.contract import (
+    NO_FIELDS,
     Adapter,
     Answer,
     Observation,
+    Outcome,
     ParsedRequest,
+    PassthroughAdapter,
     RequestView,
     ResponseObserver,
+    ToolInvocation,
 )
 from guard.engine.conversation import StallDecision, analyze
 from guard.engine.problem import ROUTE_HEADER, problem, stall_problem
@@ -51,32 +61,72 @@ _APP_PREFIX_B = APP_HEADER_PREFIX.encode()
 _APP_PREFIX_LEN = len(_APP_PREFIX_B)
 # The route header for each route, as the ASGI pair the client gets.
 _ROUTE_PAIRS = {route: (ROUTE_HEADER.encode(), route.value.encode()) for route in Route}
+_ARGUMENTS = "gen_ai.tool.call.arguments"
+_RESULT = "gen_ai.tool.call.result"
+
+
+class SessionHistory(Protocol):
+    """Where the Exchange reads verdicts and appends steps: the ``Engine`` itself, or
+    (in-process) the engine reached through the Guard's own event loop."""
+
+    async def check(self, session: str, tool: str, params_hash: str) -> Verdict: ...
+
+    async def record(self, session: str, step: Step) -> None: ...
+
+
+@dataclass(slots=True)
+class CallFlow:
+    """One guarded tool call through the exchange: what was asked, the verdict on it,
+    and (once the response showed it) what it returned."""
+
+    invocation: ToolInvocation
+    params_hash: str
+    verdict: Verdict
+    outcome: Outcome | None = None
+
+
+_UNGUARDED = PassthroughAdapter()
 
 
 class Exchange:
+    """``route`` is None for a call that is not HTTP (the in-process Guard): then there is
+    no upstream address and no status code to record."""
+
     def __init__(
         self,
         engine: Engine,
-        route: RouteConfig,
+        route: RouteConfig | None,
         adapter: Adapter,
         request: RequestView,
-        session: str | None,
+        *,
+        history: SessionHistory | None = None,
     ) -> None:
         self.engine = engine
         self.route = route
         self.adapter = adapter
         self.request = request
-        self.session = session
+        self.session = request.session
+        self.history: SessionHistory = history if history is not None else engine
         self.parsed: ParsedRequest | None = None
-        self.span = None
+        # The telemetry's span handle (a CallSpan); None until admitted, and unguarded.
+        self.span: Any = None
         self.record = CallRecord(operation="passthrough", span_name=request.method)
-        self._hashes: list[str] = []
-        self._verdicts: list[Verdict] = []
+        self.flows: list[CallFlow] = []
+        # The body is complete for the client and the exchange finished: later chunks
+        # (none, from a well-behaved upstream) carry nothing to send or learn from.
+        self.done = False
         self._observer: ResponseObserver | None = None
+        self._remaining: int | None = None  # bytes still due by a declared content-length
         self._sent_at: float | None = None
-        self._started = time.perf_counter()
-        self._finished = False
         self._recorded = False
+
+    @classmethod
+    def unguarded(cls, engine: Engine, route: RouteConfig | None, request: RequestView) -> Exchange:
+        """An exchange that forwards and observes nothing: no span, no record, no steps
+        (the door serves a request the guard failed on)."""
+        exchange = cls(engine, route, _UNGUARDED, request)
+        exchange.parsed = _UNGUARDED.parse(request)
+        return exchange
 
     # -- before upstream -------------------------------------------------------------
 
@@ -91,20 +141,25 @@ class Exchange:
         record.session = self.session
         record.session_tracked = self.session is not None
         record.scrub_policy = self.engine.scrub_policy
-        record.server_address, record.server_port = _host_port(self.route.upstream)
-        for name, value in parsed.fields.items():
-            if name == "conversation_digest":
+        if self.route is not None:
+            record.server_address, record.server_port = _host_port(self.route.upstream)
+        fields = parsed.fields
+        if fields is not NO_FIELDS:
+            record.mcp_method = fields.mcp_method
+            record.mcp_session_id = fields.mcp_session_id
+            record.jsonrpc_request_id = fields.jsonrpc_request_id
+            if fields.conversation_digest is not None:
                 # Derived from content: only a keyed pseudonym of it may leave.
-                record.conversation_id = "conv_" + self.engine.pseudonym(value)
+                record.conversation_id = "conv_" + self.engine.pseudonym(fields.conversation_digest)
             else:
-                setattr(record, name, value)
+                record.conversation_id = fields.conversation_id
         if parsed.invocations:
             tool = parsed.invocations[0].tool
             record.tool = self._shown(tool)
             if record.tool != tool:
                 # A tool named by a URL segment can carry user data (/tools/{email}).
                 record.span_name = parsed.span_name.replace(tool, record.tool)
-        # RequestView headers are lower-cased by both front doors.
+        # RequestView headers are lower-cased by every front door.
         self.span = self.engine.telemetry.start(record.span_name, request.headers, lowercase=True)
 
         if parsed.admission_error is not None:
@@ -123,30 +178,35 @@ class Exchange:
             return await self._admit_conversation(parsed)
         return await self._admit_tool_calls(parsed)
 
+    def _forward_body(self, parsed: ParsedRequest) -> bytes:
+        return parsed.forward_body if parsed.forward_body is not None else self.request.body
+
     async def _admit_tool_calls(self, parsed: ParsedRequest) -> Answer | bytes:
-        record = self.record
+        flows = self.flows
         for invocation in parsed.invocations:
             params_hash = self.engine.fingerprint(invocation.params)
-            self._hashes.append(params_hash)
             verdict = await self._check(invocation.tool, params_hash)
-            self._verdicts.append(verdict)
-        if self._hashes:
-            record.params_hash = self._hashes[0]
-            self.engine.capture(record, "gen_ai.tool.call.arguments", parsed.invocations[0].params)
-        blocking = [v for v in self._verdicts if v.action == "block"]
+            flows.append(CallFlow(invocation, params_hash, verdict))
+        if not flows:
+            return self._forward_body(parsed)
+        record = self.record
+        record.params_hash = flows[0].params_hash
+        self.engine.capture(record, _ARGUMENTS, flows[0].invocation.params, as_json=jsonable)
+        blocking = [flow.verdict for flow in flows if flow.verdict.action == "block"]
         if not blocking:
-            return parsed.body if parsed.body is not None else self.request.body
+            return self._forward_body(parsed)
         self._note_stall(blocking[0])
-        if all(v.blocked for v in self._verdicts):
+        if all(flow.verdict.blocked for flow in flows):
             return await self._stop(blocking[0])
         record.route = Route.OBSERVE
-        return parsed.body if parsed.body is not None else self.request.body
+        return self._forward_body(parsed)
 
     async def _admit_conversation(self, parsed: ParsedRequest) -> Answer | bytes:
+        nudge_first = self.route.nudge if self.route is not None else False
         decision: StallDecision = analyze(
-            self.engine, parsed.history or [], nudge_first=self.route.nudge
+            self.engine, parsed.history or [], nudge_first=nudge_first
         )
-        body = parsed.body if parsed.body is not None else self.request.body
+        body = self._forward_body(parsed)
         if decision.verdict is None:
             return body
         self._note_stall(decision.verdict)
@@ -162,7 +222,7 @@ class Exchange:
         if self.session is None:
             return Verdict("allow", tool, params_hash)
         try:
-            return await self.engine.check(self.session, tool, params_hash)
+            return await self.history.check(self.session, tool, params_hash)
         except Exception as exc:  # the store is down: serve (fail open) and say so
             self.engine.store_failed(self.record, exc)
             return Verdict("allow", tool, params_hash)
@@ -176,13 +236,15 @@ class Exchange:
 
     async def _stop(self, verdict: Verdict) -> Answer:
         assert self.parsed is not None
-        if self.parsed.operation == "chat" and self.route.on_stop == "error":
+        route = self.route
+        if self.parsed.operation == "chat" and route is not None and route.on_stop == "error":
             answer = stall_problem(verdict, self.session)
         else:
             answer = self.adapter.stop_answer(self.request, self.parsed, verdict)
         self.record.route = Route.STOP_AND_REVIEW
         self.record.failure_stage = FailureStage.LOOP_GUARD
-        self.record.status_code = answer.status
+        if route is not None:
+            self.record.status_code = answer.status
         await self.finish(FailureStage.LOOP_GUARD)
         return answer
 
@@ -210,35 +272,56 @@ class Exchange:
         off, the route added."""
         assert self.parsed is not None
         record = self.record
-        record.status_code = status
+        if self.route is not None:
+            record.status_code = status
         if status >= 500:
             record.failure_stage = FailureStage.UPSTREAM_STATUS
             record.error_type = str(status)
         passed: list[tuple[bytes, bytes]] = []
         seen: dict[str, str] = {}  # what the observer reads: lower-cased names, str values
+        length: int | None = None
         for name, value in headers:
             lower = name.lower()
             if lower.startswith(_APP_PREFIX_B):
                 key = lower[_APP_PREFIX_LEN:].decode("latin-1").replace("-", "_")
                 record.app[key] = value.decode("latin-1")
                 continue
+            if lower == b"content-length" and value.isdigit():
+                length = int(value)
             seen[lower.decode("latin-1")] = value.decode("latin-1")
             passed.append((name, value))
         passed.append(_ROUTE_PAIRS[record.route])
+        # A declared length completes the body with its last byte (not so a HEAD's, or
+        # a 204's or 304's: they have no body whatever the header says).
+        bodyless = self.request.method == "HEAD" or status in (204, 304)
+        self._remaining = None if bodyless else length
         self._observer = self.adapter.observer(self.parsed, status, seen)
         return passed
 
-    async def response_chunk(self, chunk: bytes) -> bytes:
-        """The bytes to pass on; records the steps as soon as every outcome is seen.
+    async def response_chunk(self, chunk: bytes, last: bool = False) -> bytes:
+        """The bytes to pass on, for a chunk the front door is about to send.
 
-        Recording happens before the chunk that completes the outcomes goes to the
-        client, so the agent's next call always finds this one in the history.
+        ``last``: the door knows this chunk ends the body (an ASGI app's final message);
+        a declared content-length reached says so too. Then the exchange finishes --
+        steps recorded, span ended -- before this returns, and ``done`` is True: the
+        door sends these bytes as the end of the body. So an agent that has the whole
+        answer never races its own next call past the record. The steps are recorded
+        earlier still when the observer has every outcome (an MCP SSE answer that
+        stays open).
         """
         observer = self._observer
         if observer is None:
             return chunk
         out = observer.feed(chunk, time.perf_counter())
-        if observer.settled:
+        remaining = self._remaining
+        if remaining is not None:
+            remaining -= len(chunk)
+            self._remaining = remaining
+            if remaining <= 0:
+                last = True
+        if last:
+            await self.finish()
+        elif observer.settled:
             await self._record_once(observer.finish())
         return out
 
@@ -250,25 +333,36 @@ class Exchange:
     # -- after -----------------------------------------------------------------------
 
     async def finish(
-        self, failure: FailureStage | None = None, error_type: str | None = None
+        self,
+        failure: FailureStage | None = None,
+        error_type: str | None = None,
+        *,
+        observation: Observation | None = None,
     ) -> None:
-        """Record what happened; safe to call once from any path (later calls do nothing)."""
-        if self._finished:
+        """Record what happened; safe to call once from any path (later calls do nothing).
+
+        ``observation``: what a door that has no response stream learnt (the in-process
+        Guard: the tool's outcome); otherwise the observer's.
+        """
+        if self.done:
             return
-        self._finished = True
+        self.done = True
         record = self.record
         if failure is not None and failure is not FailureStage.PASSED:
             record.failure_stage = failure
             record.error_type = error_type or record.error_type or failure.value
-        observation = self._observer.finish() if self._observer is not None else None
-        if observation is not None:
-            self._apply_observation(observation)
-            await self._record_once(observation)
-        if self.span is not None:
-            try:
-                self.engine.telemetry.finish(self.span, record)
-            except Exception as exc:  # telemetry must never break an answer
-                log.warning("telemetry_finish_failed", **exception_fields(exc))
+        if observation is None and self._observer is not None:
+            observation = self._observer.finish()
+        try:
+            if observation is not None:
+                self._apply_observation(observation)
+                await self._record_once(observation)
+        finally:
+            if self.span is not None:
+                try:
+                    self.engine.telemetry.finish(self.span, record)
+                except Exception as exc:  # telemetry must never break an answer
+                    log.warning("telemetry_finish_failed", **exception_fields(exc))
 
     def _apply_observation(self, obs: Observation) -> None:
         record = self.record
@@ -300,26 +394,26 @@ class Exchange:
             await self._record_outcomes(obs)
 
     async def _record_outcomes(self, obs: Observation) -> None:
-        parsed = self.parsed
-        if parsed is None or not parsed.invocations:
-            return
-        for invocation, params_hash, verdict, outcome in zip(
-            parsed.invocations, self._hashes, self._verdicts, obs.outcomes, strict=False
-        ):
+        outcomes = obs.outcomes
+        seen = len(outcomes)  # one per invocation; an observer may have seen fewer
+        record = self.record
+        for index, flow in enumerate(self.flows):
+            outcome = flow.outcome = outcomes[index] if index < seen else None
             if outcome is None:
                 continue
-            marker = self.engine.marker(invocation.tool, outcome.value, outcome.explicit_marker)
-            if self.record.progress_marker is None:
-                self.record.progress_marker = marker
-                self.engine.capture(self.record, "gen_ai.tool.call.result", outcome.value)
-            if self.session is None or verdict.blocked:
+            tool = flow.invocation.tool
+            marker = self.engine.marker(tool, outcome.value, outcome.explicit_marker)
+            if record.progress_marker is None:
+                record.progress_marker = marker
+                self.engine.capture(record, _RESULT, outcome.value, as_json=jsonable)
+            if self.session is None or flow.verdict.blocked:
                 continue
             try:
-                await self.engine.record(
-                    self.session, Step(invocation.tool, params_hash, marker, outcome.error)
+                await self.history.record(
+                    self.session, Step(tool, flow.params_hash, marker, outcome.error)
                 )
-            except Exception as exc:
-                self.engine.store_failed(self.record, exc)
+            except Exception as exc:  # the store is down: the answer goes out all the same
+                self.engine.store_failed(record, exc)
                 return
 
     def _shown(self, tool: str) -> str:
@@ -345,3 +439,24 @@ def _host_port(url: str) -> tuple[str | None, int | None]:
     parts = urlsplit(url)
     port = parts.port or (443 if parts.scheme == "https" else 80)
     return parts.hostname, port
+
+
+def jsonable(value: Any) -> Any:
+    """A JSON value for any Python value: containers walked, models and dataclasses
+    dumped, other objects by ``str`` (their ``repr`` would carry a memory address).
+    What the in-process Guard hashes and marks, and what content capture shows."""
+    if value is None or isinstance(value, str | int | float | bool):
+        return value
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple | set | frozenset):
+        items = [jsonable(v) for v in value]
+        return sorted(items, key=repr) if isinstance(value, set | frozenset) else items
+    if isinstance(value, bytes | bytearray):
+        return value.decode("utf-8", "replace")
+    dump = getattr(value, "model_dump", None)  # pydantic models
+    if callable(dump):
+        return jsonable(dump(mode="json"))
+    if is_dataclass(value) and not isinstance(value, type):
+        return jsonable(asdict(value))
+    return str(value)

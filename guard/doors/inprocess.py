@@ -15,7 +15,10 @@ sync code; ``guard.call(tool, params, session=...)`` as a (sync or async) contex
 manager around code that is not one function.
 
 Same engine as the proxy and the middleware: same redaction, fingerprints, progress
-markers, stall rules, spans and durable records.
+markers, stall rules, spans and durable records. A guarded call goes through the same
+``Exchange`` too, over a synthetic request (one tool invocation; the tool's outcome is
+handed over as the ``Observation``), so the stop, fail-open and record rules are the
+Exchange's, not a copy of them.
 
 Why one event loop of its own: the session store is async, and a store's connections
 (Redis) belong to the loop that opened them, while agent code calls tools from plain
@@ -34,21 +37,29 @@ import asyncio
 import functools
 import inspect
 import threading
-import time
 from collections.abc import Callable, Coroutine
-from dataclasses import asdict, is_dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import structlog
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-from guard.engine.calls import CallRecord, FailureStage, Route, StallRule, Step, Verdict
+from guard.doors.exchange import Exchange, jsonable
+from guard.engine.calls import CallRecord, FailureStage, StallRule, Step, Verdict
 from guard.engine.config import Config
+from guard.engine.contract import (
+    Answer,
+    Observation,
+    Outcome,
+    ParsedRequest,
+    PassthroughObserver,
+    RequestView,
+    ToolInvocation,
+)
 from guard.engine.core import Engine
-from guard.engine.problem import stop_text
+from guard.engine.problem import stall_problem, stop_text
 
 log = structlog.get_logger("loopguard")
 
@@ -135,12 +146,17 @@ class Guard:
             engine = Engine(config if isinstance(config, Config) else Config.load(config))
         self.engine = engine
         self._loop = _Loop()
+        # The store as guarded calls reach it: from sync code, and from async code.
+        self._histories = (
+            _LoopHistory(engine, self._loop, blocking=True),
+            _LoopHistory(engine, self._loop, blocking=False),
+        )
         self._closed = False
 
     # -- verdicts and outcomes ---------------------------------------------------------
 
     def fingerprint(self, params: Any) -> str:
-        return self.engine.fingerprint(_jsonable(params))
+        return self.engine.fingerprint(jsonable(params))
 
     async def check(self, session: str, tool: str, params: Any) -> Verdict:
         """The verdict on calling ``tool`` with ``params`` now (nothing is recorded)."""
@@ -183,9 +199,7 @@ class Guard:
     def _step(
         self, tool: str, params_hash: str, outcome: Any, error: bool, explicit: str | None
     ) -> Step:
-        return Step(
-            tool, params_hash, self.engine.marker(tool, _jsonable(outcome), explicit), error
-        )
+        return Step(tool, params_hash, self.engine.marker(tool, jsonable(outcome), explicit), error)
 
     # -- guarded calls -----------------------------------------------------------------
 
@@ -198,7 +212,7 @@ class Guard:
         (and optionally ``.progress``) inside; an exception leaving the block is recorded
         as an error outcome and propagates.
         """
-        return GuardedCall(self, tool, params, _session(session))
+        return GuardedCall(self.engine, self._histories, tool, params, _session(session))
 
     def tool(
         self, name: str | None = None, *, session: SessionSpec = DEFAULT_SESSION
@@ -224,7 +238,7 @@ class Guard:
 
                 @functools.wraps(fn)
                 async def async_wrapper(*args: Any, **kwargs: Any) -> Any:
-                    call = GuardedCall(self, tool_name, params_of(args, kwargs), _session(session))
+                    call = self.call(tool_name, params_of(args, kwargs), session=session)
                     async with call:
                         call.outcome = await fn(*args, **kwargs)
                     return call.outcome
@@ -233,7 +247,7 @@ class Guard:
 
             @functools.wraps(fn)
             def wrapper(*args: Any, **kwargs: Any) -> Any:
-                call = GuardedCall(self, tool_name, params_of(args, kwargs), _session(session))
+                call = self.call(tool_name, params_of(args, kwargs), session=session)
                 with call:
                     call.outcome = fn(*args, **kwargs)
                 return call.outcome
@@ -274,145 +288,182 @@ class Guard:
         await self.aclose()
 
 
-class GuardedCall:
-    """One guarded call: the verdict on entry, the outcome and span on exit."""
+class _LoopHistory:
+    """The session store as an in-process ``Exchange`` reaches it: every operation on the
+    Guard's own loop, bounded by ``STORE_TIMEOUT_S`` (a slower store is a store failure).
 
-    def __init__(self, guard: Guard, tool: str, params: Any, session: str) -> None:
-        self.guard = guard
+    ``blocking``: for sync code. The call blocks this thread until the store answers,
+    so the coroutine never suspends and ``_run_now`` can drive the Exchange without an
+    event loop in the caller's thread.
+    """
+
+    __slots__ = ("blocking", "engine", "loop")
+
+    def __init__(self, engine: Engine, loop: _Loop, *, blocking: bool) -> None:
+        self.engine = engine
+        self.loop = loop
+        self.blocking = blocking
+
+    async def check(self, session: str, tool: str, params_hash: str) -> Verdict:
+        return await self._run(self.engine.check(session, tool, params_hash))
+
+    async def record(self, session: str, step: Step) -> None:
+        await self._run(self.engine.record(session, step))
+
+    async def _run(self, coro: Coroutine[Any, Any, T]) -> T:
+        if self.blocking:
+            return self.loop.run(coro, STORE_TIMEOUT_S)
+        return await asyncio.wait_for(self.loop.run_async(coro), STORE_TIMEOUT_S)
+
+
+class _CallAdapter:
+    """The in-process door's adapter: one call of a Python function is one tool
+    invocation. Its outcome does not stream: the door hands it to the Exchange as an
+    ``Observation``, so ``observer`` is never asked for."""
+
+    __slots__ = ("invocation",)
+    name = "in-process"
+    provider: str | None = None
+
+    def __init__(self, tool: str, params: Any) -> None:
+        self.invocation = ToolInvocation(tool, params)
+
+    def parse(self, request: RequestView) -> ParsedRequest:
+        tool = self.invocation.tool
+        return ParsedRequest(
+            "execute_tool", invocations=[self.invocation], span_name=f"execute_tool {tool}"
+        )
+
+    def stop_answer(self, request: RequestView, parsed: ParsedRequest, verdict: Verdict) -> Answer:
+        # What an HTTP tool route would answer; the door raises StalledRepeatError instead.
+        return stall_problem(verdict, request.session)
+
+    def nudge(self, request: RequestView, parsed: ParsedRequest, verdict: Verdict) -> bytes:
+        return request.body
+
+    def observer(
+        self, parsed: ParsedRequest, status: int, headers: dict[str, str]
+    ) -> PassthroughObserver:
+        return PassthroughObserver()
+
+
+class GuardedCall:
+    """One guarded call: the verdict on entry, the outcome and span on exit.
+
+    An ``Exchange`` over a synthetic request does the work, as for a call through the
+    proxy: the same verdict, fail-open and record rules, span and record.
+    """
+
+    def __init__(
+        self,
+        engine: Engine,
+        histories: tuple[_LoopHistory, _LoopHistory],
+        tool: str,
+        params: Any,
+        session: str,
+    ) -> None:
+        self.engine = engine
         self.tool = tool
         self.session = session
         self.outcome: Any = None
         # An explicit progress marker for this outcome (wins over the outcome's hash).
         self.progress: str | None = None
         self.verdict: Verdict | None = None
-        engine = guard.engine
-        self.params_hash = guard.engine.fingerprint(params)
-        self.record = CallRecord(
-            operation="execute_tool",
-            span_name=f"execute_tool {tool}",
-            tool=tool,
-            session=session,
-            session_tracked=True,
-            params_hash=self.params_hash,
-            scrub_policy=engine.scrub_policy,
-        )
-        self.guard.engine.capture(
-            self.record, "gen_ai.tool.call.arguments", params, as_json=_jsonable
-        )
-        self._span: Any = None
+        self._histories = histories  # (blocking, awaiting)
+        self._params = params
+        self._exchange: Exchange | None = None
         self._token: Any = None
-        self._started = 0.0
+
+    @property
+    def record(self) -> CallRecord | None:
+        return self._exchange.record if self._exchange is not None else None
+
+    @property
+    def params_hash(self) -> str | None:
+        exchange = self._exchange
+        return exchange.flows[0].params_hash if exchange is not None and exchange.flows else None
 
     # -- entering: the verdict ---------------------------------------------------------
 
-    def _open(self) -> None:
+    def _open(self, history: _LoopHistory) -> Exchange:
         # The caller's current span is the parent (telemetry continues a traceparent).
         carrier: dict[str, str] = {}
         _propagator.inject(carrier)
-        self._span = self.guard.engine.telemetry.start(self.record.span_name, carrier)
+        request = RequestView("CALL", self.tool, "", carrier, b"", self.session)
+        adapter = _CallAdapter(self.tool, self._params)
+        self._exchange = Exchange(self.engine, None, adapter, request, history=history)
+        return self._exchange
 
-    def _judge(self, verdict: Verdict) -> None:
-        self.verdict = verdict
-        record = self.record
-        if verdict.action == "block":
-            record.stall_rule = verdict.rule
-            record.repeat_count = verdict.repeats
-            record.route = Route.STOP_AND_REVIEW if verdict.enforced else Route.OBSERVE
-        if verdict.blocked:
-            record.failure_stage = FailureStage.LOOP_GUARD
-            self._end()
+    def _admitted(self, exchange: Exchange, admitted: Answer | bytes) -> None:
+        verdict = self.verdict = exchange.flows[0].verdict
+        if isinstance(admitted, Answer):  # stopped: the exchange is over, span ended
             raise StalledRepeatError(verdict, self.session)
         # Spans the tool makes are children of this one.
-        self._token = otel_context.attach(trace.set_span_in_context(self._span.span))
-        self._started = time.perf_counter()
-
-    def _check_failed(self, exc: Exception) -> Verdict:
-        self.guard.engine.store_failed(self.record, exc)
-        return Verdict("allow", self.tool, self.params_hash)
+        self._token = otel_context.attach(trace.set_span_in_context(exchange.span.span))
+        exchange.mark_sent()
 
     def __enter__(self) -> GuardedCall:
-        self._open()
-        engine = self.guard.engine
-        try:
-            verdict = self.guard._loop.run(
-                engine.check(self.session, self.tool, self.params_hash), STORE_TIMEOUT_S
-            )
-        except Exception as exc:  # the store is down: run the tool (fail open) and say so
-            verdict = self._check_failed(exc)
-        self._judge(verdict)
+        exchange = self._open(self._histories[0])
+        self._admitted(exchange, _run_now(exchange.admit()))
         return self
 
     async def __aenter__(self) -> GuardedCall:
-        self._open()
-        engine = self.guard.engine
-        try:
-            verdict = await asyncio.wait_for(
-                self.guard._loop.run_async(engine.check(self.session, self.tool, self.params_hash)),
-                STORE_TIMEOUT_S,
-            )
-        except Exception as exc:
-            verdict = self._check_failed(exc)
-        self._judge(verdict)
+        exchange = self._open(self._histories[1])
+        self._admitted(exchange, await exchange.admit())
         return self
 
     # -- leaving: the outcome ----------------------------------------------------------
 
-    def _outcome(self, exc: BaseException | None) -> Step | None:
-        """The step to record (None when the call did not finish: cancelled, interrupted)."""
-        record = self.record
-        record.total_s = time.perf_counter() - self._started
+    def _observed(
+        self, exc: BaseException | None
+    ) -> tuple[Observation, FailureStage | None, str | None]:
+        """What the call returned, and how it failed (None: it did not)."""
         if self._token is not None:
             otel_context.detach(self._token)
             self._token = None
         if exc is None:
-            outcome, error = self.outcome, False
-        else:
-            record.failure_stage = (
-                FailureStage.UPSTREAM_TIMEOUT
-                if isinstance(exc, TimeoutError)
-                else FailureStage.UPSTREAM_STATUS
-            )
-            record.error_type = type(exc).__qualname__
-            if not isinstance(exc, Exception):
-                return None
-            outcome, error = {"error": type(exc).__qualname__, "message": str(exc)}, True
-        step = self.guard._step(self.tool, self.params_hash, outcome, error, self.progress)
-        record.progress_marker = step.marker
-        self.guard.engine.capture(
-            self.record, "gen_ai.tool.call.result", outcome, as_json=_jsonable
+            outcome = Outcome(jsonable(self.outcome), explicit_marker=self.progress)
+            return Observation(outcomes=[outcome]), None, None
+        stage = (
+            FailureStage.UPSTREAM_TIMEOUT
+            if isinstance(exc, TimeoutError)
+            else FailureStage.UPSTREAM_STATUS
         )
-        return step
+        error_type = type(exc).__qualname__
+        if not isinstance(exc, Exception):
+            # Cancelled or interrupted: the call did not finish, there is no outcome.
+            return Observation(outcomes=[None]), stage, error_type
+        value = {"error": error_type, "message": str(exc)}
+        outcome = Outcome(value, error=True, explicit_marker=self.progress)
+        return Observation(outcomes=[outcome]), stage, error_type
 
     def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
-        step = self._outcome(exc)
-        if step is not None and not self.verdict_blocked:
-            try:
-                self.guard._loop.run(self.guard.engine.record(self.session, step), STORE_TIMEOUT_S)
-            except Exception as store_exc:
-                self.guard.engine.store_failed(self.record, store_exc)
-        self._end()
+        assert self._exchange is not None
+        observation, stage, error_type = self._observed(exc)
+        _run_now(self._exchange.finish(stage, error_type, observation=observation))
 
     async def __aexit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
-        step = self._outcome(exc)
-        if step is not None and not self.verdict_blocked:
-            try:
-                await asyncio.wait_for(
-                    self.guard._loop.run_async(self.guard.engine.record(self.session, step)),
-                    STORE_TIMEOUT_S,
-                )
-            except Exception as store_exc:
-                self.guard.engine.store_failed(self.record, store_exc)
-        self._end()
+        assert self._exchange is not None
+        observation, stage, error_type = self._observed(exc)
+        await self._exchange.finish(stage, error_type, observation=observation)
 
     @property
     def verdict_blocked(self) -> bool:
         return self.verdict is not None and self.verdict.blocked
 
-    # -- helpers -----------------------------------------------------------------------
 
-    def _end(self) -> None:
-        if self._span is not None:
-            self.guard.engine.telemetry.finish(self._span, self.record)
+def _run_now(coro: Coroutine[Any, Any, T]) -> T:
+    """Run an Exchange step from sync code, in this thread, with no event loop.
+
+    With the blocking store (``_LoopHistory``) nothing in it ever suspends, so one
+    ``send`` runs it to the end; a step that did suspend would be a bug, and is refused.
+    """
+    try:
+        coro.send(None)
+    except StopIteration as done:
+        return cast(T, done.value)
+    coro.close()
+    raise RuntimeError("an in-process exchange tried to wait on an event loop")
 
 
 def _session(spec: SessionSpec) -> str:
@@ -436,23 +487,3 @@ def _bound_params(
         else:
             params[key] = value
     return params
-
-
-def _jsonable(value: Any) -> Any:
-    """A JSON value for hashing: containers walked, models and dataclasses dumped, other
-    objects by ``str`` (their ``repr`` would carry a memory address)."""
-    if value is None or isinstance(value, str | int | float | bool):
-        return value
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, list | tuple | set | frozenset):
-        items = [_jsonable(v) for v in value]
-        return sorted(items, key=repr) if isinstance(value, set | frozenset) else items
-    if isinstance(value, bytes | bytearray):
-        return value.decode("utf-8", "replace")
-    dump = getattr(value, "model_dump", None)  # pydantic models
-    if callable(dump):
-        return _jsonable(dump(mode="json"))
-    if is_dataclass(value) and not isinstance(value, type):
-        return _jsonable(asdict(value))
-    return str(value)

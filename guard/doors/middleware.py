@@ -4,8 +4,9 @@
 
 A tool server (Starlette, FastAPI, the ``mcp`` SDK's ``streamable_http_app()``) guards
 itself: an HTTP request whose path matches a configured route goes through the same
-``guard.doors.exchange.Exchange`` as in the reverse proxy (same adapters, detector, spans and
-records), with the wrapped app in the place of the upstream. A stopped call is answered
+admission (``guard.doors.admission``) and ``Exchange`` as in the reverse proxy (same
+adapters, detector, spans and records), with the wrapped app in the place of the
+upstream. A stopped call is answered
 here and never reaches the app. Everything else (paths with no route, lifespan,
 websockets) passes straight through.
 
@@ -20,8 +21,9 @@ Notes:
   server the request actually reached (``scope["server"]``).
 * Routes match the path the app sees, i.e. without ``root_path``.
 * The step is recorded before the body's last bytes go out (the last message, or the
-  one that completes a declared content-length), so an agent that has the whole
-  answer never races its own next call past the record.
+  one that completes a declared content-length: the Exchange's rule, as in the proxy),
+  so an agent that has the whole answer never races its own next call past the record.
+* A request the guard fails on (a bug) is served unguarded, as in the proxy.
 * The engine is created once per middleware; it is closed at lifespan shutdown when the
   middleware created it, else by ``aclose()`` (an engine passed in belongs to its owner).
 """
@@ -33,19 +35,13 @@ from typing import Any
 
 import structlog
 
-from adapters import get_adapter
-from guard.doors.asgi import (
-    BodyRefused,
-    ClientDisconnected,
-    byte_pairs,
-    read_body,
-    send_answer,
-    str_headers,
-)
-from guard.doors.exchange import Exchange, exception_fields
+from guard.doors.admission import admit
+from guard.doors.asgi import byte_pairs, send_answer, str_headers
+from guard.doors.exchange import Exchange
+from guard.doors.routing import Router
 from guard.engine.calls import FailureStage
 from guard.engine.config import Config, RouteConfig
-from guard.engine.contract import Answer, RequestView
+from guard.engine.contract import Answer
 from guard.engine.core import Engine
 
 log = structlog.get_logger("loopguard")
@@ -75,8 +71,9 @@ class GuardMiddleware:
             log.warning(
                 "guard_middleware_without_routes", hint="add [[routes]]: nothing is guarded"
             )
+        self.router = Router(engine.config)
         # One adapter per configured route, as in the proxy.
-        self._adapters = {r.prefix: get_adapter(r) for r in engine.config.routes}
+        self.adapters = self.router.adapters
         self._routes: dict[tuple[str, str, int], RouteConfig] = {}
         self._closed = False
 
@@ -88,7 +85,7 @@ class GuardMiddleware:
         if kind != "http":
             await self.app(scope, receive, send)
             return
-        found = self.engine.route_for(_app_path(scope))
+        found = self.router.route_for(_app_path(scope))
         if found is None:
             await self.app(scope, receive, send)
             return
@@ -118,44 +115,25 @@ class GuardMiddleware:
     async def _guard(
         self, scope: Scope, receive: Any, send: Any, route: RouteConfig, rest: str
     ) -> None:
-        engine = self.engine
         headers = str_headers(scope["headers"])
-        try:
-            body = await read_body(
-                receive, engine.config.server.max_body_bytes, headers.get("content-length")
-            )
-        except BodyRefused as refused:
-            await send_answer(send, refused.answer)
-            return
-        except ClientDisconnected:
-            return
-        request = RequestView(
-            method=scope["method"],
-            path=rest,
-            query=scope.get("query_string", b"").decode("latin-1"),
-            headers=headers,
-            body=body,
-        )
-        adapter = self._adapters[route.prefix]
+        query = scope.get("query_string", b"").decode("latin-1")
         route = self._served_route(route, scope)
-        ex = Exchange(engine, route, adapter, request, engine.session_of(headers))
-        try:
-            admitted = await ex.admit()
-        except Exception as exc:
-            # A guard bug must not take the app down: serve the call unguarded (as the proxy).
-            log.error("guard_error", route=route.prefix, **exception_fields(exc))
-            await self.app(scope, _Replay(body, receive), send)
+        admitted = await admit(
+            self.engine, self.router, route, receive, scope["method"], rest, query, headers
+        )
+        if admitted is None:
             return
         if isinstance(admitted, Answer):
-            await send_answer(send, admitted, ex.record.route)
+            await send_answer(send, admitted)
             return
+        ex, body = admitted.exchange, admitted.body
         forward = _forward_scope(
             scope,
-            changed=admitted is not body and admitted != body,
-            length=len(admitted),
+            changed=body is not ex.request.body and body != ex.request.body,
+            length=len(body),
             trace=ex.upstream_headers(),
         )
-        await _Responder(self.app, ex)(forward, _Replay(admitted, receive), send)
+        await _Responder(self.app, ex)(forward, _Replay(body, receive), send)
 
     def _served_route(self, route: RouteConfig, scope: Scope) -> RouteConfig:
         """The route with the address this request reached, for server.address/port."""
@@ -182,9 +160,6 @@ class _Responder:
         self.ex = ex
         self.send: Any = None
         self.started = False
-        self.complete = False
-        # Bytes still due by the app's own content-length (None: not declared).
-        self.remaining: int | None = None
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
         self.send = send
@@ -197,30 +172,24 @@ class _Responder:
             stage = FailureStage.STREAM if self.started else FailureStage.UPSTREAM_STATUS
             await ex.finish(stage, type(exc).__name__)
             raise
-        if not self.complete:
+        if not ex.done:
             # The app returned without (finishing) a response.
             stage = FailureStage.STREAM if self.started else FailureStage.UPSTREAM_STATUS
             await ex.finish(stage, "incomplete_response" if self.started else "no_response")
 
     async def send_through(self, message: Message) -> None:
         kind = message["type"]
+        ex = self.ex
         if kind == "http.response.start":
             self.started = True
-            pairs = list(message.get("headers", ()))
-            self.remaining = _declared_length(pairs)
-            message = {**message, "headers": self.ex.response_start(message["status"], pairs)}
-        elif kind == "http.response.body" and not self.complete:
+            headers = ex.response_start(message["status"], list(message.get("headers", ())))
+            message = {**message, "headers": headers}
+        elif kind == "http.response.body" and not ex.done:
+            # The message that completes the body (the last one, or the one that reaches a
+            # declared content-length) goes out only once the exchange has recorded it.
             body = bytes(message.get("body", b""))
-            message = {**message, "body": await self.ex.response_chunk(body)}
-            if self.remaining is not None:
-                self.remaining -= len(body)
-            # The message that completes the body for the client waits for the record, so
-            # the agent's next call always sees this one in the session history.
-            if not message.get("more_body", False) or (
-                self.remaining is not None and self.remaining <= 0
-            ):
-                self.complete = True
-                await self.ex.finish()
+            last = not message.get("more_body", False)
+            message = {**message, "body": await ex.response_chunk(body, last)}
         await self.send(message)
 
 
@@ -239,13 +208,6 @@ class _Replay:
             return await self.receive()
         body, self.body = self.body, None
         return {"type": "http.request", "body": body, "more_body": False}
-
-
-def _declared_length(headers: list[tuple[bytes, bytes]]) -> int | None:
-    for name, value in headers:
-        if name.lower() == b"content-length":
-            return int(value) if value.isdigit() else None
-    return None
 
 
 def _app_path(scope: Scope) -> str:

@@ -1,7 +1,8 @@
 """The reverse proxy: a pure-ASGI app that puts the guard in front of configured upstreams.
 
-One request: match a route by longest path prefix, read the body once (bounded),
-let the ``Exchange`` admit it (a stop answer never reaches upstream), forward it to
+One request: match a route by longest path prefix (``guard.doors.routing``), admit it
+(``guard.doors.admission``, shared with the middleware: the body read once, bounded,
+and the ``Exchange``'s decision; a stop answer never reaches upstream), forward it to
 the route's upstream, and relay the response chunk by chunk as it arrives, every
 chunk passing the adapter's observer on its way.
 
@@ -41,18 +42,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from typing import Any
+from typing import Any, cast
 
 import httpx
 import structlog
 
-from adapters import get_adapter
-from guard.doors.asgi import BodyRefused, ClientDisconnected, read_body, send_answer
+from guard.doors.admission import admit
+from guard.doors.asgi import send_answer
 from guard.doors.exchange import Exchange, exception_fields
+from guard.doors.routing import Router
 from guard.doors.upstream import Upstream, classify
-from guard.engine.calls import CallRecord, FailureStage, Route
+from guard.engine.calls import FailureStage, Route
 from guard.engine.config import Config, RouteConfig
-from guard.engine.contract import Adapter, Answer, RequestView
+from guard.engine.contract import Answer
 from guard.engine.core import Engine
 from guard.engine.problem import ROUTE_HEADER, problem
 
@@ -99,7 +101,9 @@ class ProxyApp:
         self.upstream = upstream or Upstream(config.server)
         self.max_body = config.server.max_body_bytes
         self.total_timeout = config.server.total_timeout
-        self.adapters: dict[str, Adapter] = {r.prefix: get_adapter(r) for r in config.routes}
+        self.router = Router(config)
+        # The route prefix -> adapter map (one adapter per route, built once).
+        self.adapters = self.router.adapters
         self._sweeper = _Sweeper()
 
     async def _other(self, scope: Scope, receive: Any, send: Any) -> None:
@@ -140,8 +144,9 @@ class ProxyApp:
     # -- one request -----------------------------------------------------------------
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
-        # The request path is this coroutine and the relay's, no deeper: every level of
-        # awaiting coroutines is paid again on each resume, a measurable share per call.
+        # The request path is this coroutine, admission's and the relay's, no deeper:
+        # every level of awaiting coroutines is paid again on each resume, a measurable
+        # share per call.
         if scope["type"] != "http":
             return await self._other(scope, receive, send)
         raw_path: bytes = scope.get("raw_path") or scope["path"].encode()
@@ -152,7 +157,7 @@ class ProxyApp:
         method: str = scope["method"]
         if path == "/healthz" and method in ("GET", "HEAD"):
             return await _send_simple(send, 200, b"application/json", _HEALTH_BODY)
-        found = self.engine.route_for(path)
+        found = self.router.route_for(path)
         if found is None:
             return await send_answer(send, _problem_not_found(path))
         route, rest = found
@@ -160,36 +165,16 @@ class ProxyApp:
             return await send_answer(send, _problem_dot_segments())
 
         view_headers, forward = _split_headers(scope["headers"])
-        try:
-            body = await read_body(receive, self.max_body, view_headers.get("content-length"))
-        except BodyRefused as refused:
-            return await send_answer(send, refused.answer)
-        except ClientDisconnected:
-            return
         query_b: bytes = scope.get("query_string", b"")
         query = query_b.decode("latin-1")
-        view = RequestView(
-            method=method,
-            path=_unquote(rest),
-            query=query,
-            headers=view_headers,
-            body=body,
+        admitted = await admit(
+            self.engine, self.router, route, receive, method, _unquote(rest), query, view_headers
         )
-        exchange: Exchange | _Unguarded = Exchange(
-            self.engine,
-            route,
-            self.adapters[route.prefix],
-            view,
-            self.engine.session_of(view_headers),
-        )
-        try:
-            admitted = await exchange.admit()
-        except Exception as exc:
-            # A guard bug must not take the agent's tools down: serve the call unguarded.
-            log.error("guard_error", route=route.prefix, **exception_fields(exc))
-            exchange, admitted = _Unguarded(), body
+        if admitted is None:
+            return None
         if isinstance(admitted, Answer):
-            return await send_answer(send, admitted, exchange.record.route)
+            return await send_answer(send, admitted)
+        exchange = admitted.exchange
 
         url = route.upstream + rest + ("?" + query if query else "")
         trace = exchange.upstream_headers()
@@ -200,41 +185,10 @@ class ProxyApp:
             forward.extend((n.encode("latin-1"), v.encode("latin-1")) for n, v in trace.items())
         forward.append(_IDENTITY)
         long_lived = exchange.long_lived
-        request = self.upstream.request(method, url, forward, admitted, long_lived=long_lived)
+        request = self.upstream.request(method, url, forward, admitted.body, long_lived=long_lived)
         total = None if long_lived else self.total_timeout
         relay = _Relay(self.upstream, exchange, route, send, receive)
         await relay.run(request, total, self._sweeper)
-
-
-class _Unguarded:
-    """Stands in for an Exchange whose guard failed: forwards, observes nothing."""
-
-    long_lived = False
-
-    def __init__(self) -> None:
-        self.record = CallRecord(operation="passthrough", span_name="passthrough")
-
-    def upstream_headers(self) -> dict[str, str]:
-        return {}
-
-    def mark_sent(self) -> None:
-        pass
-
-    def response_start(
-        self, status: int, headers: list[tuple[bytes, bytes]]
-    ) -> list[tuple[bytes, bytes]]:
-        self.record.status_code = status
-        return [*headers, (_ROUTE_HEADER_B, _SERVE_B)]
-
-    settled = False
-
-    async def response_chunk(self, chunk: bytes) -> bytes:
-        return chunk
-
-    async def finish(
-        self, failure: FailureStage | None = None, error_type: str | None = None
-    ) -> None:
-        pass
 
 
 class _Relay:
@@ -267,7 +221,7 @@ class _Relay:
     def __init__(
         self,
         upstream: Upstream,
-        exchange: Exchange | _Unguarded,
+        exchange: Exchange,
         route: RouteConfig,
         send: Any,
         receive: Any,
@@ -292,38 +246,40 @@ class _Relay:
         self.task = asyncio.current_task()
         loop = sweeper.add(self)
         self.deadline = None if total_timeout is None else loop.time() + total_timeout
-        response: httpx.Response | None = None
+        stream: httpx.AsyncByteStream | None = None
         send = self.send
         try:
             exchange.mark_sent()
             response = await self.transport.handle_async_request(request)
-            passed, length = _response_headers(response.headers.raw)
-            headers = exchange.response_start(response.status_code, passed)
-            # A body with a declared length is complete for the client with its last
-            # byte: that byte waits until the step is recorded, so the agent's next call
-            # always sees this one in the session history.
-            bodyless = request.method == "HEAD" or response.status_code in (204, 304)
-            remaining = None if bodyless else length
+            # An async transport's response streams asynchronously.
+            stream = cast(httpx.AsyncByteStream, response.stream)
+            headers = exchange.response_start(
+                response.status_code, _response_headers(response.headers.raw)
+            )
             await send(
                 {"type": "http.response.start", "status": response.status_code, "headers": headers}
             )
             self.started = True
-            held = b""
-            async for chunk in response.stream:
+            async for chunk in stream:
+                if exchange.done:
+                    continue  # past a declared length: nothing more goes to the client
                 out = await exchange.response_chunk(chunk)
-                if remaining is not None:
-                    remaining -= len(chunk)
-                    if remaining <= 0:
-                        held += out
-                        continue
-                if out:
+                if exchange.done:
+                    # The exchange finished (the step recorded) before these bytes
+                    # complete the body: the agent's next call always sees this one.
+                    self.done = True
+                    await send({"type": "http.response.body", "body": out, "more_body": False})
+                elif out:
                     await send({"type": "http.response.body", "body": out, "more_body": True})
-            self.done = True
-            await exchange.finish()
-            await send({"type": "http.response.body", "body": held, "more_body": False})
+            if not exchange.done:
+                # No declared length: the upstream's end is the body's end.
+                self.done = True
+                await exchange.finish()
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
         except asyncio.CancelledError:
             if self.interrupted is None:
                 raise
+            assert self.task is not None
             self.task.uncancel()
             if self.interrupted == "disconnect":
                 self.done = True
@@ -341,10 +297,10 @@ class _Relay:
             sweeper.discard(self)
             if self.watcher is not None:
                 self.watcher.cancel()
-            if response is not None:
+            if stream is not None:
                 # Closes the upstream connection unless the body was read to the end.
                 with contextlib.suppress(Exception):
-                    await response.stream.aclose()
+                    await stream.aclose()
 
     def tick(self, now: float) -> bool:
         """A sweep: start the disconnect watcher on the second sweep that finds the call
@@ -365,9 +321,12 @@ class _Relay:
         return True
 
     def _interrupt(self, why: str) -> None:
-        if self.done or self.interrupted is not None:
+        # An exchange that is finishing records its steps and sends its last bytes
+        # uninterrupted: the client has (or is about to have) its whole answer.
+        if self.done or self.interrupted is not None or self.exchange.done:
             return
         self.interrupted = why
+        assert self.task is not None
         self.task.cancel()
 
     async def _watch_disconnect(self) -> None:
@@ -476,25 +435,20 @@ def _split_headers(
     return view, forward
 
 
-def _response_headers(
-    raw: list[tuple[bytes, bytes]],
-) -> tuple[list[tuple[bytes, bytes]], int | None]:
-    """The upstream's end-to-end headers, and its declared content-length (if any)."""
+def _response_headers(raw: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """The upstream's end-to-end headers."""
     named: set[bytes] | None = None
     passed: list[tuple[bytes, bytes]] = []
-    length: int | None = None
     for name_b, value_b in raw:
         lower = name_b.lower()
         if lower in HOP_BY_HOP or lower.startswith(b"proxy-"):
             if lower == b"connection":
                 named = _connection_tokens(value_b, named)
             continue
-        if lower == b"content-length" and value_b.isdigit():
-            length = int(value_b)
         passed.append((name_b, value_b))
     if named:
         passed = [h for h in passed if h[0].lower() not in named]
-    return passed, length
+    return passed
 
 
 def _connection_tokens(value: bytes, into: set[bytes] | None) -> set[bytes]:

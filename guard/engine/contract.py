@@ -34,6 +34,9 @@ class RequestView:
     # Lower-cased header names; values as received.
     headers: dict[str, str]
     body: bytes
+    # The session the front door resolved (``[session] headers``), None when untracked.
+    # Adapters name it in their answers; they never look for it themselves.
+    session: str | None = None
 
 
 @dataclass(slots=True)
@@ -56,6 +59,25 @@ class HistoryStep:
     error: bool = False
 
 
+@dataclass(frozen=True, slots=True)
+class ProtocolFields:
+    """Protocol attributes an adapter found in a request, for the call's record.
+
+    ``conversation_digest`` is derived from content: it never leaves as is, the
+    Exchange records a keyed pseudonym of it as ``conversation_id``.
+    """
+
+    mcp_method: str | None = None
+    mcp_session_id: str | None = None
+    jsonrpc_request_id: str | None = None
+    conversation_id: str | None = None
+    conversation_digest: str | None = None
+
+
+# What most requests carry: shared, never allocated per request.
+NO_FIELDS = ProtocolFields()
+
+
 @dataclass(slots=True)
 class ParsedRequest:
     operation: Literal["chat", "execute_tool", "mcp", "passthrough"]
@@ -69,10 +91,13 @@ class ParsedRequest:
     admission_error: str | None = None
     # Span name, e.g. "chat gpt-4o", "execute_tool lookup", "tools/call lookup".
     span_name: str = "loopguard"
-    # Protocol attributes for the record: mcp_method, jsonrpc_request_id, conversation_id...
-    fields: dict[str, Any] = field(default_factory=dict)
-    # The body to forward when the adapter had to change it (e.g. inject stream usage).
-    body: bytes | None = None
+    # Protocol attributes for the record (MCP method and ids, the conversation).
+    fields: ProtocolFields = NO_FIELDS
+    # The body to forward when the adapter had to change it; None: the body as received.
+    forward_body: bytes | None = None
+    # forward_body asks a streamed chat for its usage although the client did not: the
+    # observer must hide that usage chunk from the client.
+    injected_stream_usage: bool = False
     # A stream meant to stay open until either side closes it (the MCP server stream):
     # no read or total timeout applies.
     long_lived: bool = False
@@ -118,10 +143,12 @@ class Observation:
 
 
 class ResponseObserver(Protocol):
-    # True once every guarded call's outcome has been seen, so the steps can be
-    # recorded before the response ends (an MCP server may hold its SSE answer open).
-    # Observers that only know at the end keep it False.
-    settled: bool
+    @property
+    def settled(self) -> bool:
+        """True once every guarded call's outcome has been seen, so the steps can be
+        recorded before the response ends (an MCP server may hold its SSE answer open).
+        Observers that only know at the end keep it False (a class attribute will do)."""
+        ...
 
     def feed(self, chunk: bytes, now: float) -> bytes:
         """Read one chunk as it passes; return the bytes to send on (usually ``chunk``).
@@ -135,9 +162,16 @@ class ResponseObserver(Protocol):
 
 
 class Adapter(Protocol):
-    name: str
-    # gen_ai.provider.name for model adapters ("openai", "anthropic"); None for tools.
-    provider: str | None
+    # Read-only members: an adapter declares them as plain class attributes, and a
+    # class attribute ``provider = "openai"`` (a str) satisfies ``str | None`` only
+    # when the protocol does not also promise that it can be assigned None.
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def provider(self) -> str | None:
+        """gen_ai.provider.name for model adapters ("openai", "anthropic"); None for tools."""
+        ...
 
     def parse(self, request: RequestView) -> ParsedRequest: ...
 
@@ -165,3 +199,25 @@ class PassthroughObserver:
 
     def finish(self) -> Observation:
         return Observation()
+
+
+class PassthroughAdapter:
+    """The adapter of a request that is forwarded unguarded (the guard failed on it):
+    nothing is parsed, nothing observed."""
+
+    name = "passthrough"
+    provider: str | None = None
+
+    def parse(self, request: RequestView) -> ParsedRequest:
+        return ParsedRequest("passthrough", span_name=request.method)
+
+    def stop_answer(self, request: RequestView, parsed: ParsedRequest, verdict: Verdict) -> Answer:
+        raise AssertionError("a passthrough request has no calls to stop")
+
+    def nudge(self, request: RequestView, parsed: ParsedRequest, verdict: Verdict) -> bytes:
+        return request.body
+
+    def observer(
+        self, parsed: ParsedRequest, status: int, headers: dict[str, str]
+    ) -> PassthroughObserver:
+        return PassthroughObserver()

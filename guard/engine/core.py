@@ -13,7 +13,7 @@ from typing import Any
 import structlog
 
 from guard.engine.calls import CallRecord, FailureStage, Step, Verdict
-from guard.engine.config import Config, RouteConfig
+from guard.engine.config import Config
 from guard.engine.detector import Detector
 from guard.engine.fingerprint import params_hash
 from guard.engine.progress import ProgressMarkers
@@ -35,9 +35,6 @@ class Engine:
         self.config = config or Config()
         # The config is frozen: what is read on every call is built once.
         self._scrub_policy = self.config.redaction.policy_id
-        self._session_headers = tuple(name.lower() for name in self.config.session.headers)
-        # (route, prefix + "/") pairs: no string built per route per request.
-        self._routes = tuple((route, route.prefix + "/") for route in self.config.routes)
         # One key for parameter pseudonyms and session pseudonyms in records.
         key = load_key(self.config.redaction.pseudonym_key_env)
         # Content-derived identifiers (conversation digests) leave only as this token.
@@ -100,27 +97,6 @@ class Engine:
         if record.failure_stage is FailureStage.PASSED:
             record.failure_stage = FailureStage.STORE
             record.error_type = type(exc).__name__
-
-    def route_for(self, path: str) -> tuple[RouteConfig, str] | None:
-        """The longest-prefix route for a path, and the path left after the prefix."""
-        best: RouteConfig | None = None
-        for route, below in self._routes:
-            prefix = route.prefix
-            matches = prefix == "/" or path == prefix or path.startswith(below)
-            if matches and (best is None or len(prefix) > len(best.prefix)):
-                best = route
-        if best is None:
-            return None
-        rest = path if best.prefix == "/" else path[len(best.prefix) :]
-        return best, rest
-
-    def session_of(self, headers: dict[str, str]) -> str | None:
-        """The first configured session header present (headers lower-cased)."""
-        for name in self._session_headers:
-            value = headers.get(name)
-            if value:
-                return value
-        return None
 
     async def aclose(self) -> None:
         await self.store.aclose()

@@ -153,6 +153,6 @@ def test_parse() -> None:
     body = {"model": "claude-test", "system": "be brief", "messages": MESSAGES, "stream": True}
     parsed = adapter.parse(RequestView("POST", "/v1/messages", "", {}, json.dumps(body).encode()))
     assert (parsed.span_name, parsed.stream, parsed.history) == ("chat claude-test", True, [])
-    assert len(parsed.fields["conversation_digest"]) == 32
+    assert len(parsed.fields.conversation_digest) == 32
     count = adapter.parse(RequestView("POST", "/v1/messages/count_tokens", "", {}, b"{}"))
     assert count.operation == "passthrough"

@@ -720,7 +720,7 @@ def test_a_guard_bug_is_logged_without_canaries(tmp_path: Path, capfd) -> None:
             [{"prefix": "/tools", "upstream": "http://app", "adapter": "http-tool"}]
         )
         middleware = GuardMiddleware(tool_app(seen, "/tools"), engine=emitted.engine(mw_config))
-        middleware._adapters["/tools"].parse = _raise  # type: ignore[method-assign]
+        middleware.adapters["/tools"].parse = _raise  # type: ignore[method-assign]
         app = stack.enter_context(run_server(middleware))
         with httpx.Client(headers=HEADERS, timeout=30) as http:
             # The parse bug: the call is served unguarded; the observer bug: a 502.

@@ -322,16 +322,12 @@ def test_parse_names_the_span_and_the_conversation() -> None:
     )
     other = parse({"model": "gpt-test", "messages": [{"role": "user", "content": "else"}]})
     assert (first.operation, first.span_name, first.model) == ("chat", "chat gpt-test", "gpt-test")
-    assert first.fields["conversation_digest"] == later.fields["conversation_digest"]
-    assert first.fields["conversation_digest"] != other.fields["conversation_digest"]
+    assert first.fields.conversation_digest == later.fields.conversation_digest
+    assert first.fields.conversation_digest != other.fields.conversation_digest
     named = parse({"model": "m", "messages": MESSAGES}, {"x-loopguard-conversation": "c-1"})
-    assert named.fields["conversation_id"] == "c-1"
-    assert (
-        parse({"model": "m", "input": "x", "conversation": "conv_9"}, path="/v1/responses").fields[
-            "conversation_id"
-        ]
-        == "conv_9"
-    )
+    assert named.fields.conversation_id == "c-1"
+    responses = parse({"model": "m", "input": "x", "conversation": "conv_9"}, path="/v1/responses")
+    assert responses.fields.conversation_id == "conv_9"
     bad = adapter.parse(RequestView("POST", "/v1/chat/completions", "", {}, b"{not json"))
     assert bad.admission_error is not None
     models = adapter.parse(RequestView("GET", "/v1/models", "", {}, b""))
@@ -345,7 +341,8 @@ def test_hidden_usage_chunk_at_every_split_point() -> None:
     adapter = OpenAIAdapter(route)
     body = json.dumps({"model": "m", "messages": MESSAGES, "stream": True}).encode()
     parsed = adapter.parse(RequestView("POST", "/v1/chat/completions", "", {}, body))
-    assert json.loads(parsed.body)["stream_options"] == {"include_usage": True}
+    assert parsed.forward_body is not None and parsed.injected_stream_usage
+    assert json.loads(parsed.forward_body)["stream_options"] == {"include_usage": True}
     chunk = '{"id":"c","choices":[{"index":0,"delta":{"content":"hi"},"finish_reason":null}]}'
     last = '{"id":"c","choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}'
     usage = '{"id":"c","choices":[],"usage":{"prompt_tokens":5,"completion_tokens":1}}'

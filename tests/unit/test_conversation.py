@@ -76,8 +76,8 @@ def test_loopguards_own_stop_answer_in_the_history_counts_as_the_same_outcome() 
 async def test_a_conversation_id_derived_from_content_leaves_only_as_a_keyed_pseudonym() -> None:
     e = engine()
     view, parsed = parse(chat_messages(LOOP[:2]))
-    digest = parsed.fields["conversation_digest"]
-    exchange = Exchange(e, ROUTE, OpenAIAdapter(ROUTE), view, None)
+    digest = parsed.fields.conversation_digest
+    exchange = Exchange(e, ROUTE, OpenAIAdapter(ROUTE), view)
     await exchange.admit()
     conversation = exchange.record.conversation_id
     assert conversation is not None and conversation.startswith("conv_")
@@ -86,7 +86,7 @@ async def test_a_conversation_id_derived_from_content_leaves_only_as_a_keyed_pse
     assert conversation == "conv_" + e.pseudonym(digest)
     assert engine().pseudonym(digest) != e.pseudonym(digest)
     named_view, _ = parse(chat_messages(LOOP[:2]), {"x-loopguard-conversation": "c-42"})
-    named = Exchange(e, ROUTE, OpenAIAdapter(ROUTE), named_view, None)
+    named = Exchange(e, ROUTE, OpenAIAdapter(ROUTE), named_view)
     await named.admit()
     assert named.record.conversation_id == "c-42"
     await e.aclose()

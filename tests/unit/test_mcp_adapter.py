@@ -9,7 +9,7 @@ import pytest
 from adapters.mcp import McpAdapter, McpObserver
 from adapters.sse import SSEParser
 from guard.engine.calls import StallRule, Verdict
-from guard.engine.contract import RequestView
+from guard.engine.contract import ProtocolFields, RequestView
 
 ACCEPT_BOTH = "application/json, text/event-stream"
 VERDICT = Verdict("block", "lookup_tracking", "abc123", rule=StallRule.STALLED_REPEAT, repeats=3)
@@ -50,11 +50,9 @@ def test_tools_call_is_guarded():
         ("lookup_tracking", {"order_id": "A1"}, 7)
     ]
     assert parsed.span_name == "tools/call lookup_tracking"
-    assert parsed.fields == {
-        "mcp_session_id": "sess-1",
-        "mcp_method": "tools/call",
-        "jsonrpc_request_id": "7",
-    }
+    assert parsed.fields == ProtocolFields(
+        mcp_session_id="sess-1", mcp_method="tools/call", jsonrpc_request_id="7"
+    )
     assert parsed.admission_error is None
 
 
@@ -80,7 +78,7 @@ def test_other_messages_pass_untouched(message, span):
     assert parsed.invocations == []
     assert parsed.span_name == span
     assert parsed.admission_error is None
-    assert parsed.body is None  # forwarded as received
+    assert parsed.forward_body is None  # forwarded as received
 
 
 @pytest.mark.parametrize("method", ["GET", "DELETE"])
@@ -91,7 +89,7 @@ def test_get_and_delete_are_passthrough(method):
     parsed = adapter.parse(request)
     assert parsed.operation == "passthrough"
     assert parsed.invocations == []
-    assert parsed.fields == {"mcp_session_id": "s"}
+    assert parsed.fields == ProtocolFields(mcp_session_id="s")
 
 
 def test_non_json_post_is_passthrough():
