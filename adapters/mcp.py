@@ -336,7 +336,7 @@ def _stop_reply(message: Any, verdict: Verdict) -> dict[str, Any] | None:
     if tool == verdict.tool:
         text = stop_text(verdict)
         stop.update(
-            rule=verdict.rule.value if verdict.rule else None,
+            rule=str(verdict.rule) if verdict.rule else None,
             repeats=verdict.repeats,
             params_hash=verdict.params_hash,
         )

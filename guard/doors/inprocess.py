@@ -47,7 +47,7 @@ from opentelemetry import trace
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from guard.doors.exchange import Exchange, jsonable
-from guard.engine.calls import CallRecord, FailureStage, StallRule, Step, Verdict
+from guard.engine.calls import CallRecord, FailureStage, Step, Verdict
 from guard.engine.config import Config
 from guard.engine.contract import (
     Answer,
@@ -82,7 +82,7 @@ class StalledRepeatError(RuntimeError):
         self.session = session
         self.tool = verdict.tool
         self.params_hash = verdict.params_hash
-        self.rule: StallRule | None = verdict.rule
+        self.rule: str | None = verdict.rule
         self.repeats = verdict.repeats
 
 
