@@ -97,3 +97,15 @@ def test_several_workers_need_the_shared_store(capsys) -> None:
 
     assert main(["serve", "--workers", "2"]) == 2
     assert "server.workers" in capsys.readouterr().err
+
+
+def test_every_adapter_the_config_accepts_is_registered_and_builds() -> None:
+    from typing import get_args
+
+    from adapters import ADAPTERS, get_adapter
+    from guard.engine.config import AdapterName, RouteConfig
+
+    assert set(get_args(AdapterName)) == set(ADAPTERS)
+    for name in ADAPTERS:
+        route = RouteConfig(prefix="/x", upstream="http://127.0.0.1:1", adapter=name)
+        assert get_adapter(route).name == name
