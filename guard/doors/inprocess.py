@@ -49,6 +49,7 @@ from guard.engine.calls import CallRecord, FailureStage, Route, StallRule, Step,
 from guard.engine.config import Config
 from guard.engine.core import Engine
 from guard.engine.problem import stop_text
+from guard.telemetry import build as build_telemetry
 
 log = structlog.get_logger("loopguard")
 
@@ -132,7 +133,10 @@ class Guard:
             raise TypeError("pass either config or engine, not both")
         self._owns_engine = engine is None
         if engine is None:
-            engine = Engine(config if isinstance(config, Config) else Config.load(config))
+            engine = Engine(
+                config if isinstance(config, Config) else Config.load(config),
+                make_telemetry=build_telemetry,
+            )
         self.engine = engine
         self._loop = _Loop()
         self._closed = False
