@@ -1,4 +1,4 @@
-"""The stall rules (DESIGN.md, "The stall rules") over a bounded session history.
+"""The stall rules (docs/architecture.md, "The stall rules") over a bounded session history.
 
 For a call K = (tool, params_hash), looking only at the last ``window`` steps:
 
