@@ -235,7 +235,8 @@ class Projections:
         """The durable record's fields in ``record_fields`` order; ``CALL_FIELDS`` are
         left None for the records sink. No content, ever."""
         fields = self._template.copy()
-        fields.update(zip(self._plain_keys, self._plain_read(record), strict=True))
+        # Same length by construction (both from `plain`): no per-call length check.
+        fields.update(zip(self._plain_keys, self._plain_read(record), strict=False))
         for key, read in self._derived:
             fields[key] = read(record)
         for key in self._pseudonyms:
