@@ -79,10 +79,10 @@ async def run_once(
 
 
 async def main() -> None:
-    from guard.engine import fingerprint
+    from guard.engine import canonical
 
     if "--stdlib" in sys.argv:  # measure the fallback encoder (no orjson)
-        fingerprint._ORJSON = None
+        canonical._ORJSON = None
     rule = RedactionRule(name="order", pattern=r"#A\d{5}").model_dump()
     config = Config.from_mapping({"redaction": {"rules": [rule]}})
     engine = Engine(config, store=MemoryStore(), telemetry=_NoTelemetry())
@@ -96,7 +96,7 @@ async def main() -> None:
     runs = [await run_once(engine, args, sessions, markers) for _ in range(RUNS)]
     results = [wall for wall, _ in runs]
     cpu = statistics.median(c for _, c in runs)
-    encoder = "orjson" if fingerprint._ORJSON is not None else "stdlib json"
+    encoder = "orjson" if canonical._ORJSON is not None else "stdlib json"
     print(
         f"redact+fingerprint+check+record, {size} B args, {CALLS} calls x {RUNS} runs, "
         f"{encoder}: median {statistics.median(results):.1f} us/call "

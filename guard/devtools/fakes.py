@@ -293,8 +293,11 @@ class FakeModels:
         async def events() -> AsyncIterator[bytes]:
             yield event({"type": "response.created", "response": response("in_progress", [])})
             yield event({"type": "response.in_progress", "response": response("in_progress", [])})
-            empty = {**item, "status": "in_progress"}
-            empty.update({"arguments": ""} if tool else {"content": []})
+            empty: dict[str, Any] = {**item, "status": "in_progress"}
+            if tool:
+                empty["arguments"] = ""
+            else:
+                empty["content"] = []
             yield event({"type": "response.output_item.added", "output_index": 0, "item": empty})
             part = {"type": "output_text", "text": "", "annotations": []}
             if not tool:

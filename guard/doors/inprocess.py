@@ -60,6 +60,7 @@ from guard.engine.contract import (
 )
 from guard.engine.core import Engine
 from guard.engine.problem import stall_problem, stop_text
+from guard.telemetry import build as build_telemetry
 
 log = structlog.get_logger("loopguard")
 
@@ -143,7 +144,10 @@ class Guard:
             raise TypeError("pass either config or engine, not both")
         self._owns_engine = engine is None
         if engine is None:
-            engine = Engine(config if isinstance(config, Config) else Config.load(config))
+            engine = Engine(
+                config if isinstance(config, Config) else Config.load(config),
+                make_telemetry=build_telemetry,
+            )
         self.engine = engine
         self._loop = _Loop()
         # The store as guarded calls reach it: from sync code, and from async code.

@@ -43,6 +43,7 @@ from guard.engine.calls import FailureStage
 from guard.engine.config import Config, RouteConfig
 from guard.engine.contract import Answer
 from guard.engine.core import Engine
+from guard.telemetry import build as build_telemetry
 
 log = structlog.get_logger("loopguard")
 
@@ -65,7 +66,10 @@ class GuardMiddleware:
         self.app = app
         self._owns_engine = engine is None
         if engine is None:
-            engine = Engine(config if isinstance(config, Config) else Config.load(config))
+            engine = Engine(
+                config if isinstance(config, Config) else Config.load(config),
+                make_telemetry=build_telemetry,
+            )
         self.engine = engine
         if not engine.config.routes:
             log.warning(

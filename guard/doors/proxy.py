@@ -57,6 +57,7 @@ from guard.engine.config import Config, RouteConfig
 from guard.engine.contract import Answer
 from guard.engine.core import Engine
 from guard.engine.problem import ROUTE_HEADER, problem
+from guard.telemetry import build as build_telemetry
 
 log = structlog.get_logger("loopguard")
 
@@ -97,7 +98,7 @@ class ProxyApp:
         upstream: Upstream | None = None,
     ) -> None:
         self.config = config
-        self.engine = engine or Engine(config)
+        self.engine = engine or Engine(config, make_telemetry=build_telemetry)
         self.upstream = upstream or Upstream(config.server)
         self.max_body = config.server.max_body_bytes
         self.total_timeout = config.server.total_timeout

@@ -28,6 +28,7 @@ from adapters.trajectory import (
 from guard.engine.calls import Step, Verdict
 from guard.engine.config import Config
 from guard.engine.store import MemoryStore
+from guard.engine.telemetry_port import NullTelemetry
 
 DEFAULT_SESSION = "default"
 
@@ -44,13 +45,6 @@ class ReplayStep:
     result: Any
     error: bool = False
     marker: str | None = None
-
-
-class _NoTelemetry:
-    """Replay records nothing: no spans, no metrics, no threads."""
-
-    def shutdown(self) -> None:
-        pass
 
 
 def load_steps(path: str) -> list[ReplayStep]:
@@ -93,7 +87,8 @@ def _transcript_steps(doc: dict[str, Any], name: str) -> list[ReplayStep]:
             f"{name}: a JSON transcript needs a 'messages' list (OpenAI chat or Anthropic) "
             "or an 'input' list (OpenAI Responses)"
         )
-    session = doc.get("session") if isinstance(doc.get("session"), str) else DEFAULT_SESSION
+    named = doc.get("session")
+    session = named if isinstance(named, str) else DEFAULT_SESSION
     return [ReplayStep(session, h.tool, h.params, h.outcome, h.error) for h in history]
 
 
@@ -141,7 +136,8 @@ def replay(steps: list[ReplayStep], config: Config) -> list[tuple[ReplayStep, Ve
     """The verdict before each step, given the earlier steps of its session."""
     from guard.engine.core import Engine
 
-    engine = Engine(config, store=MemoryStore(), telemetry=_NoTelemetry())
+    # Replay records nothing: no spans, no metrics, no threads.
+    engine = Engine(config, store=MemoryStore(), telemetry=NullTelemetry())
     histories: dict[str, list[Step]] = {}
     out = []
     for step in steps:

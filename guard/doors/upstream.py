@@ -6,9 +6,9 @@ machine (~590 req/s at 16 concurrent requests against ~3,100 with aiohttp).
 
 One ``Upstream`` per process, shared by every route: the proxy, the benchmark's bare
 passthrough baseline and anything else that forwards requests. Timeouts: connect and
-read come from ``[server]``; the total timeout is enforced by the caller around the
-whole exchange (``asyncio.timeout``), because neither library has one that covers a
-streamed body.
+read come from ``[server]``; neither library has a total timeout that covers a
+streamed body, so the proxy enforces ``total_timeout`` itself: its sweeper cancels a
+relay found past its deadline (``guard.doors.proxy._Relay``; none for long-lived streams).
 """
 
 from __future__ import annotations

@@ -18,7 +18,8 @@ class StallRule(StrEnum):
 
 
 class Route(StrEnum):
-    """What loopguard did with a request: the ``x-loopguard-route`` value."""
+    """The verdict's route: what loopguard did with a call (the ``x-loopguard-route``
+    value). Not ``config.RouteConfig``, which maps a path prefix to an upstream."""
 
     SERVE = "serve"
     NUDGE = "nudge"
@@ -91,8 +92,10 @@ class CallRecord:
     """Everything known about one guarded exchange once it is over.
 
     The front doors fill it; ``guard.telemetry`` turns it into span attributes,
-    metrics and one durable JSON record. It never holds raw parameters or content:
-    only hashes, markers and (when capture is on) already-redacted text.
+    metrics and one durable JSON record, each field as ``guard.telemetry.fields``
+    declares it (a new field here shows nowhere until it has a row there). It never
+    holds raw parameters or content: only hashes, markers and (when capture is on)
+    already-redacted text.
     """
 
     operation: Literal["chat", "execute_tool", "mcp", "passthrough"]

@@ -201,6 +201,9 @@ class TelemetryConfig(_Section):
 
 
 class RouteConfig(_Section):
+    """A configured route: a path prefix and the upstream it forwards to. Not
+    ``calls.Route``, which is what loopguard did with one call."""
+
     prefix: str = Field(pattern=r"^/")
     upstream: str = Field(pattern=r"^https?://")
     adapter: AdapterName

@@ -1,7 +1,8 @@
 """The engine: one object holding the scrub policy, detector, session store and telemetry.
 
 Every front door (reverse proxy, middleware, in-process ``Guard``, replay) builds
-one ``Engine`` from a ``Config`` and asks it the same questions.
+one ``Engine`` from a ``Config`` and asks it the same questions. The engine holds
+telemetry through its own ``TelemetryPort``; the doors build the real one.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from guard.engine.progress import ProgressMarkers
 from guard.engine.pseudonym import keyed_pseudonym, keyed_session_hasher
 from guard.engine.redact import Redactor, load_key
 from guard.engine.store import MemoryStore, SessionStore
+from guard.engine.telemetry_port import NullTelemetry, TelemetryFactory, TelemetryPort
 
 _log = structlog.get_logger("loopguard")
 
@@ -30,8 +32,12 @@ class Engine:
         config: Config | None = None,
         *,
         store: SessionStore | None = None,
-        telemetry: Any | None = None,
+        telemetry: TelemetryPort | None = None,
+        make_telemetry: TelemetryFactory | None = None,
     ) -> None:
+        """``telemetry``: used as it is. Else ``make_telemetry(config, session_hasher)``
+        builds it (the front doors pass ``guard.telemetry.build``). Else none is
+        recorded (``NullTelemetry``)."""
         self.config = config or Config()
         # The config is frozen: what is read on every call is built once.
         self._scrub_policy = self.config.redaction.policy_id
@@ -43,15 +49,15 @@ class Engine:
         self.detector = Detector(self.config.loop)
         self.markers = ProgressMarkers(self.config.loop, self.redactor)
         self.store = store or _store_from_config(self.config)
+        # Session ids leave in records only as keyed pseudonyms, under the same key.
+        self.session_hasher = keyed_session_hasher(key)
         if telemetry is None:
-            from guard.telemetry import Telemetry
-
-            telemetry = Telemetry(
-                self.config.telemetry,
-                scrub_policy=self.scrub_policy,
-                session_hasher=keyed_session_hasher(key),
+            telemetry = (
+                make_telemetry(self.config, self.session_hasher)
+                if make_telemetry is not None
+                else NullTelemetry()
             )
-        self.telemetry = telemetry
+        self.telemetry: TelemetryPort = telemetry
 
     @property
     def scrub_policy(self) -> str:

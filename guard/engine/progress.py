@@ -23,8 +23,8 @@ from typing import Any
 
 import xxhash
 
+from guard.engine.canonical import canonical_json, encode_canonical, parse_json_text
 from guard.engine.config import LoopConfig
-from guard.engine.fingerprint import canonical_json, encode_canonical, parse_json_text
 from guard.engine.redact import Redactor
 
 MAX_EXPLICIT = 64
@@ -111,7 +111,7 @@ class ProgressMarkers:
 
     def _strip_dict(self, value: dict[Any, Any]) -> dict[Any, Any]:
         kept_keys = self._kept_keys
-        out = {}
+        out: dict[Any, Any] = {}
         for k, v in value.items():
             if type(k) is str:
                 kept = kept_keys.get(k)

@@ -10,7 +10,7 @@ Replacements are placeholders, never the value:
 Redaction is idempotent: a placeholder is matched first and left as it is, so
 ``redact(redact(x)) == redact(x)`` and a pseudonym is never hashed twice.
 
-Numbers leave the walk in canonical form (see ``guard.engine.fingerprint``): an integral float
+Numbers leave the walk in canonical form (see ``guard.engine.canonical``): an integral float
 such as ``1.0`` becomes ``1`` (JSON has one number type, and clients disagree on how
 they print it); other floats become ``JSONFloat``, a float that every encoder prints
 the same way.
@@ -22,10 +22,10 @@ import hashlib
 import os
 import re
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
+from guard.engine.canonical import JSONFloat, canonical_json
 from guard.engine.config import ConfigError, RedactionConfig
-from guard.engine.fingerprint import JSONFloat, canonical_json
 
 MASK_SECRET = "[REDACTED]"
 _UNSET: Any = object()
@@ -127,7 +127,7 @@ class Redactor:
         # and again): caching the scrub of short strings is sound and cheap.
         self._str_cache: dict[str, str] = {}
         # key -> its rule, or False for keys without one (one truthiness test per item)
-        self._key_cache: dict[Any, Callable[[Any], str] | bool] = {}
+        self._key_cache: dict[Any, Callable[[Any], str] | Literal[False]] = {}
         self._build_regex(sorted(secret, key=len, reverse=True))
 
     # -- building ---------------------------------------------------------------
@@ -223,7 +223,7 @@ class Redactor:
 
     def _list(self, value: list[Any]) -> list[Any]:
         strings = self._str_cache
-        out = []
+        out: list[Any] = []
         for v in value:
             t = type(v)
             if t is str:
@@ -238,7 +238,7 @@ class Redactor:
         return out
 
     def _dict(self, value: dict[Any, Any]) -> dict[Any, Any]:
-        out = {}
+        out: dict[Any, Any] = {}
         key_rules = self._key_cache
         strings = self._str_cache
         for k, v in value.items():
@@ -308,7 +308,7 @@ class Redactor:
         """Scrub free text (captured content, log lines)."""
         return self._scrub(text)
 
-    def _key_rule(self, key: Any) -> Callable[[Any], str] | bool:
+    def _key_rule(self, key: Any) -> Callable[[Any], str] | Literal[False]:
         rule = self._key_rules.get(normalize_key(key)) if isinstance(key, str) else None
         if len(self._key_cache) >= _CACHE_SIZE:
             self._key_cache.clear()

@@ -17,7 +17,7 @@ import json
 import math
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 import orjson
@@ -244,14 +244,19 @@ class RedisStore:
             raise StoreError(f"redis store {self.url}: cannot read session: {exc}") from exc
         return self._decoded(raw) if raw else []
 
-    def _decoded(self, raw: list[bytes]) -> list[Step]:
+    def _decoded(self, raw: Sequence[bytes | str]) -> list[Step]:
         try:
             return [decode_step(item) for item in raw]
         except (ValueError, TypeError) as exc:
             raise StoreError(f"redis store {self.url}: malformed step in session: {exc}") from exc
 
     async def append(self, session: str, step: Step, window: int) -> None:
-        args = [encode_step(step), _call_field(step.tool, step.params_hash), window, self.ttl]
+        args: list[str | int] = [
+            encode_step(step),
+            _call_field(step.tool, step.params_hash),
+            window,
+            self.ttl,
+        ]
         try:
             await self._append(keys=self._keys(session), args=args)
         except self._errors as exc:

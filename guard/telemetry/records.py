@@ -3,10 +3,10 @@
 A record is what an operator keeps after spans have been sampled away: who was
 called, what loopguard decided and why, how long it took, what it cost. It
 never holds a raw payload: parameters are a hash, outcomes a progress marker,
-the session a keyed pseudonym. ``guard.monitor`` and ``loopguard report`` read
-these lines back.
+the session a keyed pseudonym. The keys and their order are ``RECORD_FIELDS``,
+declared with the span and metric attributes in ``guard.telemetry.fields``.
 
-The writer is a structlog chain of its own (optional sink -> JSON over orjson,
+The writer is a structlog chain of its own (optional callback -> JSON over orjson,
 the timestamp put first when the record is built) bound to its own file, so it
 never touches structlog's global configuration that the application may own.
 """
@@ -24,114 +24,54 @@ from typing import Any, BinaryIO
 
 import orjson
 import structlog
+from structlog.typing import EventDict, Processor, WrappedLogger
 
 from guard.engine.calls import CallRecord
 from guard.engine.pseudonym import SessionHasher
+from guard.telemetry.fields import PROJECTIONS, RECORD_FIELDS
+from guard.telemetry.sink import RecordCallback, SinkSetup
+from guard.telemetry.spans import CallSpan
 
 _log = structlog.get_logger("loopguard.records")
 
-RecordSink = Callable[[dict[str, Any]], None]
-
-# The record's fields, in order. Consumers (monitor, report) may rely on these names.
-RECORD_FIELDS = (
-    "ts",
-    "event",
-    "request_id",
-    "trace_id",
-    "span_id",
-    "session",
-    "session_tracked",
-    "conversation_id",
-    "route",
-    "failure_stage",
-    "error_type",
-    "status_code",
-    "operation",
-    "tool",
-    "model",
-    "response_model",
-    "response_id",
-    "provider",
-    "mcp_method",
-    "params_hash",
-    "progress_marker",
-    "repeat_count",
-    "stall_rule",
-    "stream",
-    "finish_reasons",
-    "input_tokens",
-    "output_tokens",
-    "cached_input_tokens",
-    "usage_source",
-    "ttft_ms",
-    "total_ms",
-    "output_tps",
-    "output_chunks",
-    "timing_malformed",
-    "app",
-    "scrub_policy",
-)
+# The record's keys, in order (declared in guard.telemetry.fields). Consumers (the
+# monitor) read these names: append, never rename or reorder.
+__all__ = ["RECORD_FIELDS", "RecordWriter", "RecordsSink", "sink"]
 
 
-def _ms(seconds: float | None) -> float | None:
-    return None if seconds is None else round(seconds * 1000.0, 3)
+class RecordsSink:
+    """Writes one durable record per call: the field table's projection, with the
+    call's time and ids first and the session as a keyed pseudonym."""
+
+    failure_event = "durable record failed"
+
+    def __init__(self, writer: RecordWriter, session_hasher: SessionHasher) -> None:
+        self._writer = writer
+        self._session_hasher = session_hasher
+
+    def emit(self, record: CallRecord, call: CallSpan) -> None:
+        # Built once, in its final order (``ts`` first): the writer passes this very
+        # dict down the chain, no merged copies.
+        fields = PROJECTIONS.record(record, self._session_hasher)
+        fields["ts"] = _now_iso()
+        fields["event"] = "call"
+        fields["request_id"] = call.request_id
+        fields["trace_id"] = call.trace_id
+        fields["span_id"] = call.span_id
+        self._writer.write(fields)
+
+    def force_flush(self, timeout_millis: int) -> None:
+        pass  # every line is flushed as it is written
+
+    def shutdown(self) -> None:
+        self._writer.close()
 
 
-def record_fields(
-    record: CallRecord,
-    *,
-    request_id: str,
-    trace_id: str,
-    span_id: str,
-    scrub_policy: str,
-    session_hasher: SessionHasher,
-) -> dict[str, Any]:
-    """The whole record for one call, in ``RECORD_FIELDS`` order: no content, ever.
-
-    Built once, in its final order (``ts`` first): the writer passes this very dict
-    down the chain, no merged copies.
-    """
-    usage = record.usage
-    return {
-        "ts": _now_iso(),
-        "event": "call",
-        "request_id": request_id,
-        "trace_id": trace_id,
-        "span_id": span_id,
-        "session": session_hasher(record.session) if record.session else None,
-        "session_tracked": record.session_tracked,
-        # Either the agent's own id or a keyed pseudonym (guard.doors.exchange): never content.
-        "conversation_id": record.conversation_id,
-        "route": str(record.route),
-        "failure_stage": str(record.failure_stage),
-        "error_type": record.error_type,
-        "status_code": record.status_code,
-        "operation": record.operation,
-        "tool": record.tool,
-        "model": record.model,
-        "response_model": record.response_model,
-        "response_id": record.response_id,
-        "provider": record.provider,
-        "mcp_method": record.mcp_method,
-        "params_hash": record.params_hash,
-        "progress_marker": record.progress_marker,
-        "repeat_count": record.repeat_count,
-        "stall_rule": str(record.stall_rule) if record.stall_rule else None,
-        "stream": record.stream,
-        "finish_reasons": list(record.finish_reasons),
-        "input_tokens": usage.input_tokens if usage else None,
-        "output_tokens": usage.output_tokens if usage else None,
-        "cached_input_tokens": usage.cached_input_tokens if usage else None,
-        "usage_source": usage.source if usage else "absent",
-        "ttft_ms": _ms(record.ttft_s),
-        "total_ms": _ms(record.total_s),
-        "output_tps": record.output_tps,
-        "output_chunks": record.output_chunks,
-        "timing_malformed": record.timing_malformed,
-        "app": dict(record.app),
-        # The policy the call was scrubbed under, so a record says how to read its hashes.
-        "scrub_policy": record.scrub_policy or scrub_policy,
-    }
+def sink(setup: SinkSetup) -> RecordsSink | None:
+    """Only when a record would go somewhere: a file, stdout or the callback."""
+    if not setup.cfg.records and setup.record_callback is None:
+        return None
+    return RecordsSink(RecordWriter(setup.cfg.records, setup.record_callback), setup.session_hasher)
 
 
 class RecordWriter:
@@ -142,20 +82,20 @@ class RecordWriter:
     already recorded.
 
     structlog's fast path: ``BytesLogger`` on the file and ``JSONRenderer`` over
-    orjson, behind a two-step chain (tee to the sink, then render).
+    orjson, behind a two-step chain (tee to the callback, then render).
     """
 
-    def __init__(self, path: str, sink: RecordSink | None = None) -> None:
+    def __init__(self, path: str, callback: RecordCallback | None = None) -> None:
         self._path = path
-        self._sink = sink
+        self._callback = callback
         self._file: BinaryIO | None = None
         self._logger: Any = None
         self._lock = threading.Lock()
         self._closed = False
 
-    def _tee(self, _logger: Any, _name: str, event_dict: dict[str, Any]) -> dict[str, Any]:
-        if self._sink is not None:
-            self._sink(dict(event_dict))
+    def _tee(self, _logger: WrappedLogger, _name: str, event_dict: EventDict) -> EventDict:
+        if self._callback is not None:
+            self._callback(dict(event_dict))
         return event_dict
 
     def _open(self) -> Any:
@@ -169,14 +109,16 @@ class RecordWriter:
             self._file = path.open("ab")
             base, serializer = structlog.BytesLogger(self._file), orjson.dumps
         else:
-            # Without a file, ReturnLogger renders and discards: the sink still sees it.
+            # Without a file, ReturnLogger renders and discards: the callback still sees it.
             base, serializer = structlog.ReturnLogger(), orjson.dumps
         # Our own wrapper class and chain: the application's structlog configuration is
         # not ours. bind() turns wrap_logger's lazy proxy into the logger itself (the
         # proxy would rebuild it on every record).
         renderer = structlog.processors.JSONRenderer(serializer)
-        # Without a sink the tee would only pass the dict on: one call less per record.
-        processors = [self._tee, renderer] if self._sink is not None else [renderer]
+        # Without a callback the tee would only pass the dict on: one call less per record.
+        processors: list[Processor] = [renderer]
+        if self._callback is not None:
+            processors.insert(0, self._tee)
         return structlog.wrap_logger(
             base,
             processors=processors,
@@ -187,12 +129,12 @@ class RecordWriter:
     @property
     def enabled(self) -> bool:
         """False when a record would go nowhere (callers skip building it)."""
-        return bool(self._path or self._sink is not None) and not self._closed
+        return bool(self._path or self._callback is not None) and not self._closed
 
     def write(self, fields: dict[str, Any]) -> None:
-        """Write one record: ``record_fields``' dict (``ts`` first) as it is; a dict
+        """Write one record: the records sink's dict (``ts`` first) as it is; a dict
         without ``ts`` gets one put first."""
-        if not self._path and self._sink is None:
+        if not self._path and self._callback is None:
             return
         with self._lock:
             if self._closed:
@@ -201,13 +143,13 @@ class RecordWriter:
                 try:
                     self._logger = self._open()
                 except OSError as exc:
-                    # Once, not per call; the sink (if any) still gets the records.
+                    # Once, not per call; the callback (if any) still gets the records.
                     _log.warning("record file unusable", path=self._path, error=type(exc).__name__)
                     self._path = ""
                     self._logger = self._open()
             logger = self._logger
-        # ts first, then the fields in the order given (``record_fields`` builds them in
-        # RECORD_FIELDS order), so the lines read well and diff cleanly.
+        # ts first, then the fields in the order given (the records sink builds them
+        # in RECORD_FIELDS order), so the lines read well and diff cleanly.
         if "ts" not in fields:
             fields = {"ts": _now_iso(), **fields}
         logger.record(fields)

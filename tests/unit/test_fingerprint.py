@@ -9,8 +9,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from guard.engine.canonical import canonical_json, parse_json_text
 from guard.engine.config import RedactionConfig, RedactionRule
-from guard.engine.fingerprint import canonical_json, params_hash, parse_json_text
+from guard.engine.fingerprint import params_hash
 from guard.engine.redact import Redactor
 
 R = Redactor(RedactionConfig(rules=(RedactionRule(name="order", pattern=r"#A\d{5}"),)), key=b"k")
@@ -126,10 +127,10 @@ NUMBERS_AND_TEXT = st.recursive(
 def test_orjson_and_stdlib_paths_agree(value: object) -> None:
     # The accelerator must never change a fingerprint: replicas with and without it
     # share one Redis store.
-    from guard.engine import fingerprint
+    from guard.engine import canonical
 
-    if fingerprint._ORJSON is None:
+    if canonical._ORJSON is None:
         pytest.skip("orjson not installed: only the stdlib encoder is in use")
-    normalized = fingerprint.normalize(value)
-    stdlib = fingerprint._stdlib_encode(normalized).encode("utf-8", "surrogatepass")
-    assert fingerprint.encode_canonical(normalized) == stdlib
+    normalized = canonical.normalize(value)
+    stdlib = canonical._stdlib_encode(normalized).encode("utf-8", "surrogatepass")
+    assert canonical.encode_canonical(normalized) == stdlib

@@ -30,11 +30,12 @@ from opentelemetry.semconv.attributes import http_attributes
 from opentelemetry.semconv.schemas import Schemas
 from opentelemetry.trace import SpanKind, StatusCode
 
-from guard import telemetry as tm
 from guard.engine.calls import CallRecord, FailureStage, Route, StallRule, Usage
 from guard.engine.config import TelemetryConfig
 from guard.engine.pseudonym import keyed_session_hasher
 from guard.telemetry import Telemetry
+from guard.telemetry import semconv as tm
+from guard.telemetry.exporters import otlp_endpoints
 from guard.telemetry.records import RECORD_FIELDS
 
 AGENT_TRACE = "0af7651916cd43dd8448eb211c80319c"
@@ -782,13 +783,13 @@ def test_console_exporter_prints_spans_on_shutdown(capsys) -> None:
 
 
 def test_otlp_endpoints() -> None:
-    assert tm.otlp_endpoints(None) == (None, None)
-    assert tm.otlp_endpoints("http://c:4318/v1/traces") == (
+    assert otlp_endpoints(None) == (None, None)
+    assert otlp_endpoints("http://c:4318/v1/traces") == (
         "http://c:4318/v1/traces",
         "http://c:4318/v1/metrics",
     )
-    assert tm.otlp_endpoints("http://c:4318/") == (
+    assert otlp_endpoints("http://c:4318/") == (
         "http://c:4318/v1/traces",
         "http://c:4318/v1/metrics",
     )
-    assert tm.otlp_endpoints("http://gw/otel/traces") == ("http://gw/otel/traces", None)
+    assert otlp_endpoints("http://gw/otel/traces") == ("http://gw/otel/traces", None)

@@ -1,0 +1,273 @@
+"""What telemetry shows of a ``CallRecord``: each field declared once, three projections.
+
+A call leaves loopguard three ways: span attributes, metric attributes and one durable
+record. ``FIELDS`` says, for every fact about a call, where it goes (the record's key,
+the span attribute, whether it is also a metric attribute) and how it is read (a
+``CallRecord`` attribute as it is, or a function of the record). ``Projections`` turns
+the table into the three projections once, at import, as precomputed tuples: per call
+there is no reflection, only the reads the table names.
+
+Rules the table keeps:
+
+* The durable record's keys and their order are ``RECORD_FIELDS``: ``CALL_FIELDS``
+  (filled by the records sink from the call), then the table's record keys in table
+  order. A monitor reads these lines: append, never rename or reorder.
+* A span attribute whose value is None is left off; a record key is always present.
+* Metric attributes are low-cardinality only: never a session, hash, marker or id.
+* Where the span and the record show one fact differently (milliseconds against
+  seconds, the GenAI operation against loopguard's own), they are two rows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from operator import attrgetter
+from typing import Any
+
+from guard.engine.calls import CallRecord, FailureStage
+from guard.engine.pseudonym import SessionHasher
+from guard.telemetry.semconv import (
+    ATTR_CACHE_READ_TOKENS,
+    ATTR_CONVERSATION_ID,
+    ATTR_ERROR_TYPE,
+    ATTR_FINISH_REASONS,
+    ATTR_HTTP_STATUS,
+    ATTR_INPUT_TOKENS,
+    ATTR_JSONRPC_ID,
+    ATTR_MCP_METHOD,
+    ATTR_MCP_SESSION,
+    ATTR_OPERATION,
+    ATTR_OUTPUT_TOKENS,
+    ATTR_PROVIDER,
+    ATTR_REQUEST_MODEL,
+    ATTR_RESPONSE_ID,
+    ATTR_RESPONSE_MODEL,
+    ATTR_SERVER_ADDRESS,
+    ATTR_SERVER_PORT,
+    ATTR_STREAM,
+    ATTR_TOOL_NAME,
+    ATTR_TTFC,
+    LG_FAILURE_STAGE,
+    LG_OUTPUT_THROUGHPUT,
+    LG_PARAMS_HASH,
+    LG_PROGRESS_MARKER,
+    LG_REPEAT_COUNT,
+    LG_ROUTE,
+    LG_SCRUB_POLICY,
+    LG_SESSION_TRACKED,
+    LG_STALL_RULE,
+    LG_TIMING_MALFORMED,
+    LG_USAGE_SOURCE,
+    OP_CHAT,
+    OP_EXECUTE_TOOL,
+)
+
+Reader = Callable[[CallRecord], Any]
+
+# Failure stages that are not an error of the call itself: a stop by the guard is the
+# guard working (it shows as the route and the failure stage), not the call failing.
+NOT_ERRORS = frozenset({FailureStage.PASSED, FailureStage.LOOP_GUARD})
+
+# The durable record's first keys: facts of the call (its time and ids), not of the
+# CallRecord. The records sink fills them; ``ts`` first so lines sort and diff well.
+CALL_FIELDS = ("ts", "event", "request_id", "trace_id", "span_id")
+
+
+@dataclass(frozen=True, slots=True)
+class Field:
+    """One fact about a call. ``record``/``span``: its key in the durable record and its
+    span attribute (None: not there). The value is the ``CallRecord`` attribute ``attr``
+    as it is, else ``get(record)``. ``span_as`` converts a value that is not None for
+    the span (returning None leaves it off). ``metric``: also a metric attribute;
+    ``metric_with``: only when that other metric attribute is present."""
+
+    record: str | None = None
+    span: str | None = None
+    attr: str | None = None
+    get: Reader | None = None
+    span_as: Callable[[Any], Any] | None = None
+    metric: bool = False
+    metric_with: str | None = None
+    # The record carries only a keyed pseudonym of the value (sessions).
+    pseudonym: bool = False
+
+    def reader(self) -> Reader:
+        if self.get is not None:
+            return self.get
+        if self.attr is None:
+            raise ValueError(f"field {self.record or self.span}: give attr or get")
+        return attrgetter(self.attr)
+
+
+def gen_ai_operation(record: CallRecord) -> str | None:
+    """gen_ai.operation.name for a record; None where the call is not a GenAI operation
+    (passthrough, MCP methods other than tools/call)."""
+    if record.operation == "chat":
+        return OP_CHAT
+    if record.operation == "execute_tool":
+        return OP_EXECUTE_TOOL
+    if record.operation == "mcp" and (
+        record.mcp_method == "tools/call" or (record.mcp_method is None and record.tool)
+    ):
+        return OP_EXECUTE_TOOL
+    return None
+
+
+def error_type(record: CallRecord) -> str | None:
+    """error.type: the caller's low-cardinality error, else the failure stage."""
+    if record.failure_stage in NOT_ERRORS:
+        return record.error_type
+    return record.error_type or str(record.failure_stage)
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds * 1000.0, 3)
+
+
+def _str_tuple(values: Iterable[Any]) -> tuple[str, ...] | None:
+    return tuple(str(v) for v in values) or None
+
+
+def _true_or_none(value: Any) -> bool | None:
+    return True if value else None
+
+
+# fmt: off
+FIELDS: tuple[Field, ...] = (
+    Field("session", attr="session", pseudonym=True),
+    Field("session_tracked", LG_SESSION_TRACKED, attr="session_tracked", span_as=bool),
+    # Either the agent's own id or a keyed pseudonym (guard.doors.exchange): never content.
+    Field("conversation_id", ATTR_CONVERSATION_ID, attr="conversation_id"),
+    Field("route", LG_ROUTE, get=lambda r: str(r.route)),
+    Field("failure_stage", LG_FAILURE_STAGE, get=lambda r: str(r.failure_stage)),
+    Field("error_type", attr="error_type"),
+    Field(span=ATTR_ERROR_TYPE, get=error_type, metric=True),
+    Field("status_code", ATTR_HTTP_STATUS, attr="status_code", span_as=int),
+    Field("operation", attr="operation"),
+    Field(span=ATTR_OPERATION, get=gen_ai_operation, metric=True),
+    Field("tool", ATTR_TOOL_NAME, attr="tool"),
+    Field("model", ATTR_REQUEST_MODEL, attr="model", metric=True),
+    Field("response_model", ATTR_RESPONSE_MODEL, attr="response_model"),
+    Field("response_id", ATTR_RESPONSE_ID, attr="response_id"),
+    Field("provider", ATTR_PROVIDER, attr="provider", metric=True),
+    Field("mcp_method", ATTR_MCP_METHOD, attr="mcp_method"),
+    Field(span=ATTR_MCP_SESSION, attr="mcp_session_id"),
+    Field(span=ATTR_JSONRPC_ID, attr="jsonrpc_request_id", span_as=str),
+    Field(span=ATTR_SERVER_ADDRESS, attr="server_address", metric=True),
+    # Conditionally required with server.address (semconv).
+    Field(span=ATTR_SERVER_PORT, attr="server_port", span_as=int,
+          metric=True, metric_with=ATTR_SERVER_ADDRESS),
+    Field("params_hash", LG_PARAMS_HASH, attr="params_hash"),
+    Field("progress_marker", LG_PROGRESS_MARKER, attr="progress_marker"),
+    Field("repeat_count", LG_REPEAT_COUNT, attr="repeat_count", span_as=int),
+    Field("stall_rule", LG_STALL_RULE, get=lambda r: str(r.stall_rule) if r.stall_rule else None),
+    Field("stream", ATTR_STREAM, attr="stream", span_as=bool),
+    Field("finish_reasons", ATTR_FINISH_REASONS, get=lambda r: list(r.finish_reasons),
+          span_as=_str_tuple),
+    Field("input_tokens", ATTR_INPUT_TOKENS,
+          get=lambda r: r.usage.input_tokens if r.usage else None, span_as=int),
+    Field("output_tokens", ATTR_OUTPUT_TOKENS,
+          get=lambda r: r.usage.output_tokens if r.usage else None, span_as=int),
+    Field("cached_input_tokens", ATTR_CACHE_READ_TOKENS,
+          get=lambda r: r.usage.cached_input_tokens if r.usage else None, span_as=int),
+    # The record says "absent" without usage; the span then has no such attribute.
+    Field("usage_source", get=lambda r: r.usage.source if r.usage else "absent"),
+    Field(span=LG_USAGE_SOURCE, get=lambda r: r.usage.source if r.usage else None),
+    Field("ttft_ms", get=lambda r: _ms(r.ttft_s)),
+    Field(span=ATTR_TTFC, attr="ttft_s", span_as=float),
+    Field("total_ms", get=lambda r: _ms(r.total_s)),
+    Field("output_tps", LG_OUTPUT_THROUGHPUT, attr="output_tps", span_as=float),
+    Field("output_chunks", attr="output_chunks"),
+    Field("timing_malformed", LG_TIMING_MALFORMED, attr="timing_malformed",
+          span_as=_true_or_none),
+    # On spans the app's fields are attributes of their own, under the app namespace.
+    Field("app", get=lambda r: dict(r.app)),
+    # The policy the call was scrubbed under, so a record says how to read its hashes.
+    Field("scrub_policy", LG_SCRUB_POLICY, attr="scrub_policy"),
+)
+# fmt: on
+
+
+def _tuple_reader(names: tuple[str, ...]) -> Callable[[Any], tuple[Any, ...]]:
+    """One C-level read of several attributes, always as a tuple."""
+    if not names:
+        return lambda _: ()
+    if len(names) == 1:
+        one = attrgetter(names[0])
+        return lambda obj: (one(obj),)
+    return attrgetter(*names)
+
+
+class Projections:
+    """The three projections of a field table, each built once as tuples."""
+
+    def __init__(self, fields: Iterable[Field] = FIELDS) -> None:
+        fields = tuple(fields)
+        recorded = [f for f in fields if f.record is not None]
+        names = [f.record for f in recorded if f.record is not None]
+        self.record_fields: tuple[str, ...] = (*CALL_FIELDS, *names)
+        if len(set(self.record_fields)) != len(self.record_fields):
+            raise ValueError("a record key is declared twice")
+        # The record in its final order, values filled per call into a copy.
+        self._template: dict[str, Any] = dict.fromkeys(self.record_fields)
+        plain = [f for f in recorded if f.get is None and not f.pseudonym]
+        self._plain_keys = tuple(f.record for f in plain if f.record is not None)
+        self._plain_read = _tuple_reader(tuple(f.attr for f in plain if f.attr is not None))
+        self._derived = tuple(
+            (f.record, f.reader())
+            for f in recorded
+            if f.record is not None and (f.get is not None or f.pseudonym)
+        )
+        self._pseudonyms = tuple(f.record for f in recorded if f.pseudonym and f.record)
+
+        spans = [f for f in fields if f.span is not None]
+        # Semconv attributes first, then the guard's own (as they read in a backend).
+        spans.sort(key=lambda f: (f.span or "").startswith("loopguard."))
+        self._span = tuple((f.span, f.reader(), f.span_as) for f in spans if f.span)
+        self.span_keys: tuple[str, ...] = tuple(key for key, _, _ in self._span)
+        self._metric = tuple(
+            (f.span, f.reader(), f.span_as, f.metric_with) for f in spans if f.metric and f.span
+        )
+        self.metric_keys: tuple[str, ...] = tuple(key for key, _, _, _ in self._metric)
+
+    def record(self, record: CallRecord, session_hasher: SessionHasher) -> dict[str, Any]:
+        """The durable record's fields in ``record_fields`` order; ``CALL_FIELDS`` are
+        left None for the records sink. No content, ever."""
+        fields = self._template.copy()
+        # Same length by construction (both from `plain`): no per-call length check.
+        fields.update(zip(self._plain_keys, self._plain_read(record), strict=False))
+        for key, read in self._derived:
+            fields[key] = read(record)
+        for key in self._pseudonyms:
+            value = fields[key]
+            fields[key] = session_hasher(value) if value else None
+        return fields
+
+    def span(self, record: CallRecord) -> dict[str, Any]:
+        """The span's attributes from the table (semconv, then loopguard.*)."""
+        attrs: dict[str, Any] = {}
+        for key, read, convert in self._span:
+            value = read(record)
+            if value is not None and convert is not None:
+                value = convert(value)
+            if value is not None:
+                attrs[key] = value
+        return attrs
+
+    def metric(self, record: CallRecord) -> dict[str, Any]:
+        """Low-cardinality attributes only: never session, hashes, markers or ids."""
+        attrs: dict[str, Any] = {}
+        for key, read, convert, needs in self._metric:
+            if needs is not None and needs not in attrs:
+                continue
+            value = read(record)
+            if value is not None and convert is not None:
+                value = convert(value)
+            if value is not None:
+                attrs[key] = value
+        return attrs
+
+
+PROJECTIONS = Projections(FIELDS)
+RECORD_FIELDS = PROJECTIONS.record_fields
