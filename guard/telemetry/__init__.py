@@ -18,7 +18,8 @@ Decisions worth knowing:
 * Providers are per instance (never the global ones): several guards, and
   many tests, live in one process. With exporter "none" (and no provider given)
   spans are non-recording but carry real ids, so ``traceparent`` propagation and
-  the records' trace ids work; metrics are not recorded (nothing would read them).
+  the records' trace ids work; metrics are not recorded unless an extra metric
+  reader (the admin listener's Prometheus reader) is given to read them.
 * Export is batched on background threads and bounded by a short timeout; a
   dead collector costs a rate-limited warning and dropped spans, never a
   request, and at most one timeout per signal at shutdown.
@@ -384,6 +385,9 @@ class Telemetry:
     ``tracer_provider``/``meter_provider``: given ones are used as they are (and only
     flushed by ``shutdown``); otherwise they are built from ``cfg`` and owned.
     ``record_sink`` receives each durable record as a dict (tests, in-process users).
+    ``metric_readers``: readers added to the owned meter provider beside the configured
+    exporter's (the admin listener's Prometheus reader); metrics are then recorded even
+    with exporter "none".
     ``session_hasher`` pseudonymizes session ids in records (default: keyed BLAKE2b
     with a random per-process key; pass the scrub policy's for stable pseudonyms).
     """
@@ -396,7 +400,10 @@ class Telemetry:
         meter_provider: MeterProvider | None = None,
         record_sink: RecordSink | None = None,
         session_hasher: SessionHasher | None = None,
+        metric_readers: Sequence[MetricReader] = (),
     ) -> None:
+        if metric_readers and meter_provider is not None:
+            raise ValueError("metric_readers need the meter provider Telemetry builds")
         self.cfg = cfg
         self.scrub_policy = scrub_policy
         self._warnings = _FailureWarnings()
@@ -409,10 +416,10 @@ class Telemetry:
         # SDK's span and histogram bookkeeping is most of the guard's cost per call.
         unread = cfg.exporter == "none"
         self._recording_spans = not (unread and self._owns_tracer)
-        self._recording_metrics = not (unread and self._owns_meter)
+        self._recording_metrics = not (unread and self._owns_meter and not metric_readers)
         resource = build_resource(cfg) if (self._owns_tracer or self._owns_meter) else None
         self.tracer_provider = tracer_provider or self._build_tracer_provider(resource)
-        self.meter_provider = meter_provider or self._build_meter_provider(resource)
+        self.meter_provider = meter_provider or self._build_meter_provider(resource, metric_readers)
         self._tracer = self.tracer_provider.get_tracer(
             INSTRUMENTATION_NAME, _version(), schema_url=SCHEMA_URL
         )
@@ -445,8 +452,10 @@ class Telemetry:
             provider.add_span_processor(BatchSpanProcessor(guarded))
         return provider
 
-    def _build_meter_provider(self, resource: Resource | None) -> MeterProvider:
-        readers: list[MetricReader] = []
+    def _build_meter_provider(
+        self, resource: Resource | None, extra: Sequence[MetricReader]
+    ) -> MeterProvider:
+        readers: list[MetricReader] = list(extra)
         exporter: MetricExporter | None = None
         if self.cfg.exporter == "console":
             exporter = ConsoleMetricExporter(out=sys.stdout)
