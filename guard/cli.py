@@ -1,4 +1,4 @@
-"""``loopguard`` command line: serve | replay | demo."""
+"""``loopguard`` command line: serve | replay | demo | alerts."""
 
 from __future__ import annotations
 
@@ -30,7 +30,36 @@ def _build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="a looping agent against loopguard, all in-process")
     demo.add_argument("--json", action="store_true", help="machine-readable output")
     demo.add_argument("--records", help="where to write the durable records (JSONL)")
+
+    alerts = commands.add_parser(
+        "alerts", help="write a monitoring policy as Prometheus alerting rules (YAML)"
+    )
+    alerts.add_argument("--policy", required=True, help="monitoring policy TOML ([monitor])")
+    alerts.add_argument("-o", "--output", help="rules file to write (default: stdout)")
+    alerts.add_argument(
+        "--for", dest="hold", default="0s", help="how long a rule must hold before firing"
+    )
+    alerts.add_argument(
+        "--selector", default="", help='label matchers for every series, e.g. job="loopguard"'
+    )
     return parser
+
+
+def _alerts(args: argparse.Namespace) -> int:
+    from guard.monitor import PolicyError, load_policy
+    from guard.monitor.alerts import render
+
+    try:
+        text = render(load_policy(args.policy), hold=args.hold, selector=args.selector)
+    except (PolicyError, ValueError) as exc:
+        print(f"loopguard: {exc}", file=sys.stderr)
+        return 2
+    if args.output:
+        with open(args.output, "w", encoding="utf-8") as out:
+            out.write(text)
+    else:
+        sys.stdout.write(text)
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -64,6 +93,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from guard.devtools import demo
 
         return demo.run(as_json=args.json, records=args.records)
+    if args.command == "alerts":
+        return _alerts(args)
     return 2
 
 

@@ -63,7 +63,7 @@ class Admin:
             scrub_policy=config.redaction.policy_id,
             # The same keyed session pseudonyms the engine would give its own telemetry.
             session_hasher=keyed_session_hasher(load_key(config.redaction.pseudonym_key_env)),
-            record_sink=self._on_record,
+            record_sink=self.add_record,
             metric_readers=[reader],
         )
         self.metrics = LiveMetrics(
@@ -80,7 +80,8 @@ class Admin:
             ]
         )
 
-    def _on_record(self, record: dict[str, Any]) -> None:
+    def add_record(self, record: dict[str, Any]) -> None:
+        """The telemetry's record sink: one durable record into the monitor and counters."""
         # A failing sink would cost the record line itself (the writer's chain stops).
         try:
             self.monitor.add(record)
