@@ -58,7 +58,8 @@ class Verdict:
     action: Literal["allow", "block"]
     tool: str
     params_hash: str
-    rule: StallRule | None = None
+    # A rule's name (``guard.engine.rules``; the built-in ones are ``StallRule`` values).
+    rule: str | None = None
     repeats: int = 0
     enforced: bool = True
     # Indexes (in the history as loaded) of the earlier steps the verdict refers to.
@@ -113,7 +114,7 @@ class CallRecord:
     params_hash: str | None = None
     progress_marker: str | None = None
     repeat_count: int | None = None
-    stall_rule: StallRule | None = None
+    stall_rule: str | None = None
     scrub_policy: str | None = None
     # MCP.
     mcp_method: str | None = None

@@ -1,19 +1,12 @@
-"""The stall rules (DESIGN.md, "The stall rules") over a bounded session history.
+"""The detector: one pass over a bounded session history, then the stall rules.
 
-For a call K = (tool, params_hash), looking only at the last ``window`` steps:
-
-* reset point: the last step that is *not* K and whose (tool, marker) had not been
-  seen earlier in the window, i.e. another call brought something new. K's own steps
-  never reset K (a poll whose status changes is handled by the marker comparison);
-* stalled repeat: K's steps after the reset point whose marker equals the marker of
-  K's most recent step; ``>= max_repeats`` blocks;
-* identical errors: K's steps after the reset point that failed (any error text);
-  ``>= max_identical_errors`` blocks;
-* hard cap: K's steps anywhere in the window; ``>= max_identical_calls`` blocks.
-
-Precedence when several apply: hard cap, then identical errors, then stalled repeat
-(the most absolute rule names the verdict). ``Verdict.steps`` holds the indexes (in
-the history as passed) of the steps the winning rule counted.
+For a call K = (tool, params_hash), looking only at the last ``window`` steps, the pass
+finds K's own steps and the reset point (the last step that is *not* K and whose
+(tool, marker) had not been seen earlier in the window, i.e. another call brought
+something new; K's own steps never reset K). The rules (``guard.engine.rules``, in
+precedence order: hard cap, identical errors, stalled repeat) read that and the first
+that fires names the verdict; ``Verdict.steps`` holds the indexes (in the history as
+passed) of the steps it counted. See docs/architecture.md, "The stall rules".
 
 One forward pass over at most ``window`` steps; the only allocations are a small set
 of markers per tool and the list of K's step indexes.
@@ -22,23 +15,16 @@ of markers per tool and the list of K's step indexes.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
-from guard.engine.calls import StallRule, Step, Verdict
+from guard.engine.calls import Step, Verdict
 from guard.engine.config import LoopConfig
-
-
-@dataclass(frozen=True, slots=True)
-class Limits:
-    mode: str
-    max_repeats: int
-    max_identical_errors: int
-    max_identical_calls: int
+from guard.engine.rules import RULES, CallWindow, Limits, Rule
 
 
 class Detector:
-    def __init__(self, loop_cfg: LoopConfig | None = None) -> None:
+    def __init__(self, loop_cfg: LoopConfig | None = None, rules: Sequence[Rule] = RULES) -> None:
         self.cfg = loop_cfg or LoopConfig()
+        self.rules = tuple(rules)
         self.window = self.cfg.window
         self._default = Limits(
             self.cfg.mode,
@@ -56,6 +42,11 @@ class Detector:
                 o.max_identical_errors or d.max_identical_errors,
                 o.max_identical_calls or d.max_identical_calls,
             )
+        # Per Limits: fewer of K's steps than this and no rule can fire.
+        self._min_calls = {
+            limits: min(rule.min_calls(limits) for rule in self.rules)
+            for limits in (self._default, *self._limits.values())
+        }
 
     def limits_for(self, tool: str) -> Limits:
         return self._limits.get(tool, self._default)
@@ -95,42 +86,14 @@ class Detector:
             elif m not in markers:
                 markers.add(m)
                 reset = i
-        if not mine:
-            return self._allow(tool, params_hash)
-
-        enforced = limits.mode == "enforce"
-        if len(mine) >= limits.max_identical_calls:
-            return Verdict(
-                "block", tool, params_hash, StallRule.HARD_CAP, len(mine), enforced, tuple(mine)
-            )
-        if len(mine) < limits.max_repeats and len(mine) < limits.max_identical_errors:
-            return self._allow(tool, params_hash)  # too few to be a stall either way
-        recent = [i for i in mine if i > reset] if reset >= 0 else mine
-        if not recent:
-            return self._allow(tool, params_hash)
-        errors = [i for i in recent if history[i].error]
-        if len(errors) >= limits.max_identical_errors:
-            return Verdict(
-                "block",
-                tool,
-                params_hash,
-                StallRule.IDENTICAL_ERRORS,
-                len(errors),
-                enforced,
-                tuple(errors),
-            )
-        last_marker = history[recent[-1]].marker
-        same = [i for i in recent if history[i].marker == last_marker]
-        if len(same) >= limits.max_repeats:
-            return Verdict(
-                "block",
-                tool,
-                params_hash,
-                StallRule.STALLED_REPEAT,
-                len(same),
-                enforced,
-                tuple(same),
-            )
+        if not mine or len(mine) < self._min_calls[limits]:
+            return self._allow(tool, params_hash)  # too few for any rule (or none at all)
+        window = CallWindow(history, mine, reset)
+        for rule in self.rules:
+            steps = rule.fires(window, limits)
+            if steps is not None:
+                enforced = limits.mode == "enforce"
+                return Verdict("block", tool, params_hash, rule.name, len(steps), enforced, steps)
         return self._allow(tool, params_hash)
 
     def _allow(self, tool: str, params_hash: str) -> Verdict:

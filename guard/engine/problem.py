@@ -10,20 +10,12 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from guard.engine.calls import Route, StallRule, Verdict
+from guard.engine.calls import Route, Verdict
 from guard.engine.contract import Answer
+from guard.engine.rules import RULES_BY_NAME
 
 PROBLEM_BASE = "https://loopguard.dev/problems/"
 ROUTE_HEADER = "x-loopguard-route"
-
-_RULE_WORDS = {
-    StallRule.STALLED_REPEAT: (
-        "returned the same result {n} times in a row with nothing new in between"
-    ),
-    StallRule.IDENTICAL_ERRORS: "failed {n} times with nothing new in between",
-    StallRule.HARD_CAP: "was made {n} times in this session",
-}
-
 
 # Every stop answer carries this phrase, so a stop that comes back inside a model
 # conversation (as the tool result the agent recorded) is recognised as a repeat.
@@ -32,9 +24,8 @@ STOP_SIGNATURE = "loopguard stopped this call"
 
 def stop_text(verdict: Verdict) -> str:
     """The explanation a model reads when its call is stopped."""
-    what = _RULE_WORDS.get(verdict.rule or StallRule.STALLED_REPEAT, "repeated").format(
-        n=verdict.repeats
-    )
+    rule = RULES_BY_NAME.get(verdict.rule or "")
+    what = (rule.words if rule is not None else "was repeated {n} times").format(n=verdict.repeats)
     return (
         f"{STOP_SIGNATURE}: `{verdict.tool}` with these same arguments {what}, "
         "so calling it again will not give you anything new. Do not repeat it. "
@@ -75,14 +66,14 @@ def stall_problem(verdict: Verdict, session: str | None) -> Answer:
     """422 problem+json for a stopped call (HTTP tools; model routes with on_stop = "error")."""
     return problem(
         422,
-        "stalled-repeat" if verdict.rule is None else verdict.rule.value.replace("_", "-"),
+        "stalled-repeat" if verdict.rule is None else str(verdict.rule).replace("_", "-"),
         "Call stopped by loopguard",
         stop_text(verdict),
         route=Route.STOP_AND_REVIEW,
         extra={
             "tool": verdict.tool,
             "params_hash": verdict.params_hash,
-            "rule": verdict.rule.value if verdict.rule else None,
+            "rule": str(verdict.rule) if verdict.rule else None,
             "repeats": verdict.repeats,
             "session": session,
         },

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from test_model_stalls import LOOP, SEARCH, THINK, Step, chat_messages
+from conversations import LOOP, SEARCH, THINK, Step, chat_messages
 
 from adapters.openai import OpenAIAdapter
 from guard.doors.exchange import Exchange

@@ -1,0 +1,72 @@
+"""What a stall rule sees and what it must answer.
+
+A rule looks at one call K = (tool, params_hash) in a session's window, through the
+``CallWindow`` the detector builds in a single forward pass, and returns the indexes of
+the steps it counted when it fires (their number is the verdict's ``repeats``), else
+``None``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from guard.engine.calls import Step
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """The thresholds in force for one tool (the loop config, with per-tool overrides)."""
+
+    mode: str
+    max_repeats: int
+    max_identical_errors: int
+    max_identical_calls: int
+
+
+class CallWindow:
+    """K's steps in the window and the reset point, from the detector's one pass.
+
+    ``mine``: indexes (in ``history``) of K's own steps, oldest first. ``reset``: the
+    last step that is not K and whose (tool, marker) had not been seen earlier in the
+    window (another call brought something new), -1 when none did.
+    """
+
+    __slots__ = ("_recent", "history", "mine", "reset")
+
+    def __init__(self, history: Sequence[Step], mine: list[int], reset: int) -> None:
+        self.history = history
+        self.mine = mine
+        self.reset = reset
+        self._recent: list[int] | None = None
+
+    @property
+    def recent(self) -> list[int]:
+        """K's steps after the reset point (computed once, shared by the rules)."""
+        if self._recent is None:
+            reset = self.reset
+            self._recent = [i for i in self.mine if i > reset] if reset >= 0 else self.mine
+        return self._recent
+
+
+class Rule(Protocol):
+    """One stall rule. ``name`` is its id in verdicts, spans, records and answers."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def words(self) -> str:
+        """What the call did, for the stop text: ``{n}`` is the count (e.g. "failed {n}
+        times with nothing new in between")."""
+        ...
+
+    def min_calls(self, limits: Limits) -> int:
+        """Below this many of K's own steps the rule cannot fire (lets the detector
+        answer most calls without asking any rule)."""
+        ...
+
+    def fires(self, window: CallWindow, limits: Limits) -> tuple[int, ...] | None:
+        """The steps counted when the rule fires, else None."""
+        ...
