@@ -14,7 +14,7 @@ import httpx
 import pytest
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
-from prometheus_client.parser import text_string_to_metric_families
+from prometheus_harness import samples
 
 from guard.cli import main
 from guard.doors.admin import Admin
@@ -168,21 +168,6 @@ def _get(admin: Admin, path: str, **headers: str) -> httpx.Response:
     return asyncio.run(get())
 
 
-def _samples(text: str) -> dict[tuple[str, frozenset], float]:
-    """Prometheus text -> {(sample name, labels without the otel scope ones): value}.
-
-    An empty label is no label, as Prometheus reads it (the exporter writes ``""`` for
-    an attribute one point of the family lacks)."""
-    out = {}
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            labels = frozenset(
-                (k, v) for k, v in s.labels.items() if v and not k.startswith("otel_scope_")
-            )
-            out[(s.name, labels)] = s.value
-    return out
-
-
 def test_metrics_count_routes_and_unsafe_serves_by_the_monitors_definitions(
     admin: Admin,
 ) -> None:
@@ -196,18 +181,18 @@ def test_metrics_count_routes_and_unsafe_serves_by_the_monitors_definitions(
     response = _get(admin, "/metrics")
     assert response.status_code == 200
     assert response.headers["content-type"].startswith("text/plain")
-    samples = _samples(response.text)
+    got = samples(response.text)
     route = ("loopguard_route", "serve")
     calls = "loopguard_calls_total"
-    assert samples[(calls, frozenset({route, ("loopguard_app_route", "serve")}))] == 3
-    assert samples[(calls, frozenset({route, ("loopguard_app_route", "abstain")}))] == 1
-    assert samples[(calls, frozenset({route}))] == 1
-    assert samples[(calls, frozenset({("loopguard_route", "observe")}))] == 1
+    assert got[(calls, frozenset({route, ("loopguard_app_route", "serve")}))] == 3
+    assert got[(calls, frozenset({route, ("loopguard_app_route", "abstain")}))] == 1
+    assert got[(calls, frozenset({route}))] == 1
+    assert got[(calls, frozenset({("loopguard_route", "observe")}))] == 1
     unsafe = "loopguard_unsafe_serves_total"
-    assert samples[(unsafe, frozenset({route}))] == 2
-    assert samples[(unsafe, frozenset({("loopguard_route", "observe")}))] == 1
+    assert got[(unsafe, frozenset({route}))] == 2
+    assert got[(unsafe, frozenset({("loopguard_route", "observe")}))] == 1
     # Every route's series exists at 0 (Prometheus' increase() needs the 0 to see a 1).
-    assert samples[(unsafe, frozenset({("loopguard_route", "nudge")}))] == 0
+    assert got[(unsafe, frozenset({("loopguard_route", "nudge")}))] == 0
 
 
 def test_metrics_speak_openmetrics_when_asked(admin: Admin) -> None:
