@@ -21,6 +21,7 @@ def _build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--workers", type=int, help="worker processes, overrides [server] workers (needs Redis)"
     )
+    serve.add_argument("--admin-listen", help="host:port, overrides [admin] listen")
 
     replay = commands.add_parser("replay", help="replay a recorded trajectory through the detector")
     replay.add_argument("file", help="JSONL steps, or an OpenAI / Anthropic transcript (JSON)")
@@ -75,11 +76,20 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         overrides = {"listen": args.listen, "workers": args.workers}
         given = {key: value for key, value in overrides.items() if value is not None}
-        if given:
+        flags = [f"--{key}" for key in given]
+        admin = {}
+        if args.admin_listen is not None:
+            admin["listen"] = args.admin_listen
+            flags.append("--admin-listen")
+        if flags:
             try:
                 config = Config.from_mapping(
-                    {**config.model_dump(), "server": {**config.server.model_dump(), **given}},
-                    source=" ".join(f"--{key}" for key in given),
+                    {
+                        **config.model_dump(),
+                        "server": {**config.server.model_dump(), **given},
+                        "admin": {**config.admin.model_dump(), **admin},
+                    },
+                    source=" ".join(flags),
                 )
             except ConfigError as exc:
                 print(f"loopguard: {exc}", file=sys.stderr)

@@ -190,6 +190,7 @@ class AdminConfig(_Section):
     listen: str | None = None
     # A monitoring policy TOML (``[monitor]`` + ``[[rate_cards]]``) for /status's
     # findings; without one /status shows the window's figures and no findings.
+    # Relative to the config file when loaded from one.
     policy: str | None = None
 
     @field_validator("listen")
@@ -280,6 +281,10 @@ class Config(_Section):
             raise ConfigError(f"{path}: no such config file") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+        admin = data.get("admin")
+        if isinstance(admin, dict) and isinstance(admin.get("policy"), str):
+            # A policy file sits beside its config: relative to the file, not the shell.
+            admin["policy"] = str(path.parent / Path(admin["policy"]).expanduser())
         return cls.from_mapping(data, source=str(path))
 
 
