@@ -18,9 +18,11 @@ monitor): a live counter and ``loopguard report`` over the same records agree.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterable
 from typing import Any
 
+from opentelemetry.metrics import CallbackOptions, Observation
 from opentelemetry.sdk.metrics import MeterProvider
 
 from guard.engine.calls import Route
@@ -29,48 +31,72 @@ from guard.telemetry import INSTRUMENTATION_NAME, LG_ROUTE, SCHEMA_URL, _version
 METRIC_CALLS = "loopguard.calls"
 METRIC_UNSAFE_SERVES = "loopguard.unsafe_serves"
 LG_APP_ROUTE = "loopguard.app.route"
-# An app route is the app's word: longer values are cut, not exported whole.
+# An app route is the app's word: longer values are cut, and past this many distinct
+# (route, app route) pairs new ones are counted as app route "other".
 _APP_ROUTE_MAX = 64
+_MAX_SERIES = 1000
+_OTHER = "other"
 
 RecordTest = Callable[[dict[str, Any]], bool]
 RecordText = Callable[[dict[str, Any]], str | None]
 
 
 class LiveMetrics:
-    """``observe(record)`` once per durable record: thread-safe, a few dict lookups."""
+    """``observe(record)`` once per durable record: thread-safe, a dict increment.
+
+    The counts are plain integers read by observable counters when a reader collects
+    (a scrape), not synchronous OTel counters: an SDK ``Counter.add`` costs several
+    microseconds per call on the request path, a scrape comes once every few seconds.
+    """
 
     def __init__(
         self, meter_provider: MeterProvider, *, is_unsafe: RecordTest, app_route: RecordText
     ) -> None:
+        self._is_unsafe = is_unsafe
+        self._app_route = app_route
+        self._lock = threading.Lock()
+        self._calls: dict[tuple[str, str | None], int] = {}
+        # Every route's series exists from the first scrape at 0: Prometheus' increase()
+        # cannot see a series' first increment, so a first unsafe serve must be 0 -> 1.
+        self._unsafe: dict[str, int] = {str(route): 0 for route in Route}
         meter = meter_provider.get_meter(INSTRUMENTATION_NAME, _version(), schema_url=SCHEMA_URL)
-        self._calls = meter.create_counter(
+        meter.create_observable_counter(
             METRIC_CALLS,
+            callbacks=[self._observe_calls],
             unit="{call}",
             description="Guarded calls, by loopguard's route and the app's own route.",
         )
-        self._unsafe = meter.create_counter(
+        meter.create_observable_counter(
             METRIC_UNSAFE_SERVES,
+            callbacks=[self._observe_unsafe],
             unit="{call}",
             description="Calls that served an unsafe answer: the app said an unsupported "
             "claim was served, or a stall was served anyway in observe mode.",
         )
-        self._is_unsafe = is_unsafe
-        self._app_route = app_route
-        # Every route's series exists from the first scrape at 0: Prometheus' increase()
-        # cannot see a series' first increment, so a first unsafe serve must be 0 -> 1.
-        self._route_attrs = {str(route): {LG_ROUTE: str(route)} for route in Route}
-        for attrs in self._route_attrs.values():
-            self._unsafe.add(0, attrs)
 
     def observe(self, record: dict[str, Any]) -> None:
         route = record.get("route")
-        attrs = self._route_attrs.get(route) if isinstance(route, str) else None
-        if attrs is None:
-            attrs = {LG_ROUTE: str(route)}
-        app_route = self._app_route(record)
-        if app_route:
-            self._calls.add(1, {**attrs, LG_APP_ROUTE: app_route[:_APP_ROUTE_MAX]})
-        else:
-            self._calls.add(1, attrs)
-        if self._is_unsafe(record):
-            self._unsafe.add(1, attrs)
+        route = route if isinstance(route, str) else str(route)
+        app = self._app_route(record)
+        key = (route, app[:_APP_ROUTE_MAX] if app else None)
+        unsafe = self._is_unsafe(record)
+        with self._lock:
+            calls = self._calls
+            if key not in calls and len(calls) >= _MAX_SERIES:
+                key = (route, _OTHER)
+            calls[key] = calls.get(key, 0) + 1
+            if unsafe:
+                self._unsafe[route] = self._unsafe.get(route, 0) + 1
+
+    def _observe_calls(self, _options: CallbackOptions) -> Iterable[Observation]:
+        with self._lock:
+            counts = list(self._calls.items())
+        for (route, app), n in counts:
+            attrs = {LG_ROUTE: route} if app is None else {LG_ROUTE: route, LG_APP_ROUTE: app}
+            yield Observation(n, attrs)
+
+    def _observe_unsafe(self, _options: CallbackOptions) -> Iterable[Observation]:
+        with self._lock:
+            counts = list(self._unsafe.items())
+        for route, n in counts:
+            yield Observation(n, {LG_ROUTE: route})
