@@ -47,6 +47,7 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 def _alerts(args: argparse.Namespace) -> int:
+    """Exit codes as ``loopguard report``'s: 0 written, 1 bad input (policy, selector)."""
     from guard.monitor import PolicyError, load_policy
     from guard.monitor.alerts import render
 
@@ -54,7 +55,7 @@ def _alerts(args: argparse.Namespace) -> int:
         text = render(load_policy(args.policy), hold=args.hold, selector=args.selector)
     except (PolicyError, ValueError) as exc:
         print(f"loopguard: {exc}", file=sys.stderr)
-        return 2
+        return 1
     if args.output:
         with open(args.output, "w", encoding="utf-8") as out:
             out.write(text)
@@ -65,6 +66,8 @@ def _alerts(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
+    if args.command == "alerts":
+        return _alerts(args)  # the monitor's policy only: no proxy config
     try:
         config = Config.load(getattr(args, "config", None))
     except ConfigError as exc:
@@ -103,8 +106,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         from guard.devtools import demo
 
         return demo.run(as_json=args.json, records=args.records)
-    if args.command == "alerts":
-        return _alerts(args)
     return 2
 
 
