@@ -304,7 +304,11 @@ def test_a_real_prometheus_pages_on_the_first_unsafe_serve(
 
         def rules_evaluated() -> list[dict[str, Any]] | None:
             [group] = api(prometheus, "rules")["groups"]
-            done = all(r["health"] == "ok" and r["evaluationTime"] for r in group["rules"])
+            # lastEvaluation is Go's zero time until the first evaluation.
+            done = all(
+                r["health"] == "ok" and not r["lastEvaluation"].startswith("0001-")
+                for r in group["rules"]
+            )
             return group["rules"] if done else None
 
         evaluated = poll(rules_evaluated)
