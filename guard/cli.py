@@ -1,4 +1,4 @@
-"""``loopguard`` command line: serve | replay | demo."""
+"""``loopguard`` command line: serve | replay | demo | alerts."""
 
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ def _build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--workers", type=int, help="worker processes, overrides [server] workers (needs Redis)"
     )
+    serve.add_argument("--admin-listen", help="host:port, overrides [admin] listen")
 
     replay = commands.add_parser("replay", help="replay a recorded trajectory through the detector")
     replay.add_argument("file", help="JSONL steps, or an OpenAI / Anthropic transcript (JSON)")
@@ -30,11 +31,43 @@ def _build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="a looping agent against loopguard, all in-process")
     demo.add_argument("--json", action="store_true", help="machine-readable output")
     demo.add_argument("--records", help="where to write the durable records (JSONL)")
+
+    alerts = commands.add_parser(
+        "alerts", help="write a monitoring policy as Prometheus alerting rules (YAML)"
+    )
+    alerts.add_argument("--policy", required=True, help="monitoring policy TOML ([monitor])")
+    alerts.add_argument("-o", "--output", help="rules file to write (default: stdout)")
+    alerts.add_argument(
+        "--for", dest="hold", default="0s", help="how long a rule must hold before firing"
+    )
+    alerts.add_argument(
+        "--selector", default="", help='label matchers for every series, e.g. job="loopguard"'
+    )
     return parser
+
+
+def _alerts(args: argparse.Namespace) -> int:
+    """Exit codes as ``loopguard report``'s: 0 written, 1 bad input (policy, selector)."""
+    from guard.monitor import PolicyError, load_policy
+    from guard.monitor.alerts import render
+
+    try:
+        text = render(load_policy(args.policy), hold=args.hold, selector=args.selector)
+    except (PolicyError, ValueError) as exc:
+        print(f"loopguard: {exc}", file=sys.stderr)
+        return 1
+    if args.output:
+        with open(args.output, "w", encoding="utf-8") as out:
+            out.write(text)
+    else:
+        sys.stdout.write(text)
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
+    if args.command == "alerts":
+        return _alerts(args)  # the monitor's policy only: no proxy config
     try:
         config = Config.load(getattr(args, "config", None))
     except ConfigError as exc:
@@ -46,11 +79,20 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         overrides = {"listen": args.listen, "workers": args.workers}
         given = {key: value for key, value in overrides.items() if value is not None}
-        if given:
+        flags = [f"--{key}" for key in given]
+        admin = {}
+        if args.admin_listen is not None:
+            admin["listen"] = args.admin_listen
+            flags.append("--admin-listen")
+        if flags:
             try:
                 config = Config.from_mapping(
-                    {**config.model_dump(), "server": {**config.server.model_dump(), **given}},
-                    source=" ".join(f"--{key}" for key in given),
+                    {
+                        **config.model_dump(),
+                        "server": {**config.server.model_dump(), **given},
+                        "admin": {**config.admin.model_dump(), **admin},
+                    },
+                    source=" ".join(flags),
                 )
             except ConfigError as exc:
                 print(f"loopguard: {exc}", file=sys.stderr)

@@ -9,20 +9,28 @@ the supervisor hands down in ``WORKER_CONFIG_ENV``.
 Shutdown is graceful: on SIGINT/SIGTERM uvicorn stops accepting, lets open exchanges
 finish (up to ``GRACEFUL_SHUTDOWN_S``), then the ASGI lifespan shutdown closes the
 upstream client and the engine (session store, telemetry exporters, records file).
+
+``[admin] listen`` adds the admin listener (``guard.doors.admin``): a second uvicorn
+server on the same event loop, bound before the proxy starts (a taken port fails the
+start). The proxy's server owns the signals; the admin server keeps answering while the
+proxy drains and stops once it has, so the last scrape sees the last calls.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import gc
 import json
 import os
+import sys
+from collections.abc import Iterator
 from typing import Any
 
 import uvicorn
 
 from guard.doors.proxy import ProxyApp
-from guard.engine.config import Config
+from guard.engine.config import Config, ConfigError
 
 GRACEFUL_SHUTDOWN_S = 30
 # The validated configuration as JSON, from the supervisor to its worker processes.
@@ -75,6 +83,8 @@ def serve(config: Config, **overrides: object) -> int:
     """Run the proxy until interrupted; the exit code for the CLI."""
     if config.server.workers > 1:
         return _serve_workers(config, **overrides)
+    if config.admin.listen is not None:
+        return _serve_with_admin(config, **overrides)
     app = ProxyApp(config)
     server = uvicorn.Server(uvicorn_config(app, config, **overrides))
     freeze_startup_objects()
@@ -92,3 +102,60 @@ def _serve_workers(config: Config, **overrides: object) -> int:
     # The supervisor exits the process itself when the socket cannot be bound.
     uvicorn.run("guard.doors.serve:worker_app", **options)
     return 0
+
+
+class _AdminServer(uvicorn.Server):
+    """The admin listener's server: the proxy's server owns the signals."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+class _ProxyServer(uvicorn.Server):
+    """The proxy's server, running the admin server beside it until it has stopped."""
+
+    def __init__(self, config: uvicorn.Config, admin: _AdminServer, admin_socket: Any) -> None:
+        super().__init__(config)
+        self.admin = admin
+        self.admin_socket = admin_socket
+
+    async def serve(self, sockets: Any = None) -> None:
+        admin = asyncio.create_task(self.admin.serve(sockets=[self.admin_socket]))
+        try:
+            await super().serve(sockets)
+        finally:
+            self.admin.should_exit = True
+            await admin
+
+
+def _serve_with_admin(config: Config, **overrides: object) -> int:
+    from guard.doors.admin import Admin
+
+    try:
+        admin = Admin(config)
+    except ConfigError as exc:
+        print(f"loopguard: {exc}", file=sys.stderr)
+        return 2
+    admin_config = uvicorn.Config(
+        admin.app,
+        host=config.admin.host,
+        port=config.admin.port,
+        lifespan="off",
+        access_log=False,
+        log_level="info",
+        timeout_graceful_shutdown=2,
+    )
+    try:
+        admin_socket = admin_config.bind_socket()
+    except SystemExit:  # uvicorn logged why (address in use, permission)
+        print(f"loopguard: admin.listen: cannot listen on {config.admin.listen}", file=sys.stderr)
+        return 1
+    app = ProxyApp(config, engine=admin.engine)
+    server = _ProxyServer(
+        uvicorn_config(app, config, **overrides), _AdminServer(admin_config), admin_socket
+    )
+    freeze_startup_objects()
+    with contextlib.suppress(KeyboardInterrupt):
+        server.run()
+    return 0 if server.started else 1

@@ -173,10 +173,7 @@ class ServerConfig(_Section):
     @field_validator("listen")
     @classmethod
     def _host_port(cls, value: str) -> str:
-        host, sep, port = value.rpartition(":")
-        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise ValueError("expected 'host:port', e.g. '127.0.0.1:8787'")
-        return value
+        return _check_listen(value, "127.0.0.1:8787")
 
     @property
     def host(self) -> str:
@@ -185,6 +182,29 @@ class ServerConfig(_Section):
     @property
     def port(self) -> int:
         return int(self.listen.rpartition(":")[2])
+
+
+class AdminConfig(_Section):
+    # The admin listener of ``loopguard serve`` (GET /metrics, /status, /healthz):
+    # "host:port", off when unset. Never the proxy's port; one process only.
+    listen: str | None = None
+    # A monitoring policy TOML (``[monitor]`` + ``[[rate_cards]]``) for /status's
+    # findings; without one /status shows the window's figures and no findings.
+    # Relative to the config file when loaded from one.
+    policy: str | None = None
+
+    @field_validator("listen")
+    @classmethod
+    def _host_port(cls, value: str | None) -> str | None:
+        return None if value is None else _check_listen(value, "127.0.0.1:9464")
+
+    @property
+    def host(self) -> str:
+        return (self.listen or "").rpartition(":")[0].strip("[]")
+
+    @property
+    def port(self) -> int:
+        return int((self.listen or ":0").rpartition(":")[2])
 
 
 class TelemetryConfig(_Section):
@@ -234,6 +254,7 @@ class Config(_Section):
     redaction: RedactionConfig = RedactionConfig()
     store: StoreConfig = StoreConfig()
     telemetry: TelemetryConfig = TelemetryConfig()
+    admin: AdminConfig = AdminConfig()
     routes: tuple[RouteConfig, ...] = ()
 
     @classmethod
@@ -248,6 +269,7 @@ class Config(_Section):
                 f"{source}: invalid configuration\n  server.workers: {config.server.workers} "
                 'worker processes need a shared session store: set store.backend = "redis"'
             )
+        _check_admin(config, source)
         return config
 
     @classmethod
@@ -262,7 +284,43 @@ class Config(_Section):
             raise ConfigError(f"{path}: no such config file") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+        admin = data.get("admin")
+        if isinstance(admin, dict) and isinstance(admin.get("policy"), str):
+            # A policy file sits beside its config: relative to the file, not the shell.
+            admin["policy"] = str(path.parent / Path(admin["policy"]).expanduser())
         return cls.from_mapping(data, source=str(path))
+
+
+def _check_listen(value: str, example: str) -> str:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"expected 'host:port', e.g. '{example}'")
+    return value
+
+
+def _check_admin(config: Config, source: str) -> None:
+    admin, server = config.admin, config.server
+    if admin.listen is None:
+        return
+    problem = None
+    if admin.port == server.port:
+        # Refused whatever the hosts: a wildcard address on either side would collide,
+        # and /metrics must never be reachable through the proxy's port.
+        problem = (
+            f"admin.listen: {admin.listen} uses the proxy's port ({server.listen}): "
+            "give the admin listener a port of its own, e.g. '127.0.0.1:9464'"
+        )
+    elif server.workers > 1:
+        # N processes share one proxy socket but not a metrics registry or a window.
+        problem = (
+            f"admin.listen: not available with server.workers = {server.workers}: each "
+            "worker process has its own metrics and live window, so one admin port "
+            "would show one worker's share at random. Run one process per replica "
+            "(workers = 1) and scrape each replica's admin port, or export metrics "
+            'with telemetry.exporter = "otlp"'
+        )
+    if problem:
+        raise ConfigError(f"{source}: invalid configuration\n  {problem}")
 
 
 def _check_regexes(patterns: tuple[str, ...]) -> None:

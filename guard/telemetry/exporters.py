@@ -244,10 +244,15 @@ def metric_pipeline(
     given: MeterProvider | None,
     resource: Resource | None,
     warnings: FailureWarnings,
+    extra_readers: Sequence[MetricReader] = (),
 ) -> Pipeline[MeterProvider]:
+    """The meter provider: the given one as it is, else one owned with the configured
+    exporter's reader plus ``extra_readers`` (the admin listener's Prometheus reader)."""
     if given is not None:
+        if extra_readers:
+            raise ValueError("extra metric readers need the meter provider telemetry builds")
         return Pipeline(given, owned=False)
-    readers: list[MetricReader] = []
+    readers: list[MetricReader] = list(extra_readers)
     exporter: MetricExporter | None = None
     if cfg.exporter == "console":
         exporter = ConsoleMetricExporter(out=sys.stdout)

@@ -15,6 +15,7 @@ from collections.abc import Iterable, Mapping, Sequence
 
 import structlog
 from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import MetricReader
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.trace import SpanKind
 
@@ -46,6 +47,9 @@ class Telemetry:
     ``session_hasher`` pseudonymizes session ids in records (default: keyed BLAKE2b
     with a random per-process key; pass the engine's for stable pseudonyms).
     ``sinks``: the sink factories (default ``SINKS``).
+    ``metric_readers``: readers added to the owned meter provider beside the configured
+    exporter's (the admin listener's Prometheus reader); metrics are then recorded even
+    with exporter "none".
     """
 
     def __init__(
@@ -57,6 +61,7 @@ class Telemetry:
         record_sink: RecordCallback | None = None,
         session_hasher: SessionHasher | None = None,
         sinks: Iterable[SinkFactory] = SINKS,
+        metric_readers: Sequence[MetricReader] = (),
     ) -> None:
         self.cfg = cfg
         self.scrub_policy = scrub_policy
@@ -64,7 +69,9 @@ class Telemetry:
         owned = tracer_provider is None or meter_provider is None
         resource = exporters.build_resource(cfg) if owned else None
         self._traces = exporters.trace_pipeline(cfg, tracer_provider, resource, warnings)
-        self._metrics = exporters.metric_pipeline(cfg, meter_provider, resource, warnings)
+        self._metrics = exporters.metric_pipeline(
+            cfg, meter_provider, resource, warnings, metric_readers
+        )
         self.tracer_provider = self._traces.provider
         self.meter_provider = self._metrics.provider
         # Nothing would ever read a span or a metric point built here: exporter "none"
@@ -73,7 +80,7 @@ class Telemetry:
         # SDK's span and histogram bookkeeping is most of the guard's cost per call.
         unread = cfg.exporter == "none"
         recording_spans = not (unread and self._traces.owned)
-        recording_metrics = not (unread and self._metrics.owned)
+        recording_metrics = not (unread and self._metrics.owned and not metric_readers)
         version = exporters.version()
         tracer = self.tracer_provider.get_tracer(
             INSTRUMENTATION_NAME, version, schema_url=SCHEMA_URL

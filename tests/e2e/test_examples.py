@@ -249,14 +249,17 @@ async def test_proxy_example_guards_a_model_and_an_mcp_server(tmp_path: Path) ->
 
 
 def test_loopguard_serve_starts_from_the_proxy_example(tmp_path: Path) -> None:
-    port = free_port()
+    port, admin_port = free_port(), free_port()
     args = [*loopguard_command(), "serve", "--config", str(PROXY_TOML)]
-    args += ["--listen", f"127.0.0.1:{port}"]
+    args += ["--listen", f"127.0.0.1:{port}", "--admin-listen", f"127.0.0.1:{admin_port}"]
     with subprocess_server(args, f"http://127.0.0.1:{port}", tmp_path) as base:
         assert httpx.get(base + "/healthz").json() == {"status": "ok"}
         unrouted = httpx.get(base + "/nowhere")
         assert unrouted.status_code == 404
         assert unrouted.headers["content-type"] == "application/problem+json"
+        # The admin listener, with the example's policy found beside the config file.
+        status = httpx.get(f"http://127.0.0.1:{admin_port}/status").json()
+        assert status["policy_id"] == "delivery-grounding-slo-v1"
 
 
 # -- examples/fastapi_tool_server.py ------------------------------------------------------
