@@ -48,7 +48,8 @@ class Engine:
         self.redactor = Redactor(self.config.redaction, key=key)
         self.detector = Detector(self.config.loop)
         self.markers = ProgressMarkers(self.config.loop, self.redactor)
-        self.store = store or _store_from_config(self.config)
+        # "is None": an empty MemoryStore is falsy (len 0) and must still be the one used.
+        self.store = store if store is not None else _store_from_config(self.config)
         # Session ids leave in records only as keyed pseudonyms, under the same key.
         self.session_hasher = keyed_session_hasher(key)
         if telemetry is None:

@@ -54,11 +54,7 @@ def engine_for(cfg: Config, records: list[dict[str, Any]], store: Any = None) ->
     telemetry = Telemetry(
         cfg.telemetry, scrub_policy=cfg.redaction.policy_id, record_sink=records.append
     )
-    engine = Engine(cfg, telemetry=telemetry)
-    if store is not None:
-        # Set afterwards: Engine(store=...) takes an empty MemoryStore (len 0) for none.
-        engine.store = store
-    return engine
+    return Engine(cfg, telemetry=telemetry, store=store)
 
 
 def proxy_for(cfg: Config, engine: Engine, hits: list[httpx.Request]) -> ProxyApp:

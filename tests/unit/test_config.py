@@ -109,3 +109,12 @@ def test_every_adapter_the_config_accepts_is_registered_and_builds() -> None:
     for name in ADAPTERS:
         route = RouteConfig(prefix="/x", upstream="http://127.0.0.1:1", adapter=name)
         assert get_adapter(route).name == name
+
+
+def test_an_engine_uses_the_store_it_is_given_even_an_empty_one() -> None:
+    from guard.engine.core import Engine
+    from guard.engine.store import MemoryStore
+
+    store = MemoryStore()
+    assert len(store) == 0  # falsy: "store or default" would have replaced it
+    assert Engine(store=store).store is store
