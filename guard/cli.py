@@ -1,4 +1,4 @@
-"""``loopguard`` command line: serve | replay | demo."""
+"""``loopguard`` command line: serve | replay | demo | report | evaluate."""
 
 from __future__ import annotations
 
@@ -30,11 +30,41 @@ def _build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="a looping agent against loopguard, all in-process")
     demo.add_argument("--json", action="store_true", help="machine-readable output")
     demo.add_argument("--records", help="where to write the durable records (JSONL)")
+
+    report = commands.add_parser(
+        "report",
+        help="windows, findings and costs from durable records",
+        description="Exit codes: 0 no PAGE, 2 a PAGE fired, 1 bad input (unreadable "
+        "file, glob matching nothing, bad policy or time); argparse usage errors exit 2.",
+    )
+    report.add_argument("records", nargs="+", help="record files, globs, .gz, or - for stdin")
+    report.add_argument("--policy", help="monitoring policy (TOML: [monitor], [[rate_cards]])")
+    report.add_argument("--window", help="window length (5m, 1h...) or 'all'; default: policy's")
+    report.add_argument("--since", help="from this time (ISO 8601, or a duration ago: 2h)")
+    report.add_argument("--until", help="up to this time, excluded (ISO 8601 or duration ago)")
+    report.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    report.add_argument("--html", metavar="FILE", help="also write a self-contained HTML report")
+    report.add_argument("--candidate", help="candidate template: write an experiment handoff")
+    report.add_argument("--incidents", metavar="DIR", help="write incident cards (JSON + MD)")
+
+    evaluate = commands.add_parser(
+        "evaluate",
+        help="measure a handoff's candidate on its records: PASSED or BLOCKED",
+        description="Exit codes: 0 PASSED, 2 BLOCKED, 1 bad input.",
+    )
+    evaluate.add_argument("handoff", help="HANDOFF.json written by 'loopguard report --candidate'")
+    evaluate.add_argument("records", nargs="+", help="record files, globs, .gz, or - for stdin")
+    evaluate.add_argument("--json", action="store_true", help="the evaluated handoff as JSON")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
+    if args.command in ("report", "evaluate"):
+        # The monitor needs no proxy config, and imports nothing from the proxy.
+        from guard.monitor.cli import run_evaluate, run_report
+
+        return run_report(args) if args.command == "report" else run_evaluate(args)
     try:
         config = Config.load(getattr(args, "config", None))
     except ConfigError as exc:

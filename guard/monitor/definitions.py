@@ -242,6 +242,11 @@ class SQL:
     OUT_TOK = "coalesce(output_tokens, 0)"
 
     @staticmethod
+    def nearest_rank(sorted_list: str, q: float) -> str:
+        """``nearest_rank`` over a sorted SQL list: the same rank, the same rounding."""
+        return f"{sorted_list}[greatest(1, ceil(round({q!r} * len({sorted_list}), 9)))::BIGINT]"
+
+    @staticmethod
     def card_index(policy: Policy) -> str:
         """The index of the pricing card, by the same regexes ``RateCard.matches`` uses."""
         if not policy.rate_cards:
@@ -260,8 +265,10 @@ class SQL:
         arms = []
         for i, c in enumerate(policy.rate_cards):
             arms.append(
-                f"WHEN {card_col} = {i} THEN (({SQL.IN_TOK} - {SQL.CACHED_TOK}) * "
-                f"{c.input_per_million!r} + {SQL.CACHED_TOK} * {c.cached_input_per_million!r}"
-                f" + {SQL.OUT_TOK} * {c.output_per_million!r}) / 1000000.0"
+                # DOUBLE, in RateCard.cost's order of operations: the same float result.
+                f"WHEN {card_col} = {i} THEN (({SQL.IN_TOK} - {SQL.CACHED_TOK})::DOUBLE * "
+                f"{c.input_per_million!r}::DOUBLE + {SQL.CACHED_TOK}::DOUBLE * "
+                f"{c.cached_input_per_million!r}::DOUBLE + {SQL.OUT_TOK}::DOUBLE * "
+                f"{c.output_per_million!r}::DOUBLE) / 1000000.0::DOUBLE"
             )
         return "CASE " + " ".join(arms) + " END"
