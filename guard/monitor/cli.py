@@ -75,7 +75,8 @@ def run_report(args: argparse.Namespace) -> int:
 
         from guard.monitor.render_terminal import render
 
-        render(report, Console())
+        # Piped output (cron, CI logs) gets a wide table rather than 80 columns.
+        render(report, Console(width=None if sys.stdout.isatty() else 140))
     if report["malformed_records"]["count"]:
         print(
             f"loopguard: {report['malformed_records']['count']} malformed record line(s) "

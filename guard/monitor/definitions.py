@@ -31,8 +31,10 @@ Definitions:
   call with ``total <= ttft`` (or one loopguard already flagged ``timing_malformed``)
   is *malformed*: counted apart, never divided;
 - **cost**: ``(input - cached) * input + cached * cached_input + output * output`` per
-  million tokens, rates from the first rate card whose glob matches ``model``; a call
-  with no matching card (or no card at all) is *unpriced*, never given a price.
+  million tokens, rates from the first rate card whose glob matches ``model``; a
+  *billable* call (one with a model or token usage) with no matching card (or no card
+  at all) is *unpriced*, never given a price. A plain tool call (no model, no tokens)
+  is not billable: neither priced nor unpriced.
 """
 
 from __future__ import annotations
@@ -171,6 +173,14 @@ def card_index(policy: Policy, model: Any) -> int | None:
     return None
 
 
+def billable(record: dict[str, Any], t: Tokens) -> bool:
+    """A call with a model or token usage: priced by a card, or counted unpriced.
+
+    A plain tool call (no model, no tokens) has nothing to price and is neither.
+    """
+    return isinstance(record.get("model"), str) or (t.input + t.cached + t.output) > 0
+
+
 def cost(card: RateCard | None, t: Tokens) -> float | None:
     """USD for one call's tokens; None (unpriced) without a card."""
     return None if card is None else card.cost(t.input, t.cached, t.output)
@@ -236,6 +246,10 @@ class SQL:
     TPS = (
         f"CASE WHEN {_MEASURABLE} AND total_ms > ttft_ms AND timing_malformed IS NOT TRUE "
         "THEN (output_tokens - 1) / ((total_ms - ttft_ms) / 1000.0) END"
+    )
+    BILLABLE = (
+        "(model IS NOT NULL OR coalesce(input_tokens, 0) + coalesce(cached_input_tokens, 0)"
+        " + coalesce(output_tokens, 0) > 0)"
     )
     IN_TOK = "coalesce(input_tokens, 0)"
     CACHED_TOK = "coalesce(cached_input_tokens, 0)"

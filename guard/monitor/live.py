@@ -175,6 +175,7 @@ class LiveMonitor:
         card_i = self._card(record.get("model"))
         card = None if card_i is None else self.policy.rate_cards[card_i]
         cost = d.cost(card, tok)
+        billable = d.billable(record, tok)
         key = (record.get("session"), record.get("tool"), record.get("params_hash"))
         policy = self.policy
         with self._lock:
@@ -209,9 +210,10 @@ class LiveMonitor:
             w.tokens[1] += tok.cached
             w.tokens[2] += tok.output
             if cost is None:
-                w.unpriced += 1
-                if len(w.unpriced_models) < _CAP_SET:
-                    w.unpriced_models.add(str(record.get("model")))
+                if billable:
+                    w.unpriced += 1
+                    if len(w.unpriced_models) < _CAP_SET:
+                        w.unpriced_models.add(str(record.get("model")))
             else:
                 w.priced += 1
                 w.cost += cost

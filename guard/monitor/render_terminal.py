@@ -12,11 +12,16 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
+from guard.monitor.findings import group_findings
+
 MAX_ROWS = 60
 
 
 def _pct(value: float | None) -> str:
-    return "-" if value is None else f"{value * 100:.1f}%"
+    if value is None:
+        return "-"
+    # Small rates stay visible: 17 of 41,667 is 0.041%, not 0.0%.
+    return f"{value * 100:.3f}%" if 0 < value < 0.001 else f"{value * 100:.1f}%"
 
 
 def _ms(value: float | None) -> str:
@@ -54,7 +59,7 @@ def render(report: dict[str, Any], console: Console) -> None:
         f"unsafe serves {t['unsafe_serves']} ({_pct(t['unsafe_serve_rate'])}), "
         f"abstentions {t['abstentions']}, stops {t['stops']}, nudges {t['nudges']}, "
         f"cost {_usd(t['cost_usd'], card)}"
-        + (f" [{card}]" if card else "")
+        + (f" (rate card {card})" if card else "")
         + (f", {t['unpriced_calls']:,} unpriced calls" if card and t["unpriced_calls"] else ""),
     )
     if t["failure_stages"]:
@@ -68,7 +73,7 @@ def render(report: dict[str, Any], console: Console) -> None:
     console.print(Panel(head, title="loopguard report", border_style="cyan"))
 
     if report["findings"]:
-        for f in report["findings"]:
+        for f, later in group_findings(report["findings"]):
             style = "red" if f["severity"] == "PAGE" else "yellow"
             ex = f["exemplar"] or {}
             body = Table.grid(padding=(0, 2))
@@ -82,6 +87,10 @@ def render(report: dict[str, Any], console: Console) -> None:
                     body.add_row(f"exemplar {key}", str(ex[key]))
             if f.get("first_check"):
                 body.add_row(Text("first check", style="bold"), f["first_check"])
+            if later:
+                shown = ", ".join(g["window"]["start"][5:16] for g in later[:6])
+                more = f" and {len(later) - 6} more" if len(later) > 6 else ""
+                body.add_row("fired again", f"{len(later)} later window(s): {shown}{more}")
             console.print(
                 Panel(body, title=Text(f["headline"], style=f"bold {style}"), border_style=style)
             )
@@ -89,8 +98,10 @@ def render(report: dict[str, Any], console: Console) -> None:
         console.print(Text("no findings", style="green"))
 
     console.print(_windows_table(report))
-    for inc in report["incidents"]:
-        console.print(Text(f"incident {inc['incident_id']}", style="red"))
+    if report["incidents"]:
+        first = report["incidents"][0]["incident_id"]
+        n = len(report["incidents"])
+        console.print(Text(f"{n} incident card(s), first {first}", style="red"))
     if report.get("handoff"):
         h = report["handoff"]
         console.print(
@@ -116,6 +127,7 @@ def _windows_table(report: dict[str, Any]) -> Table:
         tail = {w["start"] for w in windows[-(MAX_ROWS // 2) :]}
         shown = [w for w in windows if w["start"] in flagged | tail]
     title = "windows" if shown is windows else f"windows ({len(shown)} of {len(windows)} shown)"
+    title += f", cost by rate card {card}" if card else ", costs unpriced (no rate card)"
     table = Table(title=title, header_style="bold", title_justify="left")
     table.add_column("start (UTC)", no_wrap=True)
     table.add_column("req", justify="right")
@@ -123,7 +135,7 @@ def _windows_table(report: dict[str, Any]) -> Table:
     table.add_column("abstain", justify="right", no_wrap=True)
     table.add_column("TTFT ms p50/95/99", justify="right", no_wrap=True)
     table.add_column("tok/s p50", justify="right", no_wrap=True)
-    table.add_column(f"cost USD [{card}]" if card else "cost", justify="right")
+    table.add_column("cost USD", justify="right")
     table.add_column("nudge/stop", justify="right", no_wrap=True)
     for w in shown:
         loops = w["loops"]

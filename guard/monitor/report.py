@@ -75,6 +75,7 @@ def build_report(options: Options, stdin: BinaryIO | None = None) -> dict[str, A
     report: dict[str, Any] = {
         "policy_id": policy.policy_id if has_policy else None,
         "rate_card": policy.rate_card_version,
+        "policy": policy.model_dump(exclude={"rate_cards"}) if has_policy else {},
         "window": window_text,
         "since": iso(options.since) if options.since else None,
         "until": iso(options.until) if options.until else None,

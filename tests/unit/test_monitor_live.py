@@ -44,7 +44,7 @@ def test_window_rolls_over_and_late_records_are_counted() -> None:
     monitor.add(later[0])
     monitor.add(seed_records(hour="08")[0])  # older than the previous window: late
     status = monitor.status(datetime(2026, 5, 27, 10, 1, tzinfo=UTC))
-    assert status["window_current"]["requests"] == 1
+    assert status["window_current"]["requests"] == 2
     assert status["window_previous"] is None  # 09:00 is not the window before 10:00
     assert status["late_records"] == 1
     # Asked later still, the current window is empty (zeros, not the last one seen).
@@ -75,11 +75,12 @@ def test_bad_records_never_raise_and_are_counted() -> None:
     monitor = LiveMonitor(None)
     monitor.add({"ts": "not a time"})
     monitor.add({})
-    monitor.add({"ts": "2026-05-27T09:00:00Z", "app": "junk", "input_tokens": "x"})
+    monitor.add({"ts": "2026-05-27T09:00:00Z", "app": "junk", "input_tokens": "x", "model": "m"})
+    monitor.add({"ts": "2026-05-27T09:00:01Z", "tool": "lookup"})  # a tool call: not billable
     status = monitor.status(NOW)
     assert status["malformed_records"] == 2
     assert status["policy_id"] is None and status["rate_card"] is None
-    assert status["window_current"]["requests"] == 1
+    assert status["window_current"]["requests"] == 2
     assert status["window_current"]["cost_usd"] is None  # unpriced, never invented
     assert status["window_current"]["unpriced_calls"] == 1
 
