@@ -44,7 +44,7 @@ def test_window_rolls_over_and_late_records_are_counted() -> None:
     monitor.add(later[0])
     monitor.add(seed_records(hour="08")[0])  # older than the previous window: late
     status = monitor.status(datetime(2026, 5, 27, 10, 1, tzinfo=UTC))
-    assert status["window_current"]["requests"] == 2
+    assert status["window_current"]["requests"] == 1
     assert status["window_previous"] is None  # 09:00 is not the window before 10:00
     assert status["late_records"] == 1
     # Asked later still, the current window is empty (zeros, not the last one seen).
