@@ -134,12 +134,17 @@ class LiveMonitor:
     # -- feeding ---------------------------------------------------------------------
 
     def _card(self, model: Any) -> int | None:
+        """The card index for a model name, cached (bounded; safe without the lock: a
+        lost or repeated cache entry only costs a recomputation)."""
         key = model if isinstance(model, str) else None
-        if key not in self._cards:
+        try:
+            return self._cards[key]
+        except KeyError:
+            index = d.card_index(self.policy, key)
             if len(self._cards) >= 1024:
                 self._cards.clear()
-            self._cards[key] = d.card_index(self.policy, key)
-        return self._cards[key]
+            self._cards[key] = index
+            return index
 
     def _window_for(self, start_us: int) -> _Window | None:
         cur = self._current

@@ -58,13 +58,10 @@ def build_report(options: Options, stdin: BinaryIO | None = None) -> dict[str, A
             scan = windows.scan(paths, policy, width, options.since, options.until)
         except windows.EngineError as exc:
             raise ReportError(f"cannot read the records: {exc}") from None
+        # Only when the engine counted some: a clean input is not read twice.
         examples = sources.locate_malformed(paths) if scan.malformed else []
-        for example in examples:
-            if example.path in paths:
-                example_shown = shown_paths[paths.index(example.path)]
-                examples[examples.index(example)] = sources.Malformed(
-                    example_shown, example.line, example.reason
-                )
+        shown = dict(zip(paths, shown_paths, strict=True))  # a spooled stdin shows as "-"
+        examples = [sources.Malformed(shown[m.path], m.line, m.reason) for m in examples]
     window_dicts = [window_dict(w, policy) for w in scan.windows]
     all_findings = [f for w in scan.windows for f in findings(policy, w)]
     all_findings.sort(key=lambda f: (f.severity != PAGE, f.window_start))
@@ -96,12 +93,8 @@ def build_report(options: Options, stdin: BinaryIO | None = None) -> dict[str, A
         report["handoff"] = (
             incident.handoff(incidents[0], options.candidate, policy) if incidents else None
         )
-    report["exit_code"] = EXIT_PAGE if incidents or _pages(all_findings) else EXIT_OK
+    report["exit_code"] = EXIT_PAGE if any(f.severity == PAGE for f in all_findings) else EXIT_OK
     return report
-
-
-def _pages(found: list[Any]) -> bool:
-    return any(f.severity == PAGE for f in found)
 
 
 def _totals(window_dicts: list[dict[str, Any]], policy: Policy) -> dict[str, Any]:

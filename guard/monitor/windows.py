@@ -16,7 +16,7 @@ live monitor applies in Python.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -82,7 +82,6 @@ class Scan:
     first_ts: datetime | None
     last_ts: datetime | None
     stops: int = 0
-    notes: list[str] = field(default_factory=list)
 
 
 def _reader(paths: list[str], columns: dict[str, str]) -> str:
