@@ -77,6 +77,8 @@ def run_report(args: argparse.Namespace) -> int:
 
         # Piped output (cron, CI logs) gets a wide table rather than 80 columns.
         render(report, Console(width=None if sys.stdout.isatty() else 140))
+    for note in report["notes"]:
+        print(f"loopguard: {note}", file=sys.stderr)
     if report["malformed_records"]["count"]:
         print(
             f"loopguard: {report['malformed_records']['count']} malformed record line(s) "

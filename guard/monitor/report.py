@@ -82,6 +82,7 @@ def build_report(options: Options, stdin: BinaryIO | None = None) -> dict[str, A
             "count": scan.malformed,
             "examples": [m.as_dict() for m in examples],
         },
+        "notes": [scan.memory_note] if scan.memory_note else [],
         "first_window_start": iso(scan.windows[0].start) if scan.windows else None,
         "last_window_end": iso(scan.windows[-1].end) if scan.windows else None,
         "totals": _totals(window_dicts, policy),

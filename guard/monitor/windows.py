@@ -16,6 +16,7 @@ live monitor applies in Python.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -82,6 +83,7 @@ class Scan:
     first_ts: datetime | None
     last_ts: datetime | None
     stops: int = 0
+    memory_note: str | None = None
 
 
 def _reader(paths: list[str], columns: dict[str, str]) -> str:
@@ -101,14 +103,19 @@ def _ts_literal(ts: datetime) -> str:
     return f"TIMESTAMPTZ {_q(ts.astimezone(UTC).isoformat())}"
 
 
-def _connect() -> duckdb.DuckDBPyConnection:
+# The engine's own memory cap: the report's peak stays bounded whatever the input's size
+# (DuckDB spills what it can past it). A window too large for it (its TTFT values are
+# kept for exact percentiles) retries once with RETRY_FACTOR times the cap.
+DEFAULT_MEMORY = "200MB"
+RETRY_FACTOR = 8
+
+
+def _connect(memory: str) -> duckdb.DuckDBPyConnection:
     con = duckdb.connect(":memory:")
     con.execute("SET TimeZone = 'UTC'")
     # Windows are independent: no need to keep the files' order (less memory).
     con.execute("SET preserve_insertion_order = false")
-    # A hard cap on the engine's own memory (it spills joins and sorts past it): the
-    # report's peak stays bounded whatever the input's size.
-    con.execute(f"SET memory_limit = {_q(os.environ.get('LOOPGUARD_REPORT_MEMORY', '250MB'))}")
+    con.execute(f"SET memory_limit = {_q(memory)}")
     return con
 
 
@@ -248,12 +255,49 @@ def scan(
         )
         for name, q in ((f"{col.split('_')[0]}_{p}", int(p[1:]) / 100) for p in qs)
     )
-    con = _connect()
+    memory = os.environ.get("LOOPGUARD_REPORT_MEMORY", DEFAULT_MEMORY)
     try:
+        return _run(query, percentiles, memory, paths, policy, width_us, since, until, template)
+    except duckdb.OutOfMemoryException:
+        bigger = f"{_megabytes(memory) * RETRY_FACTOR}MB"
         try:
-            con.execute(query)
-        except duckdb.Error as exc:
-            raise EngineError(str(exc).splitlines()[0]) from None
+            scan_ = _run(
+                query, percentiles, bigger, paths, policy, width_us, since, until, template
+            )
+        except duckdb.OutOfMemoryException as exc:
+            raise EngineError(
+                f"{str(exc).splitlines()[0]} (set LOOPGUARD_REPORT_MEMORY above {bigger}, "
+                "or use shorter windows)"
+            ) from None
+        scan_.memory_note = f"engine memory raised from {memory} to {bigger} for this input"
+        return scan_
+    except duckdb.Error as exc:
+        raise EngineError(str(exc).splitlines()[0]) from None
+
+
+def _megabytes(text: str) -> int:
+    """``"200MB"`` / ``"1GB"`` / ``"1.5GiB"`` -> megabytes (for the retry's larger cap)."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)I?B?\s*", text.upper())
+    if not match:
+        raise EngineError(f"LOOPGUARD_REPORT_MEMORY: not a size: {text!r} (e.g. 200MB, 1GB)")
+    scale = {"K": 1 / 1024, "": 1 / 1024 / 1024, "M": 1, "G": 1024, "T": 1024 * 1024}
+    return max(1, int(float(match.group(1)) * scale[match.group(2)]))
+
+
+def _run(
+    query: str,
+    percentiles: str,
+    memory: str,
+    paths: list[str],
+    policy: Policy,
+    width_us: int | None,
+    since: datetime | None,
+    until: datetime | None,
+    template: str | None,
+) -> Scan:
+    con = _connect(memory)
+    try:
+        con.execute(query)
         rows = con.execute(
             f"SELECT * EXCLUDE (ttft_sorted, tps_sorted), len(ttft_sorted) AS streamed, "
             f"len(tps_sorted) AS tps_calls, {percentiles} FROM agg ORDER BY w NULLS FIRST"

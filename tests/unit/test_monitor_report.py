@@ -355,3 +355,26 @@ def test_nearest_rank_is_the_timing_modules_and_duckdbs() -> None:
                 f"SELECT {d.SQL.nearest_rank('v', q)} FROM (SELECT ?::DOUBLE[] AS v)", [values]
             ).fetchone() or (None,)
             assert sql == ours
+
+
+def test_engine_memory_is_capped_and_retried_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from guard.monitor import windows
+
+    assert windows._megabytes("200MB") == 200 and windows._megabytes("1.5GiB") == 1536
+    caps: list[str] = []
+    real = windows._run
+
+    def tight(*args: Any) -> Any:
+        caps.append(args[2])
+        if len(caps) == 1:
+            raise duckdb.OutOfMemoryException("Out of Memory Error: window too large")
+        return real(*args)
+
+    monkeypatch.setattr(windows, "_run", tight)
+    monkeypatch.setenv("LOOPGUARD_REPORT_MEMORY", "100MB")
+    report = build_report(Options([str(write(tmp_path / "r.jsonl", seed_records()))], POLICY))
+    assert caps == ["100MB", "800MB"]
+    assert report["records"] == 6
+    assert report["notes"] == ["engine memory raised from 100MB to 800MB for this input"]
