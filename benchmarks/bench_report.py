@@ -157,16 +157,20 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("-n", type=int, default=1_000_000, help="records (default 1,000,000)")
     parser.add_argument("--keep", help="write the records here and keep them")
+    parser.add_argument("--records", help="time this existing record file instead")
     parser.add_argument("--policy", help="policy TOML (default: the issue's, one catch-all card)")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(args.keep) if args.keep else Path(tmp) / "records.jsonl"
-        t0 = time.perf_counter()
-        generate(path, args.n)
-        size_mb = path.stat().st_size / 1e6
-        print(
-            f"{args.n:,} records, {size_mb:,.0f} MB, generated in {time.perf_counter() - t0:.1f}s"
-        )
+        if args.records:
+            path = Path(args.records)
+            print(f"{path}: {path.stat().st_size / 1e6:,.0f} MB")
+        else:
+            path = Path(args.keep) if args.keep else Path(tmp) / "records.jsonl"
+            t0 = time.perf_counter()
+            generate(path, args.n)
+            size_mb = path.stat().st_size / 1e6
+            took = time.perf_counter() - t0
+            print(f"{args.n:,} records, {size_mb:,.0f} MB, generated in {took:.1f}s")
         py = sys.executable
         policy_path = Path(args.policy) if args.policy else Path(tmp) / "policy.toml"
         if not args.policy:
