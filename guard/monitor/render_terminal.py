@@ -44,11 +44,15 @@ def render(report: dict[str, Any], console: Console) -> None:
     head.add_row("policy", str(report["policy_id"] or "none (figures only, no rules)"))
     head.add_row("rate card", card or "none: costs are unpriced")
     head.add_row("inputs", ", ".join(report["inputs"]))
-    head.add_row(
-        "records",
-        f"{report['records']:,} in {len(report['windows'])} window(s) of {report['window']}"
-        f"  ({report['first_window_start']} .. {report['last_window_end']})",
-    )
+    if not report["windows"]:
+        span = "no records in range"
+    elif report["window"] == "all":
+        span = "one window for the whole input"
+    else:
+        span = f"{len(report['windows'])} window(s) of {report['window']}"
+    if report["windows"]:
+        span += f"  ({report['first_window_start']} .. {report['last_window_end']})"
+    head.add_row("records", f"{report['records']:,}: {span}")
     bad = report["malformed_records"]
     if bad["count"]:
         where = "; ".join(f"{e['file']}:{e['line']} {e['reason']}" for e in bad["examples"][:5])
