@@ -43,7 +43,7 @@ import math
 from datetime import UTC, datetime
 from typing import Any, NamedTuple
 
-from guard.monitor.policy import Policy, RateCard
+from guard.monitor.policy import ANY_NAME, Policy, RateCard
 
 ROUTE_SERVE = "serve"
 ROUTE_NUDGE = "nudge"
@@ -267,7 +267,11 @@ class SQL:
             return "CAST(NULL AS INTEGER)"
         arms = []
         for i, card in enumerate(policy.rate_cards):
-            cond = " OR ".join(f"regexp_full_match(model, {_lit(rx)})" for rx in card.regexes)
+            cond = " OR ".join(
+                # "*" matches every name: no regex per call for the common catch-all card.
+                "model IS NOT NULL" if rx == ANY_NAME else f"regexp_full_match(model, {_lit(rx)})"
+                for rx in card.regexes
+            )
             arms.append(f"WHEN {cond} THEN {i}")
         return "CASE " + " ".join(arms) + " END"
 
