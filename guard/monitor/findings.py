@@ -21,6 +21,12 @@ from guard.monitor.policy import Policy
 
 PAGE = "PAGE"
 WARN = "WARN"
+# How each metric's exemplar is chosen (both engines pick it this way).
+EXEMPLAR_RULES = {
+    METRIC_UNSAFE: "the first unsafe call",
+    METRIC_TTFT: "the first streamed call slower than the budget",
+    METRIC_COST: "the most expensive priced call",
+}
 
 
 @dataclass
@@ -123,6 +129,7 @@ class Finding:
             "window": {"start": iso(self.window_start), "end": iso(self.window_end)},
             "headline": self.headline,
             "exemplar": self.exemplar,
+            "exemplar_rule": EXEMPLAR_RULES[self.metric],
             "first_check": self.first_check,
         }
         if self.metric == METRIC_COST:

@@ -62,7 +62,7 @@ def markdown(c: dict[str, Any]) -> str:
         f"- **Evidence version**: `{c.get('evidence_version')}`",
         f"- **First failed stage**: `{c.get('failure_stage')}`",
         "",
-        "## Exemplar (first violating call)",
+        "## Exemplar (the first unsafe call)" if c["metric"] == METRIC_UNSAFE else "## Exemplar",
         "",
         "| field | value |",
         "|---|---|",

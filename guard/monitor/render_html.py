@@ -35,8 +35,20 @@ code { font-size: 12px; }
 """
 
 
+_ROUTE_COLOURS = {
+    "serve": "#90a4ae",
+    "nudge": "#ffb300",
+    "stop_and_review": "#3949ab",
+    "observe": "#ef9a9a",
+}
+
+
 def _e(value: Any) -> str:
     return html.escape("-" if value is None else str(value))
+
+
+def _rate(value: float | None) -> str:
+    return "-" if value is None else f"{value * 100:.3g}%"
 
 
 def _usd(value: float | None) -> str:
@@ -64,22 +76,25 @@ def _figures(report: dict[str, Any]) -> list[go.Figure]:
     routes = sorted({r for w in windows for r in w["routes"]})
     mix = go.Figure()
     for route in routes:
-        mix.add_bar(x=x, y=[w["routes"].get(route, 0) for w in windows], name=f"route {route}")
+        mix.add_bar(
+            x=x,
+            y=[w["routes"].get(route, 0) for w in windows],
+            name=f"route {route}",
+            marker_color=_ROUTE_COLOURS.get(route, "#9e9e9e"),
+        )
+    # Unsafe serves are few beside the calls: their own axis, on the right.
     mix.add_scatter(
         x=x,
         y=[w["unsafe_serves"] for w in windows],
-        name="unsafe serves",
+        name="unsafe serves (right axis)",
         mode="lines+markers",
         line={"color": "#c62828", "width": 3},
+        yaxis="y2",
     )
-    mix.add_scatter(
-        x=x,
-        y=[w["abstentions"] for w in windows],
-        name="abstentions (not alerted)",
-        mode="lines+markers",
-        line={"color": "#6a1b9a", "dash": "dot"},
+    mix.update_layout(
+        barmode="stack",
+        yaxis2={"overlaying": "y", "side": "right", "rangemode": "tozero", "showgrid": False},
     )
-    mix.update_layout(barmode="stack")
     _layout(mix, "Route mix and unsafe serves per window", "calls")
 
     ttft = go.Figure()
@@ -148,7 +163,7 @@ def _findings_html(report: dict[str, Any]) -> str:
             f"value {_e(f['value'])}, threshold {_e(f['threshold'])}, "
             f"{_e(f['requests'])} requests</div>"
             f"<div><b>First check:</b> {_e(f['first_check'] or '(none in the policy)')}</div>"
-            f"<h4>Exemplar (first violating call)</h4><table>{rows}</table>"
+            f"<h4>Exemplar: {_e(f['exemplar_rule'])}</h4><table>{rows}</table>"
             + _later_html(later)
             + "</div>"
         )
@@ -181,8 +196,9 @@ def _windows_html(report: dict[str, Any]) -> str:
         stages = ", ".join(f"{k} {v}" for k, v in w["failure_stages"].items())
         t = w["ttft_ms"]
         rows.append(
-            f"<tr><td>{_e(w['start'])}</td><td>{w['requests']}</td><td>{w['unsafe_serves']}</td>"
-            f"<td>{w['abstentions']}</td><td>{_e(stages)}</td>"
+            f"<tr><td>{_e(w['start'])}</td><td>{w['requests']}</td>"
+            f"<td>{w['unsafe_serves']} ({_e(_rate(w['unsafe_serve_rate']))})</td>"
+            f"<td>{w['abstentions']} ({_e(_rate(w['abstention_rate']))})</td><td>{_e(stages)}</td>"
             f"<td>{_e(t['p50'])}/{_e(t['p95'])}/{_e(t['p99'])}</td>"
             f"<td>{w['output_tps']['malformed_timings']}</td>"
             f"<td>{_e(_usd(w['cost_usd']))}</td>"

@@ -85,6 +85,7 @@ def render(report: dict[str, Any], console: Console) -> None:
                 "window", f"{f['window']['start']} .. {f['window']['end']} ({f['requests']} req)"
             )
             body.add_row("value", f"{f['value']} (threshold {f['threshold']})")
+            body.add_row("exemplar", f"{f['exemplar_rule']}:")
             for key in ("request_id", "trace_id", "session", "model", "tool", "template",
                         "evidence_version", "failure_stage", "ts"):  # fmt: skip
                 if ex.get(key) is not None:
