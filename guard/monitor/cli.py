@@ -61,12 +61,15 @@ def run_report(args: argparse.Namespace) -> int:
         report = build_report(options)
     except (PolicyError, ReportError, SourceError) as exc:
         return _fail(str(exc))
-    if args.incidents:
-        _write_incidents(Path(args.incidents), report)
-    if args.html:
-        from guard.monitor.render_html import write_html
+    try:
+        if args.incidents:
+            _write_incidents(Path(args.incidents), report)
+        if args.html:
+            from guard.monitor.render_html import write_html
 
-        write_html(report, Path(args.html))
+            write_html(report, Path(args.html))
+    except OSError as exc:
+        return _fail(f"cannot write {exc.filename}: {exc.strerror or exc}")
     if args.json:
         sys.stdout.buffer.write(_dump(report) + b"\n")
         sys.stdout.flush()

@@ -296,6 +296,8 @@ def test_exit_codes(tmp_path: Path, policy_file: Path, capsys: pytest.CaptureFix
     assert code == 1 and "--since" in err
     code, _, err = run(capsys, str(safe), "--window", "fortnight")
     assert code == 1 and "--window" in err
+    code, _, err = run(capsys, str(safe), "--html", str(tmp_path / "no" / "such" / "r.html"))
+    assert code == 1 and "cannot write" in err
 
 
 def test_policy_errors_name_the_key(tmp_path: Path) -> None:
