@@ -278,8 +278,17 @@ class LiveMonitor:
     def status(self, now: datetime | None = None) -> dict[str, Any]:
         """JSON-able: policy, rate card, the current window and its firing findings.
 
+        Keys: ``policy_id`` (None without a policy), ``rate_card`` (version, None
+        without cards), ``window`` (its length, e.g. ``"5m"``), ``generated_at``,
+        ``window_current`` (the same dict as a window of ``loopguard report --json``:
+        ``start``, ``end``, ``requests``, ``unsafe_serves``, ``unsafe_serve_rate``,
+        ``abstentions``, ``failure_stages``, ``ttft_ms`` {p50, p95, p99}, ``cost_usd``,
+        ``findings`` ...), ``findings`` (the current window's, each with its
+        exemplar), ``window_previous`` (the window before, or None),
+        ``percentiles_exact``, ``late_records``, ``malformed_records``.
+
         ``now`` (default: the clock) picks the current window; a window with no
-        records yet reports zeros. The previous window is included, findings and all.
+        records yet reports zeros.
         """
         now = now or datetime.now(UTC)
         now_us = int(now.timestamp() * 1_000_000)
