@@ -1,12 +1,15 @@
-"""``loopguard`` command line: serve | replay | demo | alerts."""
+"""``loopguard`` command line: serve | replay | demo | report | evaluate | alerts."""
 
 from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from guard.engine.config import Config, ConfigError
+
+# Commands that read records or a monitoring policy, never the proxy config.
+MONITOR_COMMANDS = ("report", "evaluate", "alerts")
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -32,6 +35,31 @@ def _build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--json", action="store_true", help="machine-readable output")
     demo.add_argument("--records", help="where to write the durable records (JSONL)")
 
+    report = commands.add_parser(
+        "report",
+        help="windows, findings and costs from durable records",
+        description="Exit codes: 0 no PAGE, 2 a PAGE fired, 1 bad input (unreadable "
+        "file, glob matching nothing, bad policy or time); argparse usage errors exit 2.",
+    )
+    report.add_argument("records", nargs="+", help="record files, globs, .gz, or - for stdin")
+    report.add_argument("--policy", help="monitoring policy (TOML: [monitor], [[rate_cards]])")
+    report.add_argument("--window", help="window length (5m, 1h...) or 'all'; default: policy's")
+    report.add_argument("--since", help="from this time (ISO 8601, or a duration ago: 2h)")
+    report.add_argument("--until", help="up to this time, excluded (ISO 8601 or duration ago)")
+    report.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    report.add_argument("--html", metavar="FILE", help="also write a self-contained HTML report")
+    report.add_argument("--candidate", help="candidate template: write an experiment handoff")
+    report.add_argument("--incidents", metavar="DIR", help="write incident cards (JSON + MD)")
+
+    evaluate = commands.add_parser(
+        "evaluate",
+        help="measure a handoff's candidate on its records: PASSED or BLOCKED",
+        description="Exit codes: 0 PASSED, 2 BLOCKED, 1 bad input.",
+    )
+    evaluate.add_argument("handoff", help="HANDOFF.json written by 'loopguard report --candidate'")
+    evaluate.add_argument("records", nargs="+", help="record files, globs, .gz, or - for stdin")
+    evaluate.add_argument("--json", action="store_true", help="the evaluated handoff as JSON")
+
     alerts = commands.add_parser(
         "alerts", help="write a monitoring policy as Prometheus alerting rules (YAML)"
     )
@@ -46,28 +74,14 @@ def _build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _alerts(args: argparse.Namespace) -> int:
-    """Exit codes as ``loopguard report``'s: 0 written, 1 bad input (policy, selector)."""
-    from guard.monitor import PolicyError, load_policy
-    from guard.monitor.alerts import render
-
-    try:
-        text = render(load_policy(args.policy), hold=args.hold, selector=args.selector)
-    except (PolicyError, ValueError) as exc:
-        print(f"loopguard: {exc}", file=sys.stderr)
-        return 1
-    if args.output:
-        with open(args.output, "w", encoding="utf-8") as out:
-            out.write(text)
-    else:
-        sys.stdout.write(text)
-    return 0
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
-    if args.command == "alerts":
-        return _alerts(args)  # the monitor's policy only: no proxy config
+    if args.command in MONITOR_COMMANDS:
+        # The monitor needs no proxy config, and imports nothing from the proxy.
+        from guard.monitor import cli as monitor_cli
+
+        run: Callable[[argparse.Namespace], int] = getattr(monitor_cli, f"run_{args.command}")
+        return run(args)
     try:
         config = Config.load(getattr(args, "config", None))
     except ConfigError as exc:

@@ -31,8 +31,10 @@ Definitions:
   call with ``total <= ttft`` (or one loopguard already flagged ``timing_malformed``)
   is *malformed*: counted apart, never divided;
 - **cost**: ``(input - cached) * input + cached * cached_input + output * output`` per
-  million tokens, rates from the first rate card whose glob matches ``model``; a call
-  with no matching card (or no card at all) is *unpriced*, never given a price.
+  million tokens, rates from the first rate card whose glob matches ``model``; a
+  *billable* call (one with a model or token usage) with no matching card (or no card
+  at all) is *unpriced*, never given a price. A plain tool call (no model, no tokens)
+  is not billable: neither priced nor unpriced.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ import math
 from datetime import UTC, datetime
 from typing import Any, NamedTuple
 
-from guard.monitor.policy import Policy, RateCard
+from guard.monitor.policy import ANY_NAME, Policy, RateCard
 
 ROUTE_SERVE = "serve"
 ROUTE_NUDGE = "nudge"
@@ -171,6 +173,14 @@ def card_index(policy: Policy, model: Any) -> int | None:
     return None
 
 
+def billable(record: dict[str, Any], t: Tokens) -> bool:
+    """A call with a model or token usage: priced by a card, or counted unpriced.
+
+    A plain tool call (no model, no tokens) has nothing to price and is neither.
+    """
+    return isinstance(record.get("model"), str) or (t.input + t.cached + t.output) > 0
+
+
 def cost(card: RateCard | None, t: Tokens) -> float | None:
     """USD for one call's tokens; None (unpriced) without a card."""
     return None if card is None else card.cost(t.input, t.cached, t.output)
@@ -237,9 +247,18 @@ class SQL:
         f"CASE WHEN {_MEASURABLE} AND total_ms > ttft_ms AND timing_malformed IS NOT TRUE "
         "THEN (output_tokens - 1) / ((total_ms - ttft_ms) / 1000.0) END"
     )
+    BILLABLE = (
+        "(model IS NOT NULL OR coalesce(input_tokens, 0) + coalesce(cached_input_tokens, 0)"
+        " + coalesce(output_tokens, 0) > 0)"
+    )
     IN_TOK = "coalesce(input_tokens, 0)"
     CACHED_TOK = "coalesce(cached_input_tokens, 0)"
     OUT_TOK = "coalesce(output_tokens, 0)"
+
+    @staticmethod
+    def nearest_rank(sorted_list: str, q: float) -> str:
+        """``nearest_rank`` over a sorted SQL list: the same rank, the same rounding."""
+        return f"{sorted_list}[greatest(1, ceil(round({q!r} * len({sorted_list}), 9)))::BIGINT]"
 
     @staticmethod
     def card_index(policy: Policy) -> str:
@@ -248,7 +267,11 @@ class SQL:
             return "CAST(NULL AS INTEGER)"
         arms = []
         for i, card in enumerate(policy.rate_cards):
-            cond = " OR ".join(f"regexp_full_match(model, {_lit(rx)})" for rx in card.regexes)
+            cond = " OR ".join(
+                # "*" matches every name: no regex per call for the common catch-all card.
+                "model IS NOT NULL" if rx == ANY_NAME else f"regexp_full_match(model, {_lit(rx)})"
+                for rx in card.regexes
+            )
             arms.append(f"WHEN {cond} THEN {i}")
         return "CASE " + " ".join(arms) + " END"
 
@@ -260,8 +283,10 @@ class SQL:
         arms = []
         for i, c in enumerate(policy.rate_cards):
             arms.append(
-                f"WHEN {card_col} = {i} THEN (({SQL.IN_TOK} - {SQL.CACHED_TOK}) * "
-                f"{c.input_per_million!r} + {SQL.CACHED_TOK} * {c.cached_input_per_million!r}"
-                f" + {SQL.OUT_TOK} * {c.output_per_million!r}) / 1000000.0"
+                # DOUBLE, in RateCard.cost's order of operations: the same float result.
+                f"WHEN {card_col} = {i} THEN (({SQL.IN_TOK} - {SQL.CACHED_TOK})::DOUBLE * "
+                f"{c.input_per_million!r}::DOUBLE + {SQL.CACHED_TOK}::DOUBLE * "
+                f"{c.cached_input_per_million!r}::DOUBLE + {SQL.OUT_TOK}::DOUBLE * "
+                f"{c.output_per_million!r}::DOUBLE) / 1000000.0::DOUBLE"
             )
         return "CASE " + " ".join(arms) + " END"

@@ -21,6 +21,12 @@ from guard.monitor.policy import Policy
 
 PAGE = "PAGE"
 WARN = "WARN"
+# How each metric's exemplar is chosen (both engines pick it this way).
+EXEMPLAR_RULES = {
+    METRIC_UNSAFE: "the first unsafe call",
+    METRIC_TTFT: "the first streamed call slower than the budget",
+    METRIC_COST: "the most expensive priced call",
+}
 
 
 @dataclass
@@ -123,6 +129,7 @@ class Finding:
             "window": {"start": iso(self.window_start), "end": iso(self.window_end)},
             "headline": self.headline,
             "exemplar": self.exemplar,
+            "exemplar_rule": EXEMPLAR_RULES[self.metric],
             "first_check": self.first_check,
         }
         if self.metric == METRIC_COST:
@@ -217,3 +224,17 @@ def window_dict(stats: WindowStats, policy: Policy) -> dict[str, Any]:
         "loops": stats.loops.as_dict(),
         "findings": [f.as_dict() for f in findings(policy, stats)],
     }
+
+
+def group_findings(
+    found: list[dict[str, Any]],
+) -> list[tuple[dict[str, Any], list[dict[str, Any]]]]:
+    """Findings as JSON, grouped by (severity, metric): the earliest of each in full,
+    the later windows after it (an on-call engineer opens the first one)."""
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for f in found:
+        groups.setdefault((f["severity"], f["metric"]), []).append(f)
+    ordered = sorted(
+        groups.values(), key=lambda g: (g[0]["severity"] != PAGE, g[0]["window"]["start"])
+    )
+    return [(g[0], g[1:]) for g in ordered]

@@ -134,12 +134,17 @@ class LiveMonitor:
     # -- feeding ---------------------------------------------------------------------
 
     def _card(self, model: Any) -> int | None:
+        """The card index for a model name, cached (bounded; safe without the lock: a
+        lost or repeated cache entry only costs a recomputation)."""
         key = model if isinstance(model, str) else None
-        if key not in self._cards:
+        try:
+            return self._cards[key]
+        except KeyError:
+            index = d.card_index(self.policy, key)
             if len(self._cards) >= 1024:
                 self._cards.clear()
-            self._cards[key] = d.card_index(self.policy, key)
-        return self._cards[key]
+            self._cards[key] = index
+            return index
 
     def _window_for(self, start_us: int) -> _Window | None:
         cur = self._current
@@ -175,6 +180,7 @@ class LiveMonitor:
         card_i = self._card(record.get("model"))
         card = None if card_i is None else self.policy.rate_cards[card_i]
         cost = d.cost(card, tok)
+        billable = d.billable(record, tok)
         key = (record.get("session"), record.get("tool"), record.get("params_hash"))
         policy = self.policy
         with self._lock:
@@ -209,9 +215,10 @@ class LiveMonitor:
             w.tokens[1] += tok.cached
             w.tokens[2] += tok.output
             if cost is None:
-                w.unpriced += 1
-                if len(w.unpriced_models) < _CAP_SET:
-                    w.unpriced_models.add(str(record.get("model")))
+                if billable:
+                    w.unpriced += 1
+                    if len(w.unpriced_models) < _CAP_SET:
+                        w.unpriced_models.add(str(record.get("model")))
             else:
                 w.priced += 1
                 w.cost += cost
@@ -271,8 +278,17 @@ class LiveMonitor:
     def status(self, now: datetime | None = None) -> dict[str, Any]:
         """JSON-able: policy, rate card, the current window and its firing findings.
 
+        Keys: ``policy_id`` (None without a policy), ``rate_card`` (version, None
+        without cards), ``window`` (its length, e.g. ``"5m"``), ``generated_at``,
+        ``window_current`` (the same dict as a window of ``loopguard report --json``:
+        ``start``, ``end``, ``requests``, ``unsafe_serves``, ``unsafe_serve_rate``,
+        ``abstentions``, ``failure_stages``, ``ttft_ms`` {p50, p95, p99}, ``cost_usd``,
+        ``findings`` ...), ``findings`` (the current window's, each with its
+        exemplar), ``window_previous`` (the window before, or None),
+        ``percentiles_exact``, ``late_records``, ``malformed_records``.
+
         ``now`` (default: the clock) picks the current window; a window with no
-        records yet reports zeros. The previous window is included, findings and all.
+        records yet reports zeros.
         """
         now = now or datetime.now(UTC)
         now_us = int(now.timestamp() * 1_000_000)

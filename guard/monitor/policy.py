@@ -88,7 +88,11 @@ def glob_regex(pattern: str) -> str:
             out.append(c)
         else:
             out.append("\\" + c if c.isascii() and not c.isspace() else f"[{c}]")
-    return "".join(out)
+    return "(?s)" + "".join(out)
+
+
+# The regex of the glob "*": every name.
+ANY_NAME = "(?s).*"
 
 
 class RateCard(BaseModel):

@@ -75,11 +75,12 @@ def test_bad_records_never_raise_and_are_counted() -> None:
     monitor = LiveMonitor(None)
     monitor.add({"ts": "not a time"})
     monitor.add({})
-    monitor.add({"ts": "2026-05-27T09:00:00Z", "app": "junk", "input_tokens": "x"})
+    monitor.add({"ts": "2026-05-27T09:00:00Z", "app": "junk", "input_tokens": "x", "model": "m"})
+    monitor.add({"ts": "2026-05-27T09:00:01Z", "tool": "lookup"})  # a tool call: not billable
     status = monitor.status(NOW)
     assert status["malformed_records"] == 2
     assert status["policy_id"] is None and status["rate_card"] is None
-    assert status["window_current"]["requests"] == 1
+    assert status["window_current"]["requests"] == 2
     assert status["window_current"]["cost_usd"] is None  # unpriced, never invented
     assert status["window_current"]["unpriced_calls"] == 1
 
