@@ -2,8 +2,8 @@
 
     guard = Guard()               # or Guard("loopguard.toml") / Guard(Config(...))
 
-    @guard.tool(session="run-42")
-    def lookup_tracking(order_id: str) -> dict: ...  # sync or async
+    @guard.tool(name="lookup_tracking")   # session: a string, a callable, or (default)
+    def lookup(order_id: str) -> dict: ...  # the one set by ``with guard.session("run-42"):``
 
     lookup_tracking("A1")      # runs, records its outcome, emits "execute_tool lookup_tracking"
     ...                        # the same call, same outcome, max_repeats times...
@@ -34,10 +34,12 @@ are children of the caller's current span.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import inspect
 import threading
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Collection, Coroutine, Iterator
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
@@ -68,7 +70,10 @@ T = TypeVar("T")
 F = TypeVar("F", bound=Callable[..., Any])
 SessionSpec = str | Callable[[], str]
 
+# The session of a call that names none: ``Guard.session`` sets it for a run (a context
+# variable, so concurrent runs on one event loop or in threads each keep their own).
 DEFAULT_SESSION = "default"
+CURRENT_SESSION: ContextVar[str | None] = ContextVar("loopguard_session", default=None)
 # A store round trip that takes longer than this is a store failure (the call fails open).
 STORE_TIMEOUT_S = 10.0
 _propagator = TraceContextTextMapPropagator()
@@ -207,9 +212,21 @@ class Guard:
 
     # -- guarded calls -----------------------------------------------------------------
 
-    def call(
-        self, tool: str, params: Any, *, session: SessionSpec = DEFAULT_SESSION
-    ) -> GuardedCall:
+    @staticmethod
+    @contextlib.contextmanager
+    def session(session_id: str) -> Iterator[str]:
+        """``with guard.session(run_id):`` -- calls inside that name no session use this one.
+
+        Works in sync and async code alike (a context variable: each task or thread
+        started inside inherits it, concurrent runs do not see each other's).
+        """
+        token = CURRENT_SESSION.set(session_id)
+        try:
+            yield session_id
+        finally:
+            CURRENT_SESSION.reset(token)
+
+    def call(self, tool: str, params: Any, *, session: SessionSpec | None = None) -> GuardedCall:
         """A context manager (``with`` or ``async with``) around one call of ``tool``.
 
         Entering raises ``StalledRepeatError`` if the call is stopped; set ``.outcome``
@@ -219,14 +236,20 @@ class Guard:
         return GuardedCall(self.engine, self._histories, tool, params, _session(session))
 
     def tool(
-        self, name: str | None = None, *, session: SessionSpec = DEFAULT_SESSION
+        self,
+        name: str | None = None,
+        *,
+        session: SessionSpec | None = None,
+        exclude: Collection[str] = (),
     ) -> Callable[[F], F]:
         """Decorator: guard every call of a (sync or async) tool function.
 
-        The call's params are its bound arguments (defaults applied, ``self``/``cls``
-        left out); its outcome is the return value; an exception it raises is an error
-        outcome and is re-raised. ``session``: a session id, or a callable returning
-        one per call (e.g. reading a contextvar).
+        ``name``: the tool's name as the model knows it (default: the function's name).
+        The call's params are its bound arguments (defaults applied, ``self``/``cls`` and
+        the names in ``exclude`` -- e.g. a framework's run-context argument -- left out);
+        its outcome is the return value; an exception it raises is an error outcome and is
+        re-raised. ``session``: a session id, or a callable returning one per call; None
+        (default): the one ``Guard.session`` set, else ``"default"``.
         """
 
         def decorate(fn: F) -> F:
@@ -236,7 +259,7 @@ class Guard:
             signature = inspect.signature(fn)
 
             def params_of(args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
-                return _bound_params(signature, args, kwargs)
+                return _bound_params(signature, args, kwargs, exclude)
 
             if inspect.iscoroutinefunction(fn):
 
@@ -370,6 +393,9 @@ class GuardedCall:
         self.tool = tool
         self.session = session
         self.outcome: Any = None
+        # The outcome is the tool's error (for tools that report failure by value, not by
+        # raising: a framework's error message, an ``isError`` result).
+        self.error = False
         # An explicit progress marker for this outcome (wins over the outcome's hash).
         self.progress: str | None = None
         self.verdict: Verdict | None = None
@@ -426,7 +452,9 @@ class GuardedCall:
             otel_context.detach(self._token)
             self._token = None
         if exc is None:
-            outcome = Outcome(jsonable(self.outcome), explicit_marker=self.progress)
+            outcome = Outcome(
+                jsonable(self.outcome), error=self.error, explicit_marker=self.progress
+            )
             return Observation(outcomes=[outcome]), None, None
         stage = (
             FailureStage.UPSTREAM_TIMEOUT
@@ -470,18 +498,23 @@ def _run_now(coro: Coroutine[Any, Any, T]) -> T:
     raise RuntimeError("an in-process exchange tried to wait on an event loop")
 
 
-def _session(spec: SessionSpec) -> str:
+def _session(spec: SessionSpec | None) -> str:
+    if spec is None:
+        return CURRENT_SESSION.get() or DEFAULT_SESSION
     return spec() if callable(spec) else spec
 
 
 def _bound_params(
-    signature: inspect.Signature, args: tuple[Any, ...], kwargs: dict[str, Any]
+    signature: inspect.Signature,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    exclude: Collection[str] = (),
 ) -> dict[str, Any]:
     bound = signature.bind(*args, **kwargs)
     bound.apply_defaults()
     params: dict[str, Any] = {}
     for index, (key, value) in enumerate(bound.arguments.items()):
-        if index == 0 and key in ("self", "cls"):
+        if (index == 0 and key in ("self", "cls")) or key in exclude:
             continue  # the object a method is bound to is not an argument of the call
         kind = signature.parameters[key].kind
         if kind is inspect.Parameter.VAR_KEYWORD:
