@@ -82,7 +82,9 @@ class AnthropicAdapter:
         return dump_object(body)
 
     def stop_answer(self, request: RequestView, parsed: ParsedRequest, verdict: Verdict) -> Answer:
-        return _message_stop(parsed.model or "loopguard", stop_text(verdict), parsed.stream)
+        return _message_stop(
+            parsed.model or "loopguard", stop_text(verdict, self.route.stop_message), parsed.stream
+        )
 
     def observer(
         self, parsed: ParsedRequest, status: int, headers: dict[str, str]

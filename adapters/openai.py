@@ -38,7 +38,11 @@ from adapters.model_common import (
     usage_of,
 )
 from adapters.sse import SSEEvent
-from adapters.trajectory import history_from_openai_chat, history_from_openai_responses
+from adapters.trajectory import (
+    history_from_openai_chat,
+    history_from_openai_responses,
+    looks_like_error,
+)
 from guard.engine.calls import Usage, Verdict
 from guard.engine.config import RouteConfig
 from guard.engine.contract import Answer, ParsedRequest, PassthroughObserver, RequestView
@@ -114,6 +118,9 @@ class OpenAIAdapter:
     ) -> None:
         items = body.get("input")
         parsed.history = []
+        parsed.open_results = {}
+        previous = body.get("previous_response_id")
+        parsed.continues = previous if isinstance(previous, str) and previous else None
         if (
             isinstance(items, list)
             and items
@@ -121,6 +128,8 @@ class OpenAIAdapter:
             and items[-1].get("type") == "function_call_output"
         ):
             parsed.history = history_from_openai_responses(items)
+            if parsed.continues is not None:
+                parsed.open_results = _open_results(items)
         conversation = body.get("conversation")
         if isinstance(conversation, dict):
             conversation = conversation.get("id")
@@ -151,7 +160,7 @@ class OpenAIAdapter:
     # -- stop answer -------------------------------------------------------------------
 
     def stop_answer(self, request: RequestView, parsed: ParsedRequest, verdict: Verdict) -> Answer:
-        text = stop_text(verdict)
+        text = stop_text(verdict, self.route.stop_message)
         model = parsed.model or "loopguard"
         if api_of(request.method, request.path) == "chat":
             include_usage = _client_asked_usage(request.body)
@@ -174,6 +183,24 @@ def _first(items: list[Any], roles: tuple[str, ...]) -> Any:
         if isinstance(item, dict) and item.get("role") in roles:
             return item.get("content")
     return None
+
+
+def _open_results(items: list[Any]) -> dict[Any, tuple[Any, bool]]:
+    """Tool results in ``items`` whose call is not there (it is in the response the
+    request continues): call id -> (result, looks like an error)."""
+    called = {
+        item.get("call_id")
+        for item in items
+        if isinstance(item, dict) and item.get("type") == "function_call"
+    }
+    results: dict[Any, tuple[Any, bool]] = {}
+    for item in items:
+        if isinstance(item, dict) and item.get("type") == "function_call_output":
+            call_id = item.get("call_id")
+            if call_id is not None and call_id not in called:
+                output = item.get("output")
+                results[call_id] = (output, looks_like_error(output))
+    return results
 
 
 def _client_asked_usage(raw: bytes) -> bool:

@@ -235,6 +235,9 @@ class RouteConfig(_Section):
     nudge: bool = True
     # OpenAI Chat Completions: ask for usage on streams and hide it from clients that did not.
     inject_stream_usage: bool = False
+    # Model routes: the stop answer's text (it becomes the end user's answer), a template
+    # with {tool}, {n} (times the tool ran) and {rule}; None: loopguard's text for the model.
+    stop_message: str | None = None
 
     @field_validator("prefix")
     @classmethod
@@ -245,6 +248,16 @@ class RouteConfig(_Section):
     @classmethod
     def _upstream_base(cls, value: str) -> str:
         return value.rstrip("/")
+
+    @field_validator("stop_message")
+    @classmethod
+    def _stop_template(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:  # a template that cannot be filled fails at start-up, not at the stop
+                value.format(tool="t", n=3, rule="r")
+            except (KeyError, IndexError, ValueError) as exc:
+                raise ValueError(f"placeholders are {{tool}}, {{n}}, {{rule}}: {exc}") from exc
+        return value
 
 
 class Config(_Section):

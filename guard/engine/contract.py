@@ -57,6 +57,9 @@ class HistoryStep:
     params: Any
     outcome: Any
     error: bool = False
+    # Already hashed (a step kept from an earlier request: the raw values are not kept).
+    params_hash: str | None = None
+    marker: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,6 +104,12 @@ class ParsedRequest:
     # A stream meant to stay open until either side closes it (the MCP server stream):
     # no read or total timeout applies.
     long_lived: bool = False
+    # Server-side state (OpenAI Responses ``previous_response_id``): the response this
+    # request continues, and the tool results in it whose calls are in that response
+    # (call id -> (result text, error)). The Exchange rebuilds the history from the
+    # state it kept for the responses it relayed.
+    continues: str | None = None
+    open_results: dict[Any, tuple[Any, bool]] | None = None
 
 
 @dataclass(slots=True)

@@ -15,7 +15,7 @@ sharing state, and a client that resends the same history gets the same answer.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Literal
 
 from guard.engine.calls import Step, Verdict
@@ -46,8 +46,10 @@ def analyze(
     # Per call: how many of its steps would already have been blocked.
     stall_points: dict[tuple[str, str], int] = {}
     last_marker: dict[tuple[str, str], Step] = {}
+    # Steps whose result is loopguard's own stop: the tool did not run there.
+    stopped: set[int] = set()
     for item in history:
-        params_hash = engine.fingerprint(item.params)
+        params_hash = item.params_hash or engine.fingerprint(item.params)
         key = (item.tool, params_hash)
         if engine.evaluate(steps, item.tool, params_hash).action == "block":
             stall_points[key] = stall_points.get(key, 0) + 1
@@ -56,14 +58,20 @@ def analyze(
             # The agent recorded our stop as the result: it is the same outcome again,
             # not something new that would reset the stall.
             step = previous
+            stopped.add(len(steps))
         else:
-            step = Step(item.tool, params_hash, engine.marker(item.tool, item.outcome), item.error)
+            marker = item.marker or engine.marker(item.tool, item.outcome)
+            step = Step(item.tool, params_hash, marker, item.error)
         last_marker[key] = step
         steps.append(step)
     last = steps[-1]
     verdict = engine.evaluate(steps, last.tool, last.params_hash)
     if verdict.action != "block":
         return SERVE
+    if stopped:
+        # One count everywhere: the times the tool actually ran (a stop is not a run).
+        ran = sum(1 for index in verdict.steps if index not in stopped)
+        verdict = replace(verdict, repeats=ran)
     # Only earlier stalls of this same call mean the model was already nudged about it.
     points = stall_points.get((last.tool, last.params_hash), 0)
     if not verdict.enforced:

@@ -22,8 +22,19 @@ ROUTE_HEADER = "x-loopguard-route"
 STOP_SIGNATURE = "loopguard stopped this call"
 
 
-def stop_text(verdict: Verdict) -> str:
-    """The explanation a model reads when its call is stopped."""
+# Model routes: the id every stop answer loopguard writes starts with, per API (the
+# stable machine marker: the text is the model's and the end user's, the id is not).
+STOP_ID_PREFIXES = ("chatcmpl-loopguard-", "resp_loopguard_", "msg_loopguard_")
+
+
+def stop_text(verdict: Verdict, message: str | None = None) -> str:
+    """The explanation a model reads when its call is stopped.
+
+    ``message``: a route's own wording (``stop_message``), a template with ``{tool}``,
+    ``{n}`` (the times the tool ran) and ``{rule}``, in place of the default text.
+    """
+    if message is not None:
+        return message.format(tool=verdict.tool, n=verdict.repeats, rule=verdict.rule or "")
     rule = RULES_BY_NAME.get(verdict.rule or "")
     what = (rule.words if rule is not None else "was repeated {n} times").format(n=verdict.repeats)
     return (

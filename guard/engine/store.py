@@ -46,6 +46,16 @@ class SessionStore(Protocol):
     async def aclose(self) -> None: ...
 
 
+class StateStore(Protocol):
+    """Optional: small values by key, expiring like sessions (what loopguard keeps per
+    relayed model response, so a request continuing it by id can be judged). A store
+    without these methods leaves such requests untracked."""
+
+    async def put_state(self, key: str, value: str) -> None: ...
+
+    async def get_state(self, key: str) -> str | None: ...
+
+
 class _Entry:
     __slots__ = ("calls", "seen", "steps")
 
@@ -89,6 +99,8 @@ class MemoryStore:
         self._clock = clock
         # Ordered by last access, least recent first.
         self._sessions: OrderedDict[str, _Entry] = OrderedDict()
+        # put_state/get_state: (value, written at), oldest first; bounded as sessions are.
+        self._states: OrderedDict[str, tuple[str, float]] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._sessions)
@@ -149,8 +161,25 @@ class MemoryStore:
             else:
                 break
 
+    async def put_state(self, key: str, value: str) -> None:
+        now = self._clock()
+        states = self._states
+        states[key] = (value, now)
+        states.move_to_end(key)
+        while states and (
+            len(states) > self.max_sessions or now - next(iter(states.values()))[1] > self.ttl
+        ):
+            states.popitem(last=False)
+
+    async def get_state(self, key: str) -> str | None:
+        found = self._states.get(key)
+        if found is None or self._clock() - found[1] > self.ttl:
+            return None
+        return found[0]
+
     async def aclose(self) -> None:
         self._sessions.clear()
+        self._states.clear()
 
 
 def encode_step(step: Step) -> str:
@@ -262,8 +291,29 @@ class RedisStore:
         except self._errors as exc:
             raise StoreError(f"redis store {self.url}: cannot append step: {exc}") from exc
 
+    async def put_state(self, key: str, value: str) -> None:
+        try:
+            await self._client.set(f"{self.key_prefix}state:{key}", value, ex=self.ttl)
+        except self._errors as exc:
+            raise StoreError(f"redis store {self.url}: cannot write state: {exc}") from exc
+
+    async def get_state(self, key: str) -> str | None:
+        try:
+            raw = await self._client.get(f"{self.key_prefix}state:{key}")
+        except self._errors as exc:
+            raise StoreError(f"redis store {self.url}: cannot read state: {exc}") from exc
+        return raw.decode() if isinstance(raw, bytes) else raw
+
     async def aclose(self) -> None:
         await self._client.aclose()
 
 
-__all__ = ["MemoryStore", "RedisStore", "SessionStore", "StoreError", "decode_step", "encode_step"]
+__all__ = [
+    "MemoryStore",
+    "RedisStore",
+    "SessionStore",
+    "StateStore",
+    "StoreError",
+    "decode_step",
+    "encode_step",
+]

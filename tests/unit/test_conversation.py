@@ -90,3 +90,14 @@ async def test_a_conversation_id_derived_from_content_leaves_only_as_a_keyed_pse
     await named.admit()
     assert named.record.conversation_id == "c-42"
     await e.aclose()
+
+
+def test_the_stop_counts_the_times_the_tool_ran_not_loopguards_own_stops() -> None:
+    e = engine()
+    stop = stop_text(Verdict("block", "search", "h", repeats=3))
+    steps = [*LOOP, (SEARCH[0], SEARCH[1], stop), (SEARCH[0], SEARCH[1], stop)]
+    decision = analyze(e, history(steps))
+    assert decision.action == "stop" and decision.verdict is not None
+    ran = sum(1 for step in LOOP if step == SEARCH)
+    assert decision.verdict.repeats == ran
+    assert f" {ran} times" in stop_text(decision.verdict)
