@@ -13,9 +13,11 @@ Guard messages:
   (the Responses API's own instruction role; ``instructions`` is left untouched so
   the cached prompt prefix stays valid).
 
-With ``previous_response_id`` / ``conversation`` the earlier turns live on OpenAI's
-side: only the items in the request are seen, so a stall spread over server-held
-turns is not detected.
+With ``previous_response_id`` the earlier turns live on OpenAI's side: the adapter
+names the response continued (``ParsedRequest.continues``) and the tool results whose
+calls are in it (``open_results``); the Exchange puts the turns it kept back
+(``guard/doors/chain.py``). With ``conversation`` only the items in the request are
+seen, so a stall spread over a Conversations API object is not detected.
 """
 
 from __future__ import annotations

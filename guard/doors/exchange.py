@@ -32,11 +32,13 @@ from urllib.parse import urlsplit
 
 import structlog
 
+from guard.doors import chain
 from guard.engine.calls import CallRecord, FailureStage, Route, Step, Verdict
 from guard.engine.contract import (
     NO_FIELDS,
     Adapter,
     Answer,
+    HistoryStep,
     Observation,
     Outcome,
     ParsedRequest,
@@ -119,6 +121,8 @@ class Exchange:
         self._remaining: int | None = None  # bytes still due by a declared content-length
         self._sent_at: float | None = None
         self._recorded = False
+        # Server-side state: the history this request continues (guard.doors.chain).
+        self._chain: chain.Chain | None = None
 
     @classmethod
     def unguarded(cls, engine: Engine, route: RouteConfig | None, request: RequestView) -> Exchange:
@@ -203,9 +207,10 @@ class Exchange:
 
     async def _admit_conversation(self, parsed: ParsedRequest) -> Answer | bytes:
         nudge_first = self.route.nudge if self.route is not None else False
-        decision: StallDecision = analyze(
-            self.engine, parsed.history or [], nudge_first=nudge_first
-        )
+        history = parsed.history or []
+        if parsed.open_results is not None:  # an API that keeps the conversation itself
+            history = await self._continue_chain(parsed, history)
+        decision: StallDecision = analyze(self.engine, history, nudge_first=nudge_first)
         body = self._forward_body(parsed)
         if decision.verdict is None:
             return body
@@ -217,6 +222,20 @@ class Exchange:
             self.record.route = Route.NUDGE
             return self.adapter.nudge(self.request, parsed, decision.verdict)
         return await self._stop(decision.verdict)
+
+    async def _continue_chain(
+        self, parsed: ParsedRequest, history: list[HistoryStep]
+    ) -> list[HistoryStep]:
+        """The history with the turns kept server-side put back (judged only when the
+        request continues after tool results, as a full history is)."""
+        try:
+            kept = self._chain = await chain.rebuild(self.engine, parsed)
+        except Exception as exc:  # the store is down: judge what the request carries
+            self.engine.store_failed(self.record, exc)
+            return history
+        if not kept.known:
+            self.record.session_tracked = False  # state loopguard never saw: not guessed
+        return chain.history(kept) if history or parsed.open_results else history
 
     async def _check(self, tool: str, params_hash: str) -> Verdict:
         if self.session is None:
@@ -357,12 +376,21 @@ class Exchange:
             if observation is not None:
                 self._apply_observation(observation)
                 await self._record_once(observation)
+                if self._chain is not None and observation.complete:
+                    await self._remember_chain(observation)
         finally:
             if self.span is not None:
                 try:
                     self.engine.telemetry.finish(self.span, record)
                 except Exception as exc:  # telemetry must never break an answer
                     log.warning("telemetry_finish_failed", **exception_fields(exc))
+
+    async def _remember_chain(self, obs: Observation) -> None:
+        assert self._chain is not None
+        try:
+            await chain.remember(self.engine, self._chain, obs)
+        except Exception as exc:  # the answer goes out all the same
+            self.engine.store_failed(self.record, exc)
 
     def _apply_observation(self, obs: Observation) -> None:
         record = self.record

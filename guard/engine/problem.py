@@ -74,14 +74,21 @@ def problem(
 
 
 def stall_problem(verdict: Verdict, session: str | None) -> Answer:
-    """422 problem+json for a stopped call (HTTP tools; model routes with on_stop = "error")."""
+    """422 problem+json for a stopped call (HTTP tools; model routes with on_stop = "error").
+
+    ``message`` repeats the detail: the OpenAI and Anthropic SDKs (and the frameworks
+    over them) put a body's ``message`` into the exception text and drop the rest, so
+    without it the error a user sees would say only "Error code: 422".
+    """
+    text = stop_text(verdict)
     return problem(
         422,
         "stalled-repeat" if verdict.rule is None else str(verdict.rule).replace("_", "-"),
         "Call stopped by loopguard",
-        stop_text(verdict),
+        text,
         route=Route.STOP_AND_REVIEW,
         extra={
+            "message": text,
             "tool": verdict.tool,
             "params_hash": verdict.params_hash,
             "rule": str(verdict.rule) if verdict.rule else None,

@@ -70,3 +70,18 @@ def test_a_stop_message_that_cannot_be_filled_fails_at_start_up(bad: str) -> Non
     route = {"prefix": "/o", "upstream": "http://m", "adapter": "openai", "stop_message": bad}
     with pytest.raises(ConfigError, match="stop_message"):
         Config.from_mapping({"routes": [route]})
+
+
+def test_on_stop_error_reaches_the_sdk_exception_text() -> None:
+    # The SDKs keep only a body's "message" in the exception's text.
+    with guarded(on_stop="error") as g:
+        c = openai.OpenAI(base_url=g.openai_base, api_key="k", max_retries=0)
+        with pytest.raises(openai.UnprocessableEntityError) as raised:
+            c.chat.completions.create(model="gpt-test", messages=chat_messages([*LOOP, SEARCH]))
+        assert STOP_SIGNATURE in str(raised.value) and f"{RAN + 1} times" in str(raised.value)
+        a = anthropic.Anthropic(base_url=g.anthropic_base, api_key="k", max_retries=0)
+        with pytest.raises(anthropic.UnprocessableEntityError) as stopped:
+            a.messages.create(
+                model="claude-test", max_tokens=5, messages=anthropic_messages([*LOOP, SEARCH])
+            )
+        assert STOP_SIGNATURE in str(stopped.value)

@@ -1,0 +1,107 @@
+"""Server-side conversation state (OpenAI Responses ``previous_response_id``).
+
+A request that continues a stored response carries only its newest items: the tool
+results for the calls that response made. loopguard relays every response, so it keeps,
+per response id, what judging the next request needs -- never a payload:
+
+    {"s": [[tool, params_hash, marker, error, stopped], ...],   # the history so far
+     "c": {call_id: [tool, params_hash], ...}}                  # the calls it carried
+
+in the session store (``put_state``/``get_state``: memory, or Redis so replicas agree),
+at most ``loop.window`` steps, expiring as sessions do. The next request's results are
+paired with the calls by id, the steps appended, and the whole judged exactly as a
+request carrying its full history (nudge, then stop). A response loopguard never saw
+(state created elsewhere, expired, or a store without state) is served and the call is
+marked untracked (``session_tracked = false`` on span and record), never guessed.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+from guard.engine.contract import HistoryStep, Observation, ParsedRequest
+from guard.engine.core import Engine
+from guard.engine.problem import STOP_SIGNATURE, is_stop_answer
+
+_KEY = "response:"
+# [tool, params_hash, marker, error, the result was loopguard's own stop]
+Stored = list[Any]
+
+
+class Chain:
+    """What one Responses request knows of the conversation it continues."""
+
+    __slots__ = ("known", "steps")
+
+    def __init__(self, steps: list[Stored], known: bool) -> None:
+        self.steps = steps  # the history, oldest first, as stored
+        self.known = known  # False: the request continues a response loopguard never saw
+
+
+async def rebuild(engine: Engine, parsed: ParsedRequest) -> Chain:
+    """The stored history this request continues, with its own results appended."""
+    steps: list[Stored] = []
+    if parsed.continues is None:
+        return Chain(steps + _inline(engine, parsed), True)
+    get = getattr(engine.store, "get_state", None)
+    raw = await get(_KEY + parsed.continues) if get is not None else None
+    if raw is None:
+        return Chain(_inline(engine, parsed), False)
+    state = orjson.loads(raw)
+    steps = list(state.get("s") or [])
+    calls: dict[str, list[str]] = state.get("c") or {}
+    for call_id, (outcome, error) in (parsed.open_results or {}).items():
+        call = calls.get(str(call_id))
+        if call is None:
+            continue  # a result for a call this response did not make: not guessed
+        tool, params_hash = call
+        stopped = is_stop_answer(outcome)
+        steps.append([tool, params_hash, engine.marker(tool, outcome), error, stopped])
+    return Chain(steps + _inline(engine, parsed), True)
+
+
+def history(chain: Chain) -> list[HistoryStep]:
+    """The chain as the conversation analysis reads it (hashes already made)."""
+    return [
+        HistoryStep(
+            tool,
+            None,
+            STOP_SIGNATURE if stopped else None,
+            bool(error),
+            params_hash=params_hash,
+            marker=marker,
+        )
+        for tool, params_hash, marker, error, stopped in chain.steps
+    ]
+
+
+async def remember(engine: Engine, chain: Chain, observation: Observation) -> None:
+    """Keep the history and the calls of a relayed response under its id."""
+    response_id = observation.response_id
+    put = getattr(engine.store, "put_state", None)
+    if not response_id or put is None:
+        return
+    calls = {
+        str(call.call_id): [call.tool, engine.fingerprint(call.params)]
+        for call in observation.requested_tools
+        if call.call_id is not None
+    }
+    window = engine.config.loop.window
+    state = {"s": chain.steps[-window:], "c": calls}
+    await put(_KEY + response_id, orjson.dumps(state).decode())
+
+
+def _inline(engine: Engine, parsed: ParsedRequest) -> list[Stored]:
+    """Steps the request carries in full (calls and results both in its items)."""
+    return [
+        [
+            step.tool,
+            engine.fingerprint(step.params),
+            engine.marker(step.tool, step.outcome),
+            step.error,
+            is_stop_answer(step.outcome),
+        ]
+        for step in parsed.history or ()
+    ]
