@@ -18,8 +18,10 @@ import re
 from typing import Any
 
 from adapters.model_common import (
+    BodyError,
     ModelObserver,
     conversation_fields,
+    dig,
     dump_object,
     json_answer,
     load_object,
@@ -82,9 +84,11 @@ class AnthropicAdapter:
         return dump_object(body)
 
     def stop_answer(self, request: RequestView, parsed: ParsedRequest, verdict: Verdict) -> Answer:
-        return _message_stop(
-            parsed.model or "loopguard", stop_text(verdict, self.route.stop_message), parsed.stream
-        )
+        text = stop_text(verdict, self.route.stop_message)
+        # Forced tool use or a JSON output format: answer as the API declines
+        # (stop_reason "refusal"), which SDKs and frameworks report with its text.
+        reason = "refusal" if _wants_structured(request.body) else "end_turn"
+        return _message_stop(parsed.model or "loopguard", text, parsed.stream, reason)
 
     def observer(
         self, parsed: ParsedRequest, status: int, headers: dict[str, str]
@@ -169,7 +173,17 @@ class AnthropicObserver(ModelObserver):
         )
 
 
-def _message_stop(model: str, text: str, stream: bool) -> Answer:
+def _wants_structured(raw: bytes) -> bool:
+    try:
+        body = load_object(raw)
+    except BodyError:
+        return False
+    choice = body.get("tool_choice")
+    forced = isinstance(choice, dict) and choice.get("type") in ("tool", "any")
+    return forced or bool(body.get("output_format") or dig(body, "output_config", "format"))
+
+
+def _message_stop(model: str, text: str, stream: bool, reason: str = "end_turn") -> Answer:
     mid = new_id("msg_loopguard_")
     usage = {"input_tokens": 0, "output_tokens": 0}
     message: dict[str, Any] = {
@@ -178,7 +192,7 @@ def _message_stop(model: str, text: str, stream: bool) -> Answer:
         "role": "assistant",
         "model": model,
         "content": [{"type": "text", "text": text}],
-        "stop_reason": "end_turn",
+        "stop_reason": reason,
         "stop_sequence": None,
         "usage": usage,
     }
@@ -194,7 +208,7 @@ def _message_stop(model: str, text: str, stream: bool) -> Answer:
         {"type": "content_block_stop", "index": 0},
         {
             "type": "message_delta",
-            "delta": {"stop_reason": "end_turn", "stop_sequence": None},
+            "delta": {"stop_reason": reason, "stop_sequence": None},
             "usage": {"output_tokens": 0},
         },
         {"type": "message_stop"},

@@ -164,10 +164,12 @@ class OpenAIAdapter:
     def stop_answer(self, request: RequestView, parsed: ParsedRequest, verdict: Verdict) -> Answer:
         text = stop_text(verdict, self.route.stop_message)
         model = parsed.model or "loopguard"
-        if api_of(request.method, request.path) == "chat":
+        chat = api_of(request.method, request.path) == "chat"
+        refuse = _wants_structured(request.body, chat)
+        if chat:
             include_usage = _client_asked_usage(request.body)
-            return _chat_stop(model, text, parsed.stream, include_usage)
-        return _responses_stop(model, text, parsed.stream)
+            return _chat_stop(model, text, parsed.stream, include_usage, refuse)
+        return _responses_stop(model, text, parsed.stream, refuse)
 
     # -- response ----------------------------------------------------------------------
 
@@ -203,6 +205,20 @@ def _open_results(items: list[Any]) -> dict[Any, tuple[Any, bool]]:
                 output = item.get("output")
                 results[call_id] = (output, looks_like_error(output))
     return results
+
+
+def _wants_structured(raw: bytes, chat: bool) -> bool:
+    """The request asks for structured output (a JSON schema, or a forced tool call): a
+    stop must then come in the API's refusal form, which SDKs and frameworks report as
+    a refusal (with its text) instead of failing to parse the text as the output."""
+    try:
+        body = load_object(raw)
+    except BodyError:
+        return False
+    schema = dig(body, "response_format", "type") if chat else dig(body, "text", "format", "type")
+    choice = body.get("tool_choice")
+    forced = choice == "required" or (isinstance(choice, dict) and choice.get("type") != "auto")
+    return schema == "json_schema" or forced
 
 
 def _client_asked_usage(raw: bytes) -> bool:
@@ -387,7 +403,9 @@ def _chat_usage(usage: dict[str, Any]) -> Usage:
 # -- synthetic stop answers ----------------------------------------------------------------
 
 
-def _chat_stop(model: str, text: str, stream: bool, include_usage: bool) -> Answer:
+def _chat_stop(model: str, text: str, stream: bool, include_usage: bool, refuse: bool) -> Answer:
+    # A refusal: content null, the text under "refusal" (as the API declines).
+    said = {"content": None, "refusal": text} if refuse else {"content": text, "refusal": None}
     cid, created = new_id("chatcmpl-loopguard-"), now_s()
     usage = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
     if not stream:
@@ -400,7 +418,7 @@ def _chat_stop(model: str, text: str, stream: bool, include_usage: bool) -> Answ
                 "choices": [
                     {
                         "index": 0,
-                        "message": {"role": "assistant", "content": text, "refusal": None},
+                        "message": {"role": "assistant", **said},
                         "logprobs": None,
                         "finish_reason": "stop",
                     }
@@ -422,8 +440,8 @@ def _chat_stop(model: str, text: str, stream: bool, include_usage: bool) -> Answ
         return body
 
     events: list[tuple[str | None, Any]] = [
-        (None, chunk({"role": "assistant", "content": ""}, None)),
-        (None, chunk({"content": text}, None)),
+        (None, chunk({"role": "assistant", "refusal" if refuse else "content": ""}, None)),
+        (None, chunk({"refusal" if refuse else "content": text}, None)),
         (None, chunk({}, "stop")),
     ]
     if include_usage:
@@ -444,9 +462,13 @@ def _chat_stop(model: str, text: str, stream: bool, include_usage: bool) -> Answ
     return sse_answer(events)
 
 
-def _responses_stop(model: str, text: str, stream: bool) -> Answer:
+def _responses_stop(model: str, text: str, stream: bool, refuse: bool) -> Answer:
     rid, mid, created = new_id("resp_loopguard_"), new_id("msg_loopguard_"), now_s()
-    part = {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+    part: dict[str, Any] = (
+        {"type": "refusal", "refusal": text}
+        if refuse
+        else {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+    )
     message = {
         "type": "message",
         "id": mid,
@@ -494,9 +516,7 @@ def _responses_stop(model: str, text: str, stream: bool) -> Answer:
             "output_index": 0,
             "item": {**message, "status": "in_progress", "content": []},
         },
-        {"type": "response.content_part.added", **at, "part": {**part, "text": ""}},
-        {"type": "response.output_text.delta", **at, "delta": text, "logprobs": []},
-        {"type": "response.output_text.done", **at, "text": text, "logprobs": []},
+        *_responses_deltas(at, part, text, refuse),
         {"type": "response.content_part.done", **at, "part": part},
         {"type": "response.output_item.done", "output_index": 0, "item": message},
         {"type": "response.completed", "response": response("completed", [message])},
@@ -504,6 +524,22 @@ def _responses_stop(model: str, text: str, stream: bool) -> Answer:
     return sse_answer(
         (step["type"], {**step, "sequence_number": n}) for n, step in enumerate(steps)
     )
+
+
+def _responses_deltas(
+    at: dict[str, Any], part: dict[str, Any], text: str, refuse: bool
+) -> list[dict[str, Any]]:
+    if refuse:
+        return [
+            {"type": "response.content_part.added", **at, "part": {**part, "refusal": ""}},
+            {"type": "response.refusal.delta", **at, "delta": text},
+            {"type": "response.refusal.done", **at, "refusal": text},
+        ]
+    return [
+        {"type": "response.content_part.added", **at, "part": {**part, "text": ""}},
+        {"type": "response.output_text.delta", **at, "delta": text, "logprobs": []},
+        {"type": "response.output_text.done", **at, "text": text, "logprobs": []},
+    ]
 
 
 def _role(message: Any) -> str | None:

@@ -226,3 +226,64 @@ def test_openai_agents_with_auto_previous_response_id_ends_by_the_stop(stack) ->
     assert len(runs) == 4  # 3, the nudge, the one repeat after it; then the stop
     assert result.final_output.startswith(STOP_SIGNATURE)
     assert all(r.get("previous_response_id") for r in fake.requests[1:])
+
+
+def test_openai_agents_with_an_output_type_ends_with_a_refusal_naming_loopguard(stack) -> None:
+    from agents import Agent, OpenAIResponsesModel, Runner, function_tool
+    from agents.exceptions import ModelRefusalError
+    from pydantic import BaseModel
+
+    class Status(BaseModel):
+        order: str
+        status: str
+
+    runs: list[str] = []
+
+    @function_tool
+    def lookup_tracking(order_id: str) -> str:
+        """Tracking status of an order."""
+        runs.append(order_id)
+        return "in transit"
+
+    async def run() -> Any:
+        client = openai.AsyncOpenAI(base_url=stack[2], api_key="k", max_retries=0)
+        model = OpenAIResponsesModel("gpt-test", openai_client=client)
+        agent = Agent(name="s", model=model, tools=[lookup_tracking], output_type=Status)
+        return await Runner.run(agent, "where is A1?", max_turns=10, auto_previous_response_id=True)
+
+    with pytest.raises(ModelRefusalError) as refused:
+        asyncio.run(run())
+    assert len(runs) == 4
+    assert STOP_SIGNATURE in str(refused.value) and "4 times" in str(refused.value)
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_pydantic_ai_with_an_output_type_ends_with_an_error_naming_loopguard(
+    stack, native: bool
+) -> None:
+    from pydantic import BaseModel
+    from pydantic_ai import Agent, NativeOutput
+    from pydantic_ai.exceptions import ContentFilterError
+    from pydantic_ai.models.openai import OpenAIResponsesModel
+    from pydantic_ai.providers.openai import OpenAIProvider
+
+    class Status(BaseModel):
+        order: str
+        status: str
+
+    client = openai.AsyncOpenAI(base_url=stack[2], api_key="k", max_retries=0)
+    model = OpenAIResponsesModel("gpt-test", provider=OpenAIProvider(openai_client=client))
+    # Tool output (a forced tool call) by default; NativeOutput asks for a JSON schema.
+    agent = Agent(model, output_type=NativeOutput(Status) if native else Status)
+    runs: list[str] = []
+
+    @agent.tool_plain
+    def lookup_tracking(order_id: str) -> str:
+        """Tracking status of an order."""
+        runs.append(order_id)
+        return "in transit"
+
+    with pytest.raises(ContentFilterError) as refused:
+        agent.run_sync("where is A1?")
+    assert len(runs) == 4  # no retry turn reached the tool
+    assert STOP_SIGNATURE in str(refused.value)
