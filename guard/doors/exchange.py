@@ -33,6 +33,7 @@ from urllib.parse import urlsplit
 import structlog
 
 from guard.doors import chain
+from guard.doors.untracked import warn_untracked
 from guard.engine.calls import CallRecord, FailureStage, Route, Step, Verdict
 from guard.engine.contract import (
     NO_FIELDS,
@@ -158,6 +159,8 @@ class Exchange:
             else:
                 record.conversation_id = fields.conversation_id
         if parsed.invocations:
+            if self.session is None and self.route is not None:
+                warn_untracked(self.engine, self.route.prefix)
             tool = parsed.invocations[0].tool
             record.tool = self._shown(tool)
             if record.tool != tool:

@@ -10,6 +10,11 @@ from __future__ import annotations
 from adapters import get_adapter
 from guard.engine.config import Config, RouteConfig
 from guard.engine.contract import Adapter
+from guard.engine.pseudonym import keyed_pseudonym
+from guard.engine.redact import load_key
+
+# Headers carrying the caller's credential, for [session] fallback = "credential".
+_CREDENTIAL_HEADERS = ("authorization", "x-api-key")
 
 
 class Router:
@@ -19,6 +24,12 @@ class Router:
         # (route, prefix + "/") pairs: no string built per route per request.
         self._routes = tuple((route, route.prefix + "/") for route in config.routes)
         self._session_headers = tuple(name.lower() for name in config.session.headers)
+        # The credential is never the session itself: a keyed pseudonym of it is.
+        self._credential = (
+            keyed_pseudonym(load_key(config.redaction.pseudonym_key_env), b"loopguard.cred")
+            if config.session.fallback == "credential"
+            else None
+        )
 
     def route_for(self, path: str) -> tuple[RouteConfig, str] | None:
         """The longest-prefix route for a path, and the path left after the prefix."""
@@ -41,4 +52,9 @@ class Router:
             value = headers.get(name)
             if value:
                 return value
+        if self._credential is not None:
+            for name in _CREDENTIAL_HEADERS:
+                value = headers.get(name)
+                if value:
+                    return "cred_" + self._credential(value)
         return None

@@ -155,6 +155,10 @@ class StoreConfig(_Section):
 class SessionConfig(_Section):
     # Request headers naming the session, in order; the first present wins.
     headers: tuple[str, ...] = ("x-loopguard-session", "mcp-session-id")
+    # With none of them: "none" (served, untracked, a warning naming the route) or
+    # "credential" (a keyed pseudonym of the Authorization / x-api-key header: one agent
+    # per credential).
+    fallback: Literal["none", "credential"] = "none"
 
 
 class ServerConfig(_Section):
