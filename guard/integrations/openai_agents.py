@@ -18,12 +18,14 @@ the same stop, without the tool running, until the SDK's ``max_turns`` ends the 
 
 Session: ``session=`` a string or a callable given the SDK's ``ToolContext`` (e.g.
 ``lambda ctx: ctx.context.conversation_id``); else the one ``guard.session(...)`` set
-around ``Runner.run``; else the run's trace id (one per ``Runner.run``).
+around ``Runner.run``; else the run's trace id (one per ``Runner.run``), or with
+tracing off an id of the run's own.
 """
 
 from __future__ import annotations
 
 import inspect
+import uuid
 from collections.abc import Callable
 from contextvars import ContextVar
 from typing import Any
@@ -63,7 +65,8 @@ def guarded_function_tool(
     tool_name = name or func.__name__
 
     def call_session() -> str:
-        return resolve_session(session, _TOOL_CONTEXT.get(), _trace_id()) or DEFAULT_SESSION
+        ctx = _TOOL_CONTEXT.get()
+        return resolve_session(session, ctx, _trace_id() or _run_tag(ctx)) or DEFAULT_SESSION
 
     guarded = guard.tool(tool_name, session=call_session, exclude=_context_parameter(func))(func)
     tool = function_tool(
@@ -97,6 +100,22 @@ def _trace_id() -> str | None:
     trace = get_current_trace()
     trace_id = getattr(trace, "trace_id", None)
     return trace_id if isinstance(trace_id, str) and trace_id.startswith("trace_") else None
+
+
+def _run_tag(ctx: ToolContext[Any] | None) -> str | None:
+    """A per-run id when tracing is off (no trace id): a tag on the run's usage object,
+    which every tool context of one run shares and no other run does."""
+    usage = getattr(ctx, "usage", None)
+    if usage is None:
+        return None
+    tag = getattr(usage, "_loopguard_run", None)
+    if tag is None:
+        tag = "run_" + uuid.uuid4().hex
+        try:
+            usage._loopguard_run = tag
+        except AttributeError:  # a usage object that takes no attributes: no tag
+            return None
+    return str(tag)
 
 
 def _context_parameter(func: Callable[..., Any]) -> tuple[str, ...]:

@@ -8,7 +8,15 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
-from agents import Agent, Model, ModelResponse, RunContextWrapper, Runner, Usage
+from agents import (
+    Agent,
+    Model,
+    ModelResponse,
+    RunContextWrapper,
+    Runner,
+    Usage,
+    set_tracing_disabled,
+)
 from agents.exceptions import MaxTurnsExceeded
 from openai.types.responses import (
     ResponseFunctionToolCall,
@@ -133,3 +141,16 @@ def test_session_callable_gets_the_tool_context(guard: Guard) -> None:
     assert len(runs) == 3 and seen[0] == "lookup_tracking"
     verdict = guard.check_sync("user-7", "lookup_tracking", {"order_id": "A1"})
     assert verdict.blocked
+
+
+def test_runs_are_sessions_with_tracing_off_too(guard: Guard) -> None:
+    runs: list[str] = []
+    tool = tracking_tool(guard, runs)
+    set_tracing_disabled(True)
+    try:
+        for _ in range(2):  # each run: 2 calls; one shared session would stop the 4th
+            agent = Agent(name="s", model=ScriptedModel(finish_after=2), tools=[tool])
+            asyncio.run(Runner.run(agent, "where is A1?", max_turns=10))
+    finally:
+        set_tracing_disabled(False)
+    assert len(runs) == 4
