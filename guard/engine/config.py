@@ -13,6 +13,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from guard.engine.profiles import DEFAULT_PROFILE_NAMES, ProfileName
+
 Mode = Literal["enforce", "observe", "off"]
 RedactionMode = Literal["mask", "pseudonymize"]
 AdapterName = Literal["http-tool", "mcp", "openai", "anthropic"]
@@ -30,9 +32,13 @@ class ToolOverride(_Section):
     """Per-tool limits under ``[loop.tools.NAME]``; unset fields inherit ``[loop]``."""
 
     mode: Mode | None = None
+    # A named preset (guard.engine.profiles): its limits and what counts as progress.
+    # Unset: the profile the tool's name gives it (``[loop] profile_names``), if any.
+    profile: ProfileName | None = None
     max_repeats: int | None = Field(default=None, ge=1)
     max_identical_errors: int | None = Field(default=None, ge=1)
     max_identical_calls: int | None = Field(default=None, ge=1)
+    max_error_streak: int | None = Field(default=None, ge=1)
     # RFC 6901 pointer into the tool's JSON outcome whose value is the progress marker.
     progress_pointer: str | None = None
 
@@ -128,9 +134,17 @@ class LoopConfig(_Section):
     max_repeats: int = Field(default=3, ge=1)
     max_identical_errors: int = Field(default=3, ge=1)
     max_identical_calls: int = Field(default=30, ge=1)
+    # error streak: the same tool failing with the same error text this many times in
+    # a row, whatever the arguments, with nothing new in between.
+    max_error_streak: int = Field(default=5, ge=1)
     volatile_keys: tuple[str, ...] = DEFAULT_VOLATILE_KEYS
     volatile_patterns: tuple[str, ...] = DEFAULT_VOLATILE_PATTERNS
     tools: dict[str, ToolOverride] = Field(default_factory=dict)
+    # Profile -> words of a tool's name that give a tool without a configured profile
+    # that profile (first match in this order wins); {} turns matching by name off.
+    profile_names: dict[ProfileName, tuple[str, ...]] = Field(
+        default_factory=lambda: dict(DEFAULT_PROFILE_NAMES)
+    )
 
     @field_validator("volatile_patterns")
     @classmethod
