@@ -122,7 +122,8 @@ def test_hard_negative_counters_that_are_progress_stay_distinct() -> None:
 
 
 def _bash_cd(line: int) -> str:
-    # Recorded from a SWE-agent run that repeated the same `cd` until its cost limit.
+    # The shape issue 14 describes from recorded coding-agent runs (the same `cd` until
+    # the cost limit; only the line number rises). Written here, not a recorded output.
     return f"/bin/bash: line {line}: cd: /testbed/src/sympy: No such file or directory\n"
 
 
