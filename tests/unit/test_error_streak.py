@@ -1,5 +1,5 @@
 """The error-streak rule (issue 14, class 2): the same tool failing with the same error
-text, whatever the arguments, with nothing new in between. Built from real error
+text, whatever the arguments, with nothing new in between. Built from realistic error
 texts, each case beside its hard negative (real progress of a similar shape)."""
 
 from __future__ import annotations
