@@ -15,6 +15,7 @@ class StallRule(StrEnum):
     STALLED_REPEAT = "stalled_repeat"
     IDENTICAL_ERRORS = "identical_errors"
     HARD_CAP = "hard_cap"
+    ERROR_STREAK = "error_streak"
 
 
 class Route(StrEnum):

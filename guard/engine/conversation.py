@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Literal
 
 from guard.engine.calls import Step, Verdict
 from guard.engine.problem import is_stop_answer
+from guard.engine.rules import RULES_BY_NAME, tool_wide
 
 if TYPE_CHECKING:
     from guard.engine.contract import HistoryStep
@@ -43,14 +44,17 @@ def analyze(
     if not history:
         return SERVE
     steps: list[Step] = []
-    # Per call: how many of its steps would already have been blocked.
+    # Per stall (a call's, or a tool-wide rule's on a tool): how many of its steps
+    # would already have been blocked.
     stall_points: dict[tuple[str, str], int] = {}
     last_marker: dict[tuple[str, str], Step] = {}
     for item in history:
         params_hash = engine.fingerprint(item.params)
         key = (item.tool, params_hash)
-        if engine.evaluate(steps, item.tool, params_hash).action == "block":
-            stall_points[key] = stall_points.get(key, 0) + 1
+        earlier = engine.evaluate(steps, item.tool, params_hash)
+        if earlier.action == "block":
+            stall = _stall_key(earlier)
+            stall_points[stall] = stall_points.get(stall, 0) + 1
         previous = last_marker.get(key)
         if previous is not None and is_stop_answer(item.outcome):
             # The agent recorded our stop as the result: it is the same outcome again,
@@ -64,11 +68,20 @@ def analyze(
     verdict = engine.evaluate(steps, last.tool, last.params_hash)
     if verdict.action != "block":
         return SERVE
-    # Only earlier stalls of this same call mean the model was already nudged about it.
-    points = stall_points.get((last.tool, last.params_hash), 0)
+    # Only earlier stalls of this same call (or, for a tool-wide rule, of this tool
+    # under that rule) mean the model was already nudged about it.
+    points = stall_points.get(_stall_key(verdict), 0)
     if not verdict.enforced:
         # Observe mode: recorded as what would have happened, never acted on.
         return StallDecision("serve", verdict, points)
     if nudge_first and points == 0:
         return StallDecision("nudge", verdict, points)
     return StallDecision("stop", verdict, points)
+
+
+def _stall_key(verdict: Verdict) -> tuple[str, str]:
+    rule = RULES_BY_NAME.get(verdict.rule or "")
+    if rule is not None and tool_wide(rule):
+        # The arguments vary in a tool-wide stall: the nudge was about the tool.
+        return (verdict.tool, "rule:" + str(verdict.rule))
+    return (verdict.tool, verdict.params_hash)

@@ -10,13 +10,20 @@ rules in this order. See docs/architecture.md, "The stall rules".
 from __future__ import annotations
 
 from guard.engine.rules.base import CallWindow, Limits, Rule
+from guard.engine.rules.error_streak import ERROR_STREAK
 from guard.engine.rules.hard_cap import HARD_CAP
 from guard.engine.rules.identical_errors import IDENTICAL_ERRORS
 from guard.engine.rules.stalled_repeat import STALLED_REPEAT
 
 # The most absolute rule first: it names the verdict when several apply.
-RULES: tuple[Rule, ...] = (HARD_CAP, IDENTICAL_ERRORS, STALLED_REPEAT)
+RULES: tuple[Rule, ...] = (HARD_CAP, IDENTICAL_ERRORS, ERROR_STREAK, STALLED_REPEAT)
 
 RULES_BY_NAME: dict[str, Rule] = {rule.name: rule for rule in RULES}
 
-__all__ = ["RULES", "RULES_BY_NAME", "CallWindow", "Limits", "Rule"]
+
+def tool_wide(rule: Rule) -> bool:
+    """A rule that reads the tool's steps whatever their arguments (``tool_wide = True``)."""
+    return bool(getattr(rule, "tool_wide", False))
+
+
+__all__ = ["RULES", "RULES_BY_NAME", "CallWindow", "Limits", "Rule", "tool_wide"]

@@ -23,22 +23,39 @@ class Limits:
     max_repeats: int
     max_identical_errors: int
     max_identical_calls: int
+    max_error_streak: int
+    # What counts as something new from this tool's steps (guard.engine.profiles).
+    progress: str = "outcome"
 
 
 class CallWindow:
-    """K's steps in the window and the reset point, from the detector's one pass.
+    """K's steps in the window and the reset points, from the detector's one pass.
 
     ``mine``: indexes (in ``history``) of K's own steps, oldest first. ``reset``: the
-    last step that is not K and whose (tool, marker) had not been seen earlier in the
-    window (another call brought something new), -1 when none did.
+    last step that is not K and brought something new (an outcome the window had not
+    seen from its tool, or for a tool that changes state a successful call with new
+    arguments), -1 when none did. ``reset_other``: the same, counting only steps of
+    tools other than K's (a tool-wide rule reads K's tool's own steps itself).
+    ``start``: the first index of the window.
     """
 
-    __slots__ = ("_recent", "history", "mine", "reset")
+    __slots__ = ("_recent", "history", "mine", "reset", "reset_other", "start", "tool")
 
-    def __init__(self, history: Sequence[Step], mine: list[int], reset: int) -> None:
+    def __init__(
+        self,
+        history: Sequence[Step],
+        mine: list[int],
+        reset: int,
+        tool: str = "",
+        reset_other: int = -1,
+        start: int = 0,
+    ) -> None:
         self.history = history
         self.mine = mine
         self.reset = reset
+        self.tool = tool
+        self.reset_other = reset_other
+        self.start = start
         self._recent: list[int] | None = None
 
     @property
@@ -64,7 +81,9 @@ class Rule(Protocol):
 
     def min_calls(self, limits: Limits) -> int:
         """Below this many of K's own steps the rule cannot fire (lets the detector
-        answer most calls without asking any rule)."""
+        answer most calls without asking any rule). A rule that reads the tool's steps
+        whatever their arguments also sets ``tool_wide = True``: it is asked even when K
+        has no step in the window, and its stall is the tool's, not the call's."""
         ...
 
     def fires(self, window: CallWindow, limits: Limits) -> tuple[int, ...] | None:
