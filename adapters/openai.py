@@ -38,7 +38,12 @@ from adapters.model_common import (
     usage_of,
 )
 from adapters.sse import SSEEvent
-from adapters.trajectory import history_from_openai_chat, history_from_openai_responses
+from adapters.trajectory import (
+    history_from_openai_chat,
+    history_from_openai_responses,
+    text_tail_openai_chat,
+    text_tail_openai_responses,
+)
 from guard.engine.calls import Usage, Verdict
 from guard.engine.config import RouteConfig
 from guard.engine.contract import Answer, ParsedRequest, PassthroughObserver, RequestView
@@ -90,7 +95,9 @@ class OpenAIAdapter:
         # Only a request that continues after tool results is an agent in a tool loop;
         # a new user turn (a human answering) is never nudged or stopped.
         ends_in_tool = bool(messages) and _role(messages[-1]) == "tool"
-        parsed.history = history_from_openai_chat(messages) if ends_in_tool else []
+        parsed.history = (
+            history_from_openai_chat(messages) if ends_in_tool else text_tail_openai_chat(messages)
+        )
         parsed.fields = conversation_fields(
             request.headers,
             _first(messages, ("system", "developer")),
@@ -113,7 +120,7 @@ class OpenAIAdapter:
         self, request: RequestView, body: dict[str, Any], parsed: ParsedRequest
     ) -> None:
         items = body.get("input")
-        parsed.history = []
+        parsed.history = text_tail_openai_responses(items)
         if (
             isinstance(items, list)
             and items

@@ -10,7 +10,10 @@ Input formats (detected from the content):
   point; the hard cap still counts across it);
 * an OpenAI Chat Completions transcript ``{"messages": [...]}``;
 * an OpenAI Responses input ``{"input": [...]}``;
-* an Anthropic Messages transcript ``{"messages": [...]}`` with ``tool_use`` blocks.
+* an Anthropic Messages transcript ``{"messages": [...]}`` with ``tool_use`` blocks;
+* a SWE-agent ``.traj`` file ``{"trajectory": [{"action", "observation"}, ...]}``;
+* an OpenHands event log: a JSON list of events (its saved trajectory) or one event a
+  line (a user message in it is a human turn).
 
 For each step the verdict the guard would give *before* it, given every earlier step
 of its session as executed. ``--summary DIR`` replays every file of a folder and prints
@@ -29,9 +32,13 @@ from adapters.trajectory import (
     history_from_anthropic,
     history_from_openai_chat,
     history_from_openai_responses,
+    history_from_openhands,
+    history_from_swe_agent,
+    is_openhands_event,
 )
 from guard.engine.calls import Step, Verdict
 from guard.engine.config import Config
+from guard.engine.contract import HistoryStep
 from guard.engine.store import MemoryStore
 from guard.engine.telemetry_port import NullTelemetry
 
@@ -74,7 +81,14 @@ def load_steps(path: str) -> list[ReplayStep]:
     except ValueError:
         whole = None
     # One JSON document: a transcript (a single-line JSONL step also parses as one).
-    if isinstance(whole, dict) and "tool" not in whole:
+    if isinstance(whole, dict) and isinstance(whole.get("trajectory"), list):
+        return _steps(history_from_swe_agent(whole), DEFAULT_SESSION)
+    if isinstance(whole, dict) and isinstance(whole.get("history"), list):
+        # A SWE-agent .traj with only its model history (function calling): OpenAI chat.
+        return _steps(history_from_openai_chat(whole["history"]), DEFAULT_SESSION)
+    if isinstance(whole, list) and whole and is_openhands_event(whole[0]):
+        return _steps(history_from_openhands(whole), DEFAULT_SESSION)
+    if isinstance(whole, dict) and "tool" not in whole and not is_openhands_event(whole):
         return _transcript_steps(whole, name)
     if (
         isinstance(whole, list)
@@ -82,7 +96,27 @@ def load_steps(path: str) -> list[ReplayStep]:
         and all(isinstance(m, dict) and "role" in m for m in whole)
     ):
         return _transcript_steps({"messages": whole}, name)
+    first = text.lstrip().split("\n", 1)[0]
+    try:
+        head = json.loads(first)
+    except ValueError:
+        head = None
+    if is_openhands_event(head):  # an OpenHands event log, one event a line
+        try:
+            events = [json.loads(line) for line in text.splitlines() if line.strip()]
+        except ValueError as exc:
+            raise ReplayError(f"{name}: not an OpenHands event log: {exc}") from None
+        return _steps(history_from_openhands(events), DEFAULT_SESSION)
     return _jsonl_steps(text, name)
+
+
+def _steps(history: list[HistoryStep], session: str) -> list[ReplayStep]:
+    return [
+        ReplayStep(session, HUMAN_TOOL, None, h.outcome, user=True)
+        if h.kind == "user"
+        else ReplayStep(session, h.tool, h.params, h.outcome, h.error)
+        for h in history
+    ]
 
 
 def _transcript_steps(doc: dict[str, Any], name: str) -> list[ReplayStep]:
@@ -100,8 +134,7 @@ def _transcript_steps(doc: dict[str, Any], name: str) -> list[ReplayStep]:
             "or an 'input' list (OpenAI Responses)"
         )
     named = doc.get("session")
-    session = named if isinstance(named, str) else DEFAULT_SESSION
-    return [ReplayStep(session, h.tool, h.params, h.outcome, h.error) for h in history]
+    return _steps(history, named if isinstance(named, str) else DEFAULT_SESSION)
 
 
 def _is_anthropic(messages: list[Any]) -> bool:
@@ -249,7 +282,12 @@ def summary(folder: str, config: Config, out: TextIO) -> int:
     if not root.is_dir():
         print(f"loopguard replay: {folder}: not a folder", file=sys.stderr)
         return 2
-    files = sorted(p for p in root.iterdir() if p.is_file() and not p.name.startswith("."))
+    # Notes beside a corpus (a README.md) are not trajectories.
+    files = sorted(
+        p
+        for p in root.iterdir()
+        if p.is_file() and not p.name.startswith(".") and p.suffix != ".md"
+    )
     width = max((len(p.name) for p in files), default=0)
     blocked = unreadable = 0
     by_rule: dict[str, int] = {}

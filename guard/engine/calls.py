@@ -16,6 +16,8 @@ class StallRule(StrEnum):
     IDENTICAL_ERRORS = "identical_errors"
     HARD_CAP = "hard_cap"
     ERROR_STREAK = "error_streak"
+    NO_PROGRESS = "no_progress"
+    TEXT_LOOP = "text_loop"
 
 
 class Route(StrEnum):

@@ -11,7 +11,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from guard.engine.profiles import DEFAULT_PROFILE_NAMES, ProfileName
 
@@ -137,6 +137,11 @@ class LoopConfig(_Section):
     # error streak: the same tool failing with the same error text this many times in
     # a row, whatever the arguments, with nothing new in between.
     max_error_streak: int = Field(default=5, ge=1)
+    # Optional rules, 0 = off. no progress: the session's last N calls brought nothing
+    # new (session-wide; must be below ``window``). text loop (model routes): the model
+    # gave the same text N turns running without calling a tool.
+    no_progress_window: int = Field(default=0, ge=0)
+    max_text_repeats: int = Field(default=0, ge=0)
     volatile_keys: tuple[str, ...] = DEFAULT_VOLATILE_KEYS
     volatile_patterns: tuple[str, ...] = DEFAULT_VOLATILE_PATTERNS
     tools: dict[str, ToolOverride] = Field(default_factory=dict)
@@ -145,6 +150,15 @@ class LoopConfig(_Section):
     profile_names: dict[ProfileName, tuple[str, ...]] = Field(
         default_factory=lambda: dict(DEFAULT_PROFILE_NAMES)
     )
+
+    @model_validator(mode="after")
+    def _no_progress_fits(self) -> LoopConfig:
+        if self.no_progress_window >= self.window:
+            raise ValueError(
+                f"no_progress_window ({self.no_progress_window}) must be below window "
+                f"({self.window}): the window holds the calls it counts"
+            )
+        return self
 
     @field_validator("volatile_patterns")
     @classmethod

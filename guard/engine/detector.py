@@ -4,7 +4,8 @@ For a call K = (tool, params_hash), looking only at the last ``window`` steps, t
 finds K's own steps and the reset point (the last step that is *not* K and whose
 (tool, marker) had not been seen earlier in the window, i.e. another call brought
 something new; K's own steps never reset K). The rules (``guard.engine.rules``, in
-precedence order: hard cap, identical errors, stalled repeat) read that and the first
+precedence order: hard cap, identical errors, error streak, stalled repeat, no
+progress) read that and the first
 that fires names the verdict; ``Verdict.steps`` holds the indexes (in the history as
 passed) of the steps it counted. See docs/architecture.md, "The stall rules".
 
@@ -40,6 +41,7 @@ class Detector:
             cfg.max_identical_errors,
             cfg.max_identical_calls,
             cfg.max_error_streak,
+            no_progress_window=cfg.no_progress_window,
         )
         # Per tool, resolved on first sight: configured tools now, others by name.
         self._limits: dict[str, Limits] = {name: self._resolve(name) for name in cfg.tools}
@@ -77,6 +79,7 @@ class Detector:
             pick("max_identical_calls"),
             pick("max_error_streak"),
             p.progress,
+            d.no_progress_window,
         )
 
     def limits_for(self, tool: str) -> Limits:
@@ -120,7 +123,7 @@ class Detector:
         counts = True  # the tool's new outcomes are something new (not filler)
         current = None
         mine: list[int] = []  # indexes of K's steps
-        reset = reset_other = -1
+        reset = reset_other = fresh = -1
         for i, step in enumerate(history[start:] if start else history, start):
             t = step.tool
             if t != current:
@@ -134,7 +137,10 @@ class Detector:
             m = step.marker
             if step.params_hash == params_hash and t == tool:
                 mine.append(i)
-                markers.add(m)
+                if m not in markers:
+                    markers.add(m)
+                    if counts:
+                        fresh = i  # K's own new outcome: progress for the session
             elif attempts is not None:
                 new = m not in markers
                 if new:
@@ -159,7 +165,7 @@ class Detector:
                 return self._allow(tool, params_hash)
         else:
             rules = self.rules
-        window = CallWindow(history, mine, reset, tool, reset_other, start)
+        window = CallWindow(history, mine, reset, tool, reset_other, start, max(fresh, reset))
         for rule in rules:
             steps = rule.fires(window, limits)
             if steps is not None:

@@ -25,6 +25,9 @@ STOP_SIGNATURE = "loopguard stopped this call"
 def stop_text(verdict: Verdict) -> str:
     """The explanation a model reads when its call is stopped."""
     rule = RULES_BY_NAME.get(verdict.rule or "")
+    own = getattr(rule, "stop_words", None)  # a rule not about one call's arguments
+    if own is not None:
+        return f"{STOP_SIGNATURE}: {own.format(n=verdict.repeats)}"
     what = (rule.words if rule is not None else "was repeated {n} times").format(n=verdict.repeats)
     return (
         f"{STOP_SIGNATURE}: `{verdict.tool}` with these same arguments {what}, "
@@ -36,6 +39,9 @@ def stop_text(verdict: Verdict) -> str:
 
 def nudge_text(verdict: Verdict) -> str:
     """The guard message added to a model request the first time a stall shows."""
+    own = getattr(RULES_BY_NAME.get(verdict.rule or ""), "nudge_words", None)
+    if own is not None:
+        return f"[loopguard] {own.format(n=verdict.repeats)}"
     return (
         f"[loopguard] You have called `{verdict.tool}` with the same arguments "
         f"{verdict.repeats} times and got the same outcome each time. Repeating it will not "

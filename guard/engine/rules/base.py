@@ -26,6 +26,8 @@ class Limits:
     max_error_streak: int
     # What counts as something new from this tool's steps (guard.engine.profiles).
     progress: str = "outcome"
+    # The session-wide no-progress breaker's W (0: off); the same for every tool.
+    no_progress_window: int = 0
 
 
 class CallWindow:
@@ -36,10 +38,11 @@ class CallWindow:
     seen from its tool, or for a tool that changes state a successful call with new
     arguments), -1 when none did. ``reset_other``: the same, counting only steps of
     tools other than K's (a tool-wide rule reads K's tool's own steps itself).
-    ``start``: the first index of the window.
+    ``start``: the first index of the window. ``fresh``: the last step, K's own
+    included, that brought something new (-1: none did), for session-wide rules.
     """
 
-    __slots__ = ("_recent", "history", "mine", "reset", "reset_other", "start", "tool")
+    __slots__ = ("_recent", "fresh", "history", "mine", "reset", "reset_other", "start", "tool")
 
     def __init__(
         self,
@@ -49,6 +52,7 @@ class CallWindow:
         tool: str = "",
         reset_other: int = -1,
         start: int = 0,
+        fresh: int = -1,
     ) -> None:
         self.history = history
         self.mine = mine
@@ -56,6 +60,7 @@ class CallWindow:
         self.tool = tool
         self.reset_other = reset_other
         self.start = start
+        self.fresh = fresh
         self._recent: list[int] | None = None
 
     @property
@@ -83,7 +88,9 @@ class Rule(Protocol):
         """Below this many of K's own steps the rule cannot fire (lets the detector
         answer most calls without asking any rule). A rule that reads the tool's steps
         whatever their arguments also sets ``tool_wide = True``: it is asked even when K
-        has no step in the window, and its stall is the tool's, not the call's."""
+        has no step in the window, and its stall is the tool's, not the call's; one that
+        reads the whole session sets ``session_wide = True`` (asked always, its stall is
+        the session's)."""
         ...
 
     def fires(self, window: CallWindow, limits: Limits) -> tuple[int, ...] | None:
