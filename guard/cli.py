@@ -29,7 +29,8 @@ def _build_parser() -> argparse.ArgumentParser:
     replay = commands.add_parser("replay", help="replay a recorded trajectory through the detector")
     replay.add_argument(
         "file",
-        help="JSONL steps, or an OpenAI / Anthropic transcript (JSON); with --summary a folder",
+        help="JSONL steps, an OpenAI / Anthropic transcript (JSON), a SWE-agent .traj or an "
+        "OpenHands event log; with --summary a folder",
     )
     replay.add_argument("--config", "-c", help="TOML config file (defaults if omitted)")
     replay.add_argument("--json", action="store_true", help="one JSON object per step")
