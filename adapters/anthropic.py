@@ -31,7 +31,7 @@ from adapters.model_common import (
     usage_of,
 )
 from adapters.sse import SSEEvent
-from adapters.trajectory import history_from_anthropic
+from adapters.trajectory import history_from_anthropic, text_tail_anthropic
 from guard.engine.calls import Usage, Verdict
 from guard.engine.config import RouteConfig
 from guard.engine.contract import Answer, ParsedRequest, PassthroughObserver, RequestView
@@ -63,7 +63,11 @@ class AnthropicAdapter:
             return parsed
         # Only a request that continues after tool results is an agent in a tool loop;
         # a new user turn (a human answering) is never nudged or stopped.
-        parsed.history = history_from_anthropic(messages) if _ends_in_tool_result(messages) else []
+        parsed.history = (
+            history_from_anthropic(messages)
+            if _ends_in_tool_result(messages)
+            else text_tail_anthropic(messages)
+        )
         first_user = next(
             (m.get("content") for m in messages if isinstance(m, dict) and m.get("role") == "user"),
             None,

@@ -44,6 +44,8 @@ from adapters.trajectory import (
     history_from_openai_chat,
     history_from_openai_responses,
     looks_like_error,
+    text_tail_openai_chat,
+    text_tail_openai_responses,
 )
 from guard.engine.calls import Usage, Verdict
 from guard.engine.config import RouteConfig
@@ -96,7 +98,9 @@ class OpenAIAdapter:
         # Only a request that continues after tool results is an agent in a tool loop;
         # a new user turn (a human answering) is never nudged or stopped.
         ends_in_tool = bool(messages) and _role(messages[-1]) == "tool"
-        parsed.history = history_from_openai_chat(messages) if ends_in_tool else []
+        parsed.history = (
+            history_from_openai_chat(messages) if ends_in_tool else text_tail_openai_chat(messages)
+        )
         parsed.fields = conversation_fields(
             request.headers,
             _first(messages, ("system", "developer")),
@@ -119,7 +123,7 @@ class OpenAIAdapter:
         self, request: RequestView, body: dict[str, Any], parsed: ParsedRequest
     ) -> None:
         items = body.get("input")
-        parsed.history = []
+        parsed.history = text_tail_openai_responses(items)
         parsed.open_results = {}
         previous = body.get("previous_response_id")
         parsed.continues = previous if isinstance(previous, str) and previous else None

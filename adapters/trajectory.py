@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterator
 from typing import Any
 
 from guard.engine.contract import HistoryStep
@@ -134,11 +135,101 @@ def history_from_anthropic(messages: list[Any]) -> list[HistoryStep]:
     return steps
 
 
+# -- the text tail: assistant and user turns after the last tool call ----------------------
+
+# Turns read back from the end of a request at most (the text-loop rule needs a few).
+MAX_TEXT_TURNS = 64
+
+
+def _text_of(content: Any) -> str | None:
+    """The text of a turn's content: a string, or its text parts joined (None: none)."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        texts = [
+            part["text"]
+            for part in content
+            if isinstance(part, dict) and isinstance(part.get("text"), str)
+        ]
+        return "\n".join(texts) if texts else None
+    return None
+
+
+def _text_tail(turns: Iterator[tuple[str, str | None]]) -> list[HistoryStep]:
+    """(kind, text) read lazily from the end ("tool" ends the tail) -> the tail, oldest
+    first. Empty unless the request asks for an assistant turn after a user turn."""
+    tail: list[HistoryStep] = []
+    for kind, text in turns:
+        if kind == "tool" or len(tail) >= MAX_TEXT_TURNS or (not tail and kind != "user"):
+            break
+        if text is not None:
+            tail.append(HistoryStep("", None, text, kind=kind))
+    tail.reverse()
+    return tail
+
+
+def _chat_turn(message: Any) -> tuple[str, str | None]:
+    role = _get(message, "role")
+    if role == "tool" or _get(message, "tool_calls"):
+        return "tool", None
+    if role in ("user", "assistant"):
+        return "user" if role == "user" else "text", _text_of(_get(message, "content"))
+    return "", None  # system / developer messages are not turns
+
+
+def text_tail_openai_chat(messages: list[Any]) -> list[HistoryStep]:
+    """Chat Completions: the assistant turns without tool calls, and the user turns,
+    after the last tool call (``HistoryStep.kind`` "text" / "user")."""
+    return _text_tail(map(_chat_turn, _last(messages)))
+
+
+def _responses_turn(item: Any) -> tuple[str, str | None]:
+    kind = _get(item, "type", "message")
+    if kind != "message":
+        return ("", None) if kind == "reasoning" else ("tool", None)
+    role = _get(item, "role")
+    if role in ("user", "assistant"):
+        return "user" if role == "user" else "text", _text_of(_get(item, "content"))
+    return "", None
+
+
+def text_tail_openai_responses(input_items: Any) -> list[HistoryStep]:
+    """Responses API: the same tail, from ``message`` items (a string input: none)."""
+    if not isinstance(input_items, list):
+        return []
+    return _text_tail(map(_responses_turn, _last(input_items)))
+
+
+def _anthropic_turn(message: Any) -> tuple[str, str | None]:
+    role, content = _get(message, "role"), _get(message, "content")
+    if isinstance(content, list) and any(
+        _get(block, "type") in ("tool_use", "tool_result") for block in content
+    ):
+        return "tool", None
+    if role in ("user", "assistant"):
+        return "user" if role == "user" else "text", _text_of(content)
+    return "", None
+
+
+def text_tail_anthropic(messages: list[Any]) -> list[HistoryStep]:
+    """Messages API: the same tail (a turn with tool_use or tool_result blocks ends it)."""
+    return _text_tail(map(_anthropic_turn, _last(messages)))
+
+
+def _last(items: list[Any]) -> Iterator[Any]:
+    """The items newest first, lazily: the tail is read only as far as it goes."""
+    return reversed(items) if isinstance(items, list) else iter(())
+
+
 __all__ = [
+    "MAX_TEXT_TURNS",
     "history_from_anthropic",
     "history_from_openai_chat",
     "history_from_openai_responses",
     "looks_like_error",
+    "text_tail_anthropic",
+    "text_tail_openai_chat",
+    "text_tail_openai_responses",
 ]
 
 
@@ -150,3 +241,82 @@ def _paired(calls: list[tuple[Any, str, Any]], results: dict[Any, Any]) -> list[
             outcome = results[call_id]
             steps.append(HistoryStep(name, params, outcome, looks_like_error(outcome)))
     return steps
+
+
+# -- recorded runs of other agents (``loopguard replay``) ----------------------------------
+
+
+def history_from_swe_agent(doc: dict[str, Any]) -> list[HistoryStep]:
+    """A SWE-agent ``.traj`` file: ``{"trajectory": [{"action", "observation", ...}], ...}``.
+
+    Each entry is one command the agent ran in its shell (``"find_file x.py"``,
+    ``"python reproduce.py"``, ``"edit 10:12 ..."``): the tool is the command's first
+    word, the call the whole command. The file has no error flag; the result's text
+    decides (``looks_like_error``).
+    """
+    steps = []
+    for entry in _get(doc, "trajectory") or ():
+        action = _get(entry, "action")
+        if not isinstance(action, str) or not action.strip():
+            continue
+        command = action.strip()
+        outcome = _get(entry, "observation")
+        tool = command.split(None, 1)[0]
+        steps.append(HistoryStep(tool, {"command": command}, outcome, looks_like_error(outcome)))
+    return steps
+
+
+# OpenHands action args that describe the call, not what it does.
+_OPENHANDS_NOISE = frozenset(
+    {"thought", "impl_source", "translated_ipython_code", "confirmation_state", "security_risk"}
+)
+_OPENHANDS_SKIP = frozenset({"finish", "change_agent_state", "recall", "system", "reject"})
+
+
+def history_from_openhands(events: list[Any]) -> list[HistoryStep]:
+    """An OpenHands event log (its saved trajectory: a list of events, each an action
+    ``{"id", "source", "action", "args", "tool_call_metadata"?}`` or an observation
+    ``{"cause": action id, "observation", "content", "extras"}``).
+
+    Actions paired with their observations by ``cause``; the tool is the function the
+    model called (``tool_call_metadata.function_name``) or else the action type. A user
+    ``message`` is a human turn (``kind`` "user"); the agent's own messages and state
+    changes are not calls. An error is an ``error`` observation or a command's non-zero
+    exit code.
+    """
+    results: dict[Any, Any] = {}
+    for event in events or ():
+        cause = _get(event, "cause")
+        if cause is not None and _get(event, "observation") not in (None, "null"):
+            results.setdefault(cause, event)
+    steps = []
+    for event in events or ():
+        action = _get(event, "action")
+        if not isinstance(action, str) or action in _OPENHANDS_SKIP:
+            continue
+        args = _get(event, "args") or {}
+        if action == "message":
+            if _get(event, "source") == "user":
+                steps.append(HistoryStep("", None, _get(args, "content"), kind="user"))
+            continue
+        observation = results.get(_get(event, "id"))
+        if observation is None:
+            continue  # never executed
+        name = _get(_get(event, "tool_call_metadata"), "function_name")
+        tool = name if isinstance(name, str) and name else action
+        params = {k: v for k, v in args.items() if k not in _OPENHANDS_NOISE}
+        exit_code = _get(_get(_get(observation, "extras"), "metadata"), "exit_code")
+        error = _get(observation, "observation") == "error" or (
+            isinstance(exit_code, int) and exit_code not in (0, -1)
+        )
+        steps.append(HistoryStep(tool, params, _get(observation, "content"), error))
+    return steps
+
+
+def is_openhands_event(value: Any) -> bool:
+    return (
+        isinstance(value, dict) and "id" in value and ("action" in value or "observation" in value)
+    )
+
+
+__all__ += ["history_from_openhands", "history_from_swe_agent", "is_openhands_event"]

@@ -27,9 +27,16 @@ def _build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--admin-listen", help="host:port, overrides [admin] listen")
 
     replay = commands.add_parser("replay", help="replay a recorded trajectory through the detector")
-    replay.add_argument("file", help="JSONL steps, or an OpenAI / Anthropic transcript (JSON)")
+    replay.add_argument(
+        "file",
+        help="JSONL steps, an OpenAI / Anthropic transcript (JSON), a SWE-agent .traj or an "
+        "OpenHands event log; with --summary a folder",
+    )
     replay.add_argument("--config", "-c", help="TOML config file (defaults if omitted)")
     replay.add_argument("--json", action="store_true", help="one JSON object per step")
+    replay.add_argument(
+        "--summary", action="store_true", help="FILE is a folder: per file its first block, a total"
+    )
 
     demo = commands.add_parser("demo", help="a looping agent against loopguard, all in-process")
     demo.add_argument("--json", action="store_true", help="machine-readable output")
@@ -115,6 +122,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "replay":
         from guard.doors import replay
 
+        if args.summary:
+            return replay.summary(args.file, config, out=sys.stdout)
         return replay.run(args.file, config, as_json=args.json, out=sys.stdout)
     if args.command == "demo":
         from guard.devtools import demo

@@ -337,5 +337,8 @@ def _print(result: DemoResult) -> None:
         nodes[span["span_id"]] = nodes.get(span["parent_id"], tree).add(label)
     console.print(tree)
     console.print(f"durable records: {len(result.records)} lines in {result.records_path}")
+    console.print(
+        f"[dim]windows, findings and costs from them: loopguard report {result.records_path}[/]"
+    )
     verdict = "[bold green]stopped the loop[/]" if result.stopped else "[bold red]no stop[/]"
     console.print(f"result: {verdict}")

@@ -104,4 +104,5 @@ def _inline(engine: Engine, parsed: ParsedRequest) -> list[Stored]:
             is_stop_answer(step.outcome),
         ]
         for step in parsed.history or ()
+        if step.kind == "tool"  # a text tail (no tool results) is not tool history
     ]

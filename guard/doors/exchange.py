@@ -238,7 +238,8 @@ class Exchange:
             return history
         if not kept.known:
             self.record.session_tracked = False  # state loopguard never saw: not guessed
-        return chain.history(kept) if history or parsed.open_results else history
+        continues_tools = parsed.open_results or (history and history[-1].kind == "tool")
+        return chain.history(kept) if continues_tools else history
 
     async def _check(self, tool: str, params_hash: str) -> Verdict:
         if self.session is None:

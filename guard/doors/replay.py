@@ -5,12 +5,20 @@ Input formats (detected from the content):
 * JSONL, one step a line: ``{"session"?: str, "tool": str, "params": any,
   "result": any, "error"?: bool, "marker"?: str}`` (session defaults to "default";
   ``marker`` is an explicit progress marker, as a tool's ``x-loopguard-progress``);
+  a line ``{"session"?: str, "user": any}`` is a human turn: something new for every
+  call of its session, as a new user turn is on a model route (it moves the reset
+  point; the hard cap still counts across it);
 * an OpenAI Chat Completions transcript ``{"messages": [...]}``;
 * an OpenAI Responses input ``{"input": [...]}``;
-* an Anthropic Messages transcript ``{"messages": [...]}`` with ``tool_use`` blocks.
+* an Anthropic Messages transcript ``{"messages": [...]}`` with ``tool_use`` blocks;
+* a SWE-agent ``.traj`` file ``{"trajectory": [{"action", "observation"}, ...]}``;
+* an OpenHands event log: a JSON list of events (its saved trajectory) or one event a
+  line (a user message in it is a human turn).
 
 For each step the verdict the guard would give *before* it, given every earlier step
-of its session as executed. Exit code 0, or 2 for a file that cannot be read.
+of its session as executed. ``--summary DIR`` replays every file of a folder and prints
+per file its first block and rule, then a total. Exit code 0, or 2 for a file that
+cannot be read.
 """
 
 from __future__ import annotations
@@ -24,9 +32,13 @@ from adapters.trajectory import (
     history_from_anthropic,
     history_from_openai_chat,
     history_from_openai_responses,
+    history_from_openhands,
+    history_from_swe_agent,
+    is_openhands_event,
 )
 from guard.engine.calls import Step, Verdict
 from guard.engine.config import Config
+from guard.engine.contract import HistoryStep
 from guard.engine.store import MemoryStore
 from guard.engine.telemetry_port import NullTelemetry
 
@@ -45,6 +57,13 @@ class ReplayStep:
     result: Any
     error: bool = False
     marker: str | None = None
+    # A human turn (a ``{"user": ...}`` line), not a tool call.
+    user: bool = False
+
+
+# The tool name of a human turn's step in a replayed history: never a real tool name
+# (tool names are non-empty strings from the trajectory; this one has a NUL).
+HUMAN_TOOL = "\x00user"
 
 
 def load_steps(path: str) -> list[ReplayStep]:
@@ -62,7 +81,14 @@ def load_steps(path: str) -> list[ReplayStep]:
     except ValueError:
         whole = None
     # One JSON document: a transcript (a single-line JSONL step also parses as one).
-    if isinstance(whole, dict) and "tool" not in whole:
+    if isinstance(whole, dict) and isinstance(whole.get("trajectory"), list):
+        return _steps(history_from_swe_agent(whole), DEFAULT_SESSION)
+    if isinstance(whole, dict) and isinstance(whole.get("history"), list):
+        # A SWE-agent .traj with only its model history (function calling): OpenAI chat.
+        return _steps(history_from_openai_chat(whole["history"]), DEFAULT_SESSION)
+    if isinstance(whole, list) and whole and is_openhands_event(whole[0]):
+        return _steps(history_from_openhands(whole), DEFAULT_SESSION)
+    if isinstance(whole, dict) and "tool" not in whole and not is_openhands_event(whole):
         return _transcript_steps(whole, name)
     if (
         isinstance(whole, list)
@@ -70,7 +96,27 @@ def load_steps(path: str) -> list[ReplayStep]:
         and all(isinstance(m, dict) and "role" in m for m in whole)
     ):
         return _transcript_steps({"messages": whole}, name)
+    first = text.lstrip().split("\n", 1)[0]
+    try:
+        head = json.loads(first)
+    except ValueError:
+        head = None
+    if is_openhands_event(head):  # an OpenHands event log, one event a line
+        try:
+            events = [json.loads(line) for line in text.splitlines() if line.strip()]
+        except ValueError as exc:
+            raise ReplayError(f"{name}: not an OpenHands event log: {exc}") from None
+        return _steps(history_from_openhands(events), DEFAULT_SESSION)
     return _jsonl_steps(text, name)
+
+
+def _steps(history: list[HistoryStep], session: str) -> list[ReplayStep]:
+    return [
+        ReplayStep(session, HUMAN_TOOL, None, h.outcome, user=True)
+        if h.kind == "user"
+        else ReplayStep(session, h.tool, h.params, h.outcome, h.error)
+        for h in history
+    ]
 
 
 def _transcript_steps(doc: dict[str, Any], name: str) -> list[ReplayStep]:
@@ -88,8 +134,7 @@ def _transcript_steps(doc: dict[str, Any], name: str) -> list[ReplayStep]:
             "or an 'input' list (OpenAI Responses)"
         )
     named = doc.get("session")
-    session = named if isinstance(named, str) else DEFAULT_SESSION
-    return [ReplayStep(session, h.tool, h.params, h.outcome, h.error) for h in history]
+    return _steps(history, named if isinstance(named, str) else DEFAULT_SESSION)
 
 
 def _is_anthropic(messages: list[Any]) -> bool:
@@ -114,6 +159,12 @@ def _jsonl_steps(text: str, name: str) -> list[ReplayStep]:
             raise ReplayError(f"{where}: not valid JSON: {exc}") from None
         if not isinstance(obj, dict):
             raise ReplayError(f"{where}: expected a JSON object per line, got {type(obj).__name__}")
+        if "user" in obj and "tool" not in obj:
+            session = obj.get("session", DEFAULT_SESSION)
+            if not isinstance(session, str):
+                raise ReplayError(f"{where}: 'session' must be a string")
+            steps.append(ReplayStep(session, HUMAN_TOOL, None, obj["user"], user=True))
+            continue
         tool = obj.get("tool")
         if not isinstance(tool, str) or not tool:
             raise ReplayError(f"{where}: 'tool' must be a non-empty string")
@@ -140,8 +191,13 @@ def replay(steps: list[ReplayStep], config: Config) -> list[tuple[ReplayStep, Ve
     engine = Engine(config, store=MemoryStore(), telemetry=NullTelemetry())
     histories: dict[str, list[Step]] = {}
     out = []
-    for step in steps:
+    for index, step in enumerate(steps):
         history = histories.setdefault(step.session, [])
+        if step.user:
+            # A marker no step had: something new, so every call's count restarts.
+            out.append((step, Verdict("allow", HUMAN_TOOL, "")))
+            history.append(Step(HUMAN_TOOL, "", f"turn:{index}"))
+            continue
         params_hash = engine.fingerprint(step.params)
         verdict = engine.evaluate(history, step.tool, params_hash)
         out.append((step, verdict))
@@ -163,6 +219,10 @@ def run(path: str, config: Config, as_json: bool, out: TextIO) -> int:
     results = replay(steps, config)
     if as_json:
         for index, (step, verdict) in enumerate(results):
+            if step.user:
+                out.write(json.dumps({"index": index, "session": step.session, "human": True}))
+                out.write("\n")
+                continue
             row = {
                 "index": index,
                 "session": step.session,
@@ -185,6 +245,9 @@ def _print_plain(results: list[tuple[ReplayStep, Verdict]], out: TextIO) -> None
     first_block: dict[str, tuple[int, ReplayStep, Verdict]] = {}
     width = len(str(max(len(results) - 1, 0)))
     for index, (step, verdict) in enumerate(results):
+        if step.user:
+            out.write(f"{index:>{width}}  {step.session}  (human turn)\n")
+            continue
         if verdict.action == "block":
             first_block.setdefault(step.session, (index, step, verdict))
             label = "block" if verdict.enforced else "block (observe: served)"
@@ -210,4 +273,54 @@ def _print_plain(results: list[tuple[ReplayStep, Verdict]], out: TextIO) -> None
             out.write(f"no block in {session}\n")
 
 
-__all__ = ["ReplayError", "ReplayStep", "load_steps", "replay", "run"]
+def summary(folder: str, config: Config, out: TextIO) -> int:
+    """Per file of ``folder`` (sorted): its first block and rule, or none; then a total.
+    Files that cannot be replayed are named and counted, not fatal."""
+    import sys
+
+    root = Path(folder)
+    if not root.is_dir():
+        print(f"loopguard replay: {folder}: not a folder", file=sys.stderr)
+        return 2
+    # Notes beside a corpus (a README.md) are not trajectories.
+    files = sorted(
+        p
+        for p in root.iterdir()
+        if p.is_file() and not p.name.startswith(".") and p.suffix != ".md"
+    )
+    width = max((len(p.name) for p in files), default=0)
+    blocked = unreadable = 0
+    by_rule: dict[str, int] = {}
+    for path in files:
+        try:
+            steps = load_steps(str(path))
+        except ReplayError as exc:
+            unreadable += 1
+            out.write(f"{path.name:<{width}}  cannot replay: {exc}\n")
+            continue
+        results = replay(steps, config)
+        first = next(((i, s, v) for i, (s, v) in enumerate(results) if v.action == "block"), None)
+        calls = sum(1 for s in steps if not s.user)
+        if first is None:
+            out.write(f"{path.name:<{width}}  {calls} calls  no block\n")
+            continue
+        index, step, verdict = first
+        blocked += 1
+        rule = str(verdict.rule)
+        by_rule[rule] = by_rule.get(rule, 0) + 1
+        out.write(
+            f"{path.name:<{width}}  {calls} calls  first block at step {index} "
+            f"{step.tool} ({rule}, {verdict.repeats} repeats)\n"
+        )
+    rules = ", ".join(f"{rule} {n}" for rule, n in sorted(by_rule.items()))
+    out.write(
+        f"\n{len(files)} files: {blocked} with a block"
+        + (f" ({rules})" if rules else "")
+        + f", {len(files) - blocked - unreadable} without"
+        + (f", {unreadable} unreadable" if unreadable else "")
+        + "\n"
+    )
+    return 0
+
+
+__all__ = ["HUMAN_TOOL", "ReplayError", "ReplayStep", "load_steps", "replay", "run", "summary"]

@@ -15,6 +15,9 @@ class StallRule(StrEnum):
     STALLED_REPEAT = "stalled_repeat"
     IDENTICAL_ERRORS = "identical_errors"
     HARD_CAP = "hard_cap"
+    ERROR_STREAK = "error_streak"
+    NO_PROGRESS = "no_progress"
+    TEXT_LOOP = "text_loop"
 
 
 class Route(StrEnum):

@@ -11,7 +11,9 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from guard.engine.profiles import DEFAULT_PROFILE_NAMES, ProfileName
 
 Mode = Literal["enforce", "observe", "off"]
 RedactionMode = Literal["mask", "pseudonymize"]
@@ -30,9 +32,13 @@ class ToolOverride(_Section):
     """Per-tool limits under ``[loop.tools.NAME]``; unset fields inherit ``[loop]``."""
 
     mode: Mode | None = None
+    # A named preset (guard.engine.profiles): its limits and what counts as progress.
+    # Unset: the profile the tool's name gives it (``[loop] profile_names``), if any.
+    profile: ProfileName | None = None
     max_repeats: int | None = Field(default=None, ge=1)
     max_identical_errors: int | None = Field(default=None, ge=1)
     max_identical_calls: int | None = Field(default=None, ge=1)
+    max_error_streak: int | None = Field(default=None, ge=1)
     # RFC 6901 pointer into the tool's JSON outcome whose value is the progress marker.
     progress_pointer: str | None = None
 
@@ -44,26 +50,57 @@ class ToolOverride(_Section):
         return value
 
 
+# Keys dropped from outcomes before hashing: values that are fresh on every call of
+# the same thing, so a loop would look like progress. Timing (when it ran, how long
+# it took), ids the callee mints per call (request, trace, message, run, receipt,
+# process) and the shell's working directory. Matched case-insensitively. Not ``id``
+# or ``status``: a record's id and a job's status are what distinct results differ in.
 DEFAULT_VOLATILE_KEYS = (
+    # When and how long.
     "timestamp",
     "time",
     "ts",
     "date",
     "created",
     "created_at",
+    "createdAt",
     "updated_at",
+    "updatedAt",
+    "started_at",
+    "startedAt",
+    "finished_at",
+    "finishedAt",
+    "completed_at",
+    "completedAt",
+    "elapsed",
+    "elapsed_ms",
+    "elapsedMs",
+    "duration",
+    "duration_ms",
+    "durationMs",
+    "latency_ms",
+    "took",
+    # Ids minted per call (a send returns a new message id for the same message).
     "request_id",
     "requestId",
     "trace_id",
     "traceId",
     "span_id",
+    "message_id",
+    "messageId",
+    "run_id",
+    "runId",
+    "receipt",
+    "receipt_id",
+    "session_id",
+    "sessionId",
+    "event_id",
+    "eventId",
     "etag",
     "nonce",
-    "elapsed",
-    "elapsed_ms",
-    "duration",
-    "duration_ms",
-    "latency_ms",
+    # A process: its id and where it ran.
+    "pid",
+    "cwd",
 )
 DEFAULT_VOLATILE_PATTERNS = (
     # ISO 8601 timestamps, with or without time and zone.
@@ -72,6 +109,22 @@ DEFAULT_VOLATILE_PATTERNS = (
     r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}",
     # Long hex ids (request ids, digests).
     r"\b[0-9a-fA-F]{16,}\b",
+    # Short ids with a prefix that names a per-call thing (run_3, om_17, msg_01ab,
+    # call_x9, toolu_..): only these prefixes, so file_1 vs file_2 or step_3 vs step_4
+    # (a counter that is progress) stay apart.
+    r"\b(?:run|msg|om|call|req|evt|resp|toolu|sess|exec|proc|rcpt|txn)_[A-Za-z0-9]+\b",
+    # A process id in text: "pid 1003", "PID: 1003", "pid=1003".
+    r"\b(?i:pid)\b[ :=#]*\d+",
+    # The shell's own line counter in its error prefix ("/bin/bash: line 13008: cd: ..",
+    # dash's "sh: 1: .."): it rises with every command the shell has run.
+    r"\b(?:ba|z|da|k)?sh: (?:line )?\d+:",
+    # Fractional durations ("in 0.52s", "took 12.3 ms", "real 0m0.012s"); whole numbers
+    # ("eta 30s") may be a countdown, which is progress, and are kept.
+    r"\b(?:\d+m)?\d+\.\d+ ?(?:ms|s|sec|seconds)\b",
+    # Memory addresses in reprs ("<Foo object at 0x7f3a2c1b9d60>").
+    r"\b0x[0-9a-fA-F]{6,}\b",
+    # Unix epoch seconds or milliseconds (Slack's "1700000000.123456").
+    r"\b1[5-9]\d{8}(?:\d{3})?(?:\.\d+)?\b",
 )
 
 
@@ -81,9 +134,31 @@ class LoopConfig(_Section):
     max_repeats: int = Field(default=3, ge=1)
     max_identical_errors: int = Field(default=3, ge=1)
     max_identical_calls: int = Field(default=30, ge=1)
+    # error streak: the same tool failing with the same error text this many times in
+    # a row, whatever the arguments, with nothing new in between.
+    max_error_streak: int = Field(default=5, ge=1)
+    # Optional rules, 0 = off. no progress: the session's last N calls brought nothing
+    # new (session-wide; must be below ``window``). text loop (model routes): the model
+    # gave the same text N turns running without calling a tool.
+    no_progress_window: int = Field(default=0, ge=0)
+    max_text_repeats: int = Field(default=0, ge=0)
     volatile_keys: tuple[str, ...] = DEFAULT_VOLATILE_KEYS
     volatile_patterns: tuple[str, ...] = DEFAULT_VOLATILE_PATTERNS
     tools: dict[str, ToolOverride] = Field(default_factory=dict)
+    # Profile -> words of a tool's name that give a tool without a configured profile
+    # that profile (first match in this order wins); {} turns matching by name off.
+    profile_names: dict[ProfileName, tuple[str, ...]] = Field(
+        default_factory=lambda: dict(DEFAULT_PROFILE_NAMES)
+    )
+
+    @model_validator(mode="after")
+    def _no_progress_fits(self) -> LoopConfig:
+        if self.no_progress_window >= self.window:
+            raise ValueError(
+                f"no_progress_window ({self.no_progress_window}) must be below window "
+                f"({self.window}): the window holds the calls it counts"
+            )
+        return self
 
     @field_validator("volatile_patterns")
     @classmethod

@@ -51,12 +51,18 @@ class ToolInvocation:
 
 @dataclass(slots=True)
 class HistoryStep:
-    """One executed tool call found in a model conversation: call and its result."""
+    """One executed tool call found in a model conversation: call and its result.
+
+    Or, in the text tail of a request that does not end in tool results, one turn:
+    ``kind`` "text" (an assistant turn that called no tool) or "user", its text in
+    ``outcome`` (the text-loop rule reads them; see guard.engine.rules.text_loop).
+    """
 
     tool: str
     params: Any
     outcome: Any
     error: bool = False
+    kind: str = "tool"
     # Already hashed (a step kept from an earlier request: the raw values are not kept).
     params_hash: str | None = None
     marker: str | None = None

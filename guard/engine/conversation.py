@@ -9,6 +9,10 @@ whether the agent is stuck, and whether it already was on an earlier turn:
 - the end state would block, and the model already repeated the call past the
   point where it was nudged (an earlier step would have been blocked) -> ``stop``.
 
+A request that asks for the model's next turn after text turns (no tool results) carries
+its text tail instead (``HistoryStep.kind`` "text" / "user"): the optional text-loop rule
+judges it the same way, nudge first, then stop.
+
 This is deterministic in the conversation alone, so N replicas agree without
 sharing state, and a client that resends the same history gets the same answer.
 """
@@ -20,6 +24,7 @@ from typing import TYPE_CHECKING, Literal
 
 from guard.engine.calls import Step, Verdict
 from guard.engine.problem import is_stop_answer
+from guard.engine.rules import RULES_BY_NAME, TEXT_LOOP, session_wide, tool_wide
 
 if TYPE_CHECKING:
     from guard.engine.contract import HistoryStep
@@ -42,8 +47,11 @@ def analyze(
 ) -> StallDecision:
     if not history:
         return SERVE
+    if history[-1].kind != "tool":
+        return _text_loop(engine, history, nudge_first)
     steps: list[Step] = []
-    # Per call: how many of its steps would already have been blocked.
+    # Per stall (a call's, or a tool-wide rule's on a tool): how many of its steps
+    # would already have been blocked.
     stall_points: dict[tuple[str, str], int] = {}
     last_marker: dict[tuple[str, str], Step] = {}
     # Steps whose result is loopguard's own stop: the tool did not run there.
@@ -51,8 +59,10 @@ def analyze(
     for item in history:
         params_hash = item.params_hash or engine.fingerprint(item.params)
         key = (item.tool, params_hash)
-        if engine.evaluate(steps, item.tool, params_hash).action == "block":
-            stall_points[key] = stall_points.get(key, 0) + 1
+        earlier = engine.evaluate(steps, item.tool, params_hash)
+        if earlier.action == "block":
+            stall = _stall_key(earlier)
+            stall_points[stall] = stall_points.get(stall, 0) + 1
         previous = last_marker.get(key)
         if previous is not None and is_stop_answer(item.outcome):
             # The agent recorded our stop as the result: it is the same outcome again,
@@ -72,11 +82,61 @@ def analyze(
         # One count everywhere: the times the tool actually ran (a stop is not a run).
         ran = sum(1 for index in verdict.steps if index not in stopped)
         verdict = replace(verdict, repeats=ran)
-    # Only earlier stalls of this same call mean the model was already nudged about it.
-    points = stall_points.get((last.tool, last.params_hash), 0)
+    # Only earlier stalls of this same call (or, for a tool-wide rule, of this tool
+    # under that rule) mean the model was already nudged about it.
+    points = stall_points.get(_stall_key(verdict), 0)
     if not verdict.enforced:
         # Observe mode: recorded as what would have happened, never acted on.
         return StallDecision("serve", verdict, points)
     if nudge_first and points == 0:
         return StallDecision("nudge", verdict, points)
     return StallDecision("stop", verdict, points)
+
+
+# The tool a text-loop verdict names (records, spans, the stops metric): no tool was called.
+TEXT_TOOL = "(text)"
+
+
+def _text_loop(engine: Engine, turns: list[HistoryStep], nudge_first: bool) -> StallDecision:
+    """The text tail of a request that asks for the model's next turn (no tool results):
+    a nudge when the model has given the same answer ``max_text_repeats`` turns running,
+    a stop when it gave it again after that (the nudge was ignored)."""
+    cfg = engine.config.loop
+    limit = cfg.max_text_repeats
+    if not limit or cfg.mode == "off":
+        return SERVE
+    normalized = [
+        (turn.kind, engine.marker(TEXT_TOOL, " ".join(str(turn.outcome).casefold().split())))
+        for turn in turns
+        if not (turn.kind == "text" and is_stop_answer(turn.outcome))
+    ]
+    run = TEXT_LOOP.run(normalized)
+    if len(run) < limit:
+        return SERVE
+    verdict = Verdict(
+        "block",
+        TEXT_TOOL,
+        normalized[run[-1]][1],
+        TEXT_LOOP.name,
+        len(run),
+        cfg.mode == "enforce",
+        run,
+    )
+    # Turns past the limit: requests that would already have been stopped or nudged.
+    points = len(run) - limit
+    if not verdict.enforced:
+        return StallDecision("serve", verdict, points)
+    if nudge_first and points == 0:
+        return StallDecision("nudge", verdict, points)
+    return StallDecision("stop", verdict, points)
+
+
+def _stall_key(verdict: Verdict) -> tuple[str, str]:
+    rule = RULES_BY_NAME.get(verdict.rule or "")
+    if rule is not None and session_wide(rule):
+        # Any call may be the one blocked: the nudge was about the session.
+        return ("", "rule:" + str(verdict.rule))
+    if rule is not None and tool_wide(rule):
+        # The arguments vary in a tool-wide stall: the nudge was about the tool.
+        return (verdict.tool, "rule:" + str(verdict.rule))
+    return (verdict.tool, verdict.params_hash)

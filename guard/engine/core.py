@@ -47,6 +47,7 @@ class Engine:
         self.pseudonym = keyed_pseudonym(key, b"loopguard.conv")
         self.redactor = Redactor(self.config.redaction, key=key)
         self.detector = Detector(self.config.loop)
+        self._session_wide = self.config.loop.no_progress_window > 0
         self.markers = ProgressMarkers(self.config.loop, self.redactor)
         # "is None": an empty MemoryStore is falsy (len 0) and must still be the one used.
         self.store = store if store is not None else _store_from_config(self.config)
@@ -79,7 +80,11 @@ class Engine:
         """The verdict on a call given the session's stored history."""
         if self.detector.disabled_for(tool):
             return Verdict("allow", tool, params_hash)
-        history = await self.store.history_for_call(session, tool, params_hash)
+        if self._session_wide:
+            # A session-wide rule judges even a call the window has never seen.
+            history = await self.store.history(session)
+        else:
+            history = await self.store.history_for_call(session, tool, params_hash)
         return self.detector.evaluate(history, tool, params_hash)
 
     async def record(self, session: str, step: Step) -> None:

@@ -36,6 +36,9 @@ def stop_text(verdict: Verdict, message: str | None = None) -> str:
     if message is not None:
         return message.format(tool=verdict.tool, n=verdict.repeats, rule=verdict.rule or "")
     rule = RULES_BY_NAME.get(verdict.rule or "")
+    own = getattr(rule, "stop_words", None)  # a rule not about one call's arguments
+    if own is not None:
+        return f"{STOP_SIGNATURE}: {own.format(n=verdict.repeats)}"
     what = (rule.words if rule is not None else "was repeated {n} times").format(n=verdict.repeats)
     return (
         f"{STOP_SIGNATURE}: `{verdict.tool}` with these same arguments {what}, "
@@ -47,6 +50,9 @@ def stop_text(verdict: Verdict, message: str | None = None) -> str:
 
 def nudge_text(verdict: Verdict) -> str:
     """The guard message added to a model request the first time a stall shows."""
+    own = getattr(RULES_BY_NAME.get(verdict.rule or ""), "nudge_words", None)
+    if own is not None:
+        return f"[loopguard] {own.format(n=verdict.repeats)}"
     return (
         f"[loopguard] You have called `{verdict.tool}` with the same arguments "
         f"{verdict.repeats} times and got the same outcome each time. Repeating it will not "

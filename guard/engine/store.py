@@ -24,6 +24,10 @@ import orjson
 
 from guard.engine.calls import Step
 
+# The params hash under which a session's index counts a tool's failed steps (never a
+# real params hash): lets a tool-wide rule see a failing tool called with new params.
+TOOL_ERRORS = ""
+
 
 class StoreError(RuntimeError):
     """The session store could not be read or written."""
@@ -69,7 +73,11 @@ class _Entry:
             self._count(step, 1)
 
     def _count(self, step: Step, delta: int) -> None:
-        key = (step.tool, step.params_hash)
+        self._add((step.tool, step.params_hash), delta)
+        if step.error:  # the tool's failures, whatever the params (tool-wide rules)
+            self._add((step.tool, TOOL_ERRORS), delta)
+
+    def _add(self, key: tuple[str, str], delta: int) -> None:
         left = self.calls.get(key, 0) + delta
         if left:
             self.calls[key] = left
@@ -85,6 +93,9 @@ class _Entry:
         calls = self.calls
         key = (step.tool, step.params_hash)
         calls[key] = calls.get(key, 0) + 1
+        if step.error:
+            key = (step.tool, TOOL_ERRORS)
+            calls[key] = calls.get(key, 0) + 1
 
 
 class MemoryStore:
@@ -118,14 +129,19 @@ class MemoryStore:
         return list(entry.steps)
 
     async def history_for_call(self, session: str, tool: str, params_hash: str) -> list[Step]:
-        """``history(session)``, or ``[]`` when the call has no step in the window.
+        """``history(session)``, or ``[]`` when the call has no step in the window and
+        its tool no failure there.
 
-        The stall rules only ever fire on a call's own earlier steps, so for a call
-        the window does not hold, an empty history gives the same verdict -- without
+        The stall rules fire on a call's own earlier steps or (tool-wide) on its tool's
+        failures, so otherwise an empty history gives the same verdict -- without
         copying and scanning the window (the common case: most calls are new).
         """
         entry = self._sessions.get(session)
-        if entry is not None and (tool, params_hash) not in entry.calls:
+        if (
+            entry is not None
+            and (tool, params_hash) not in entry.calls
+            and (tool, TOOL_ERRORS) not in entry.calls
+        ):
             now = self._clock()
             if now - entry.seen > self.ttl:
                 del self._sessions[session]
@@ -196,28 +212,36 @@ def decode_step(raw: bytes | str) -> Step:
 
 
 # A call's field in the session's count hash: tool and params hash, joined by a unit
-# separator (the Lua script below builds the same field from a dropped step).
+# separator (the Lua script below builds the same field from a dropped step). The
+# tool's failures are counted under the field with TOOL_ERRORS as params hash.
 def _call_field(tool: str, params_hash: str) -> str:
     return f"{tool}\x1f{params_hash}"
 
 
-# KEYS: steps list, counts hash. ARGV: the call's field. The window, or nil when the
-# call has no step in it (the detector's verdict is then "allow" without it).
+# KEYS: steps list, counts hash. ARGV: the call's field, its tool's failures field.
+# The window, or nil when neither is in it (the detector's verdict is then "allow").
 _HISTORY_FOR_CALL = r"""
-if redis.call('HEXISTS', KEYS[2], ARGV[1]) == 0 then return false end
+if redis.call('HEXISTS', KEYS[2], ARGV[1]) == 0
+  and redis.call('HEXISTS', KEYS[2], ARGV[2]) == 0 then return false end
 return redis.call('LRANGE', KEYS[1], 0, -1)
 """
 
-# KEYS: steps list, counts hash. ARGV: encoded step, its call field, window, ttl.
-# Steps pushed past the window are dropped and uncounted; both keys expire together.
+# KEYS: steps list, counts hash. ARGV: encoded step, its call field, window, ttl, its
+# tool's failures field when the step failed (else ""). Steps pushed past the window
+# are dropped and uncounted; both keys expire together.
 _APPEND = r"""
 redis.call('RPUSH', KEYS[1], ARGV[1])
 redis.call('HINCRBY', KEYS[2], ARGV[2], 1)
+if ARGV[5] ~= '' then redis.call('HINCRBY', KEYS[2], ARGV[5], 1) end
 local window = tonumber(ARGV[3])
 while redis.call('LLEN', KEYS[1]) > window do
   local old = cjson.decode(redis.call('LPOP', KEYS[1]))
   local field = old[1] .. '\31' .. old[2]
   if redis.call('HINCRBY', KEYS[2], field, -1) <= 0 then redis.call('HDEL', KEYS[2], field) end
+  if old[4] == 1 then
+    field = old[1] .. '\31'
+    if redis.call('HINCRBY', KEYS[2], field, -1) <= 0 then redis.call('HDEL', KEYS[2], field) end
+  end
 end
 redis.call('EXPIRE', KEYS[1], ARGV[4])
 redis.call('EXPIRE', KEYS[2], ARGV[4])
@@ -267,7 +291,8 @@ class RedisStore:
         """One round trip; the window crosses the network only when it holds the call."""
         try:
             raw = await self._history_for_call(
-                keys=self._keys(session), args=[_call_field(tool, params_hash)]
+                keys=self._keys(session),
+                args=[_call_field(tool, params_hash), _call_field(tool, TOOL_ERRORS)],
             )
         except self._errors as exc:
             raise StoreError(f"redis store {self.url}: cannot read session: {exc}") from exc
@@ -285,6 +310,7 @@ class RedisStore:
             _call_field(step.tool, step.params_hash),
             window,
             self.ttl,
+            _call_field(step.tool, TOOL_ERRORS) if step.error else "",
         ]
         try:
             await self._append(keys=self._keys(session), args=args)

@@ -134,9 +134,24 @@ async def test_redis_call_index_follows_the_window(redis_store: RedisStore) -> N
     await client.aclose()
     expected: dict[bytes, bytes] = {}
     for s in window:
-        field = f"{s.tool}\x1f{s.params_hash}".encode()
-        expected[field] = str(int(expected.get(field, b"0")) + 1).encode()
+        fields = [f"{s.tool}\x1f{s.params_hash}"] + ([f"{s.tool}\x1f"] if s.error else [])
+        for field in (f.encode() for f in fields):
+            expected[field] = str(int(expected.get(field, b"0")) + 1).encode()
     assert counts == expected
+
+
+async def test_redis_tool_failures_are_indexed_and_leave_with_the_window(
+    redis_store: RedisStore,
+) -> None:
+    """A failure of a tool brings the window back for the tool's calls with any params
+    (the error streak reads them), and only while the failure is in the window."""
+    failing = Step("deploy", "h1", "m-denied", True)
+    await redis_store.append("s", failing, window=3)
+    assert await redis_store.history_for_call("s", "deploy", "h-new") == [failing]
+    assert await redis_store.history_for_call("s", "other", "h-new") == []
+    for i in range(3):
+        await redis_store.append("s", Step("other", f"o{i}", "m"), window=3)
+    assert await redis_store.history_for_call("s", "deploy", "h-new") == []
 
 
 async def test_redis_dead_port_raises_store_error() -> None:

@@ -34,8 +34,11 @@ def test_the_built_in_rules_are_registered_in_precedence_order() -> None:
     assert [rule.name for rule in RULES] == [
         StallRule.HARD_CAP,
         StallRule.IDENTICAL_ERRORS,
+        StallRule.ERROR_STREAK,
         StallRule.STALLED_REPEAT,
+        StallRule.NO_PROGRESS,
     ]
+    # text_loop judges turns, not calls: named, not in RULES.
     assert set(RULES_BY_NAME) == {str(rule) for rule in StallRule}
 
 
