@@ -252,7 +252,8 @@ def history_from_swe_agent(doc: dict[str, Any]) -> list[HistoryStep]:
     Each entry is one command the agent ran in its shell (``"find_file x.py"``,
     ``"python reproduce.py"``, ``"edit 10:12 ..."``): the tool is the command's first
     word, the call the whole command. The file has no error flag; the result's text
-    decides (``looks_like_error``).
+    decides (``looks_like_error``). A file without trajectory entries (a
+    function-calling run saved as its model history only) is read from ``history``.
     """
     steps = []
     for entry in _get(doc, "trajectory") or ():
@@ -263,7 +264,29 @@ def history_from_swe_agent(doc: dict[str, Any]) -> list[HistoryStep]:
         outcome = _get(entry, "observation")
         tool = command.split(None, 1)[0]
         steps.append(HistoryStep(tool, {"command": command}, outcome, looks_like_error(outcome)))
-    return steps
+    if steps:
+        return steps
+    return history_from_swe_agent_messages(_get(doc, "history") or [])
+
+
+def history_from_swe_agent_messages(messages: list[Any]) -> list[HistoryStep]:
+    """A SWE-agent model history: OpenAI chat messages, except that a ``tool`` message
+    names the calls it answers in a list, ``tool_call_ids``. The tool is the function
+    the model called, the call its arguments (as on a live model route)."""
+    chat: list[Any] = []
+    for message in messages:
+        ids = _get(message, "tool_call_ids")
+        if _get(message, "role") == "tool" and isinstance(ids, list):
+            chat.extend({**message, "tool_call_id": call_id} for call_id in ids)
+        else:
+            chat.append(message)
+    return history_from_openai_chat(chat)
+
+
+def is_swe_agent_traj(value: Any) -> bool:
+    return isinstance(value, dict) and (
+        isinstance(value.get("trajectory"), list) or isinstance(value.get("history"), list)
+    )
 
 
 # OpenHands action args that describe the call, not what it does.
@@ -319,4 +342,10 @@ def is_openhands_event(value: Any) -> bool:
     )
 
 
-__all__ += ["history_from_openhands", "history_from_swe_agent", "is_openhands_event"]
+__all__ += [
+    "history_from_openhands",
+    "history_from_swe_agent",
+    "history_from_swe_agent_messages",
+    "is_openhands_event",
+    "is_swe_agent_traj",
+]

@@ -11,7 +11,8 @@ Input formats (detected from the content):
 * an OpenAI Chat Completions transcript ``{"messages": [...]}``;
 * an OpenAI Responses input ``{"input": [...]}``;
 * an Anthropic Messages transcript ``{"messages": [...]}`` with ``tool_use`` blocks;
-* a SWE-agent ``.traj`` file ``{"trajectory": [{"action", "observation"}, ...]}``;
+* a SWE-agent ``.traj`` file ``{"trajectory": [{"action", "observation"}, ...]}``, or
+  one holding only its model history ``{"history": [...]}`` (function calling);
 * an OpenHands event log: a JSON list of events (its saved trajectory) or one event a
   line (a user message in it is a human turn).
 
@@ -35,6 +36,7 @@ from adapters.trajectory import (
     history_from_openhands,
     history_from_swe_agent,
     is_openhands_event,
+    is_swe_agent_traj,
 )
 from guard.engine.calls import Step, Verdict
 from guard.engine.config import Config
@@ -81,11 +83,8 @@ def load_steps(path: str) -> list[ReplayStep]:
     except ValueError:
         whole = None
     # One JSON document: a transcript (a single-line JSONL step also parses as one).
-    if isinstance(whole, dict) and isinstance(whole.get("trajectory"), list):
+    if is_swe_agent_traj(whole):  # its trajectory, or its model history alone
         return _steps(history_from_swe_agent(whole), DEFAULT_SESSION)
-    if isinstance(whole, dict) and isinstance(whole.get("history"), list):
-        # A SWE-agent .traj with only its model history (function calling): OpenAI chat.
-        return _steps(history_from_openai_chat(whole["history"]), DEFAULT_SESSION)
     if isinstance(whole, list) and whole and is_openhands_event(whole[0]):
         return _steps(history_from_openhands(whole), DEFAULT_SESSION)
     if isinstance(whole, dict) and "tool" not in whole and not is_openhands_event(whole):

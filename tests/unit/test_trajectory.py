@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from adapters.trajectory import (
     history_from_anthropic,
     history_from_openai_chat,
@@ -118,3 +120,23 @@ def test_tolerates_junk() -> None:
     assert history_from_openai_chat([{"role": "assistant", "tool_calls": [{"id": "x"}]}, 3]) == []
     assert history_from_anthropic([{"role": "user", "content": "text"}, None]) == []
     assert history_from_openai_responses([]) == []
+
+
+def test_swe_agent_model_history_pairs_by_tool_call_ids() -> None:
+    from adapters.trajectory import history_from_swe_agent
+
+    def call(call_id: str, command: str) -> dict:
+        return _call(call_id, "bash", json.dumps({"command": command}))
+
+    history = [
+        {"role": "system", "content": "SETTING: ..."},
+        {"role": "assistant", "tool_calls": [call("a", "ls"), call("b", "pwd")]},
+        # One tool message answers both calls of the turn.
+        {"role": "tool", "content": "out", "tool_call_ids": ["a", "b"]},
+        {"role": "assistant", "tool_calls": [call("c", "false")]},  # not executed yet
+    ]
+    # An empty trajectory is no run: the model history is read.
+    assert history_from_swe_agent({"trajectory": [], "history": history}) == [
+        HistoryStep("bash", {"command": "ls"}, "out", False),
+        HistoryStep("bash", {"command": "pwd"}, "out", False),
+    ]
