@@ -19,7 +19,7 @@ from collections.abc import Sequence
 
 from guard.engine.calls import Step, Verdict
 from guard.engine.config import LoopConfig, ToolOverride
-from guard.engine.profiles import PROFILES, Profile, profile_by_name
+from guard.engine.profiles import Profile, profile_of
 from guard.engine.rules import RULES, CallWindow, Limits, Rule, tool_wide
 
 NO_PROFILE = Profile("")
@@ -54,10 +54,8 @@ class Detector:
         """The tool's limits: its own overrides, over its profile's, over ``[loop]``."""
         cfg, d = self.cfg, self._default
         override = cfg.tools.get(tool)
-        name: str | None = override.profile if override is not None else None
-        if name is None:
-            name = profile_by_name(tool, cfg.profile_names)
-        p = PROFILES[name] if name is not None else NO_PROFILE
+        configured = override.profile if override is not None else None
+        p = profile_of(tool, configured, cfg.profile_names) or NO_PROFILE
         o = override if override is not None else NO_OVERRIDE
         # A value written in [loop] holds for every tool: a profile's preset only
         # replaces [loop]'s built-in default.

@@ -35,6 +35,10 @@ class Profile:
     max_identical_errors: int | None = None
     max_identical_calls: int | None = None
     max_error_streak: int | None = None
+    # Keys volatile in this kind of tool's results only (on top of ``[loop]
+    # volatile_keys``): a key that is an id minted per call here can be the very
+    # content elsewhere (a search result's ``id``).
+    volatile_keys: tuple[str, ...] = ()
 
 
 PROFILES: dict[str, Profile] = {
@@ -48,7 +52,14 @@ PROFILES: dict[str, Profile] = {
     # Sends a message or posts: every send has an effect on someone else, so the very
     # same message is never sent ten times, whatever ids come back (the issue's peers
     # stop a send loop at 20; loopguard's stalled repeat stops it at the 4th).
-    "send": Profile("send", max_identical_calls=10),
+    "send": Profile(
+        "send",
+        max_identical_calls=10,
+        # What messaging APIs mint per send, so the same message sent again looks the
+        # same: a generic "id" (Discord, Gmail), Slack's "ts"/"thread_ts", Twilio's "sid",
+        # Gmail's "threadId". Never volatile globally: a search result's id is content.
+        volatile_keys=("id", "sid", "thread_ts", "message_ts", "threadId", "thread_id"),
+    ),
     # Polls a status: a long job is polled many times while its status changes, which
     # is progress, so the hard cap is 120, not 30. The same status 4 times with nothing
     # else happening is still a stalled repeat (default 3): an agent waiting on a job
@@ -89,6 +100,14 @@ def name_words(tool: str) -> list[str]:
     return [w.lower() for w in _WORDS.findall(tool)]
 
 
+def profile_of(
+    tool: str, configured: ProfileName | None, names: Mapping[ProfileName, tuple[str, ...]]
+) -> Profile | None:
+    """The tool's profile: the configured one, else the one its name gives, else None."""
+    name = configured if configured is not None else profile_by_name(tool, names)
+    return PROFILES[name] if name is not None else None
+
+
 def profile_by_name(tool: str, names: Mapping[ProfileName, tuple[str, ...]]) -> ProfileName | None:
     words = set(name_words(tool))
     for profile, keys in names.items():
@@ -105,4 +124,5 @@ __all__ = [
     "Progress",
     "name_words",
     "profile_by_name",
+    "profile_of",
 ]

@@ -25,6 +25,7 @@ import xxhash
 
 from guard.engine.canonical import canonical_json, encode_canonical, parse_json_text
 from guard.engine.config import LoopConfig
+from guard.engine.profiles import PROFILES, profile_of
 from guard.engine.redact import Redactor
 
 MAX_EXPLICIT = 64
@@ -57,59 +58,33 @@ def resolve_pointer(document: Any, pointer: str) -> Any:
     return node
 
 
-class ProgressMarkers:
-    def __init__(self, loop_cfg: LoopConfig, redactor: Redactor) -> None:
-        self.redactor = redactor
-        self._volatile_keys = frozenset(k.lower() for k in loop_cfg.volatile_keys)
-        patterns = loop_cfg.volatile_patterns
-        self._volatile = re.compile("|".join(f"(?:{p})" for p in patterns)) if patterns else None
-        self._pointers = {
-            name: o.progress_pointer
-            for name, o in loop_cfg.tools.items()
-            if o.progress_pointer is not None
-        }
+class _Stripper:
+    """Takes the volatile parts out of an outcome: keys dropped wherever they appear in
+    objects, patterns replaced by ``~`` in every string. One per set of volatile keys
+    (``[loop]``'s, and each profile's on top), each with its own caches."""
+
+    def __init__(self, volatile_keys: frozenset[str], volatile: re.Pattern[str] | None) -> None:
+        self._volatile_keys = volatile_keys
+        self._volatile = volatile
         # Outcomes repeat their keys and many of their strings call after call (that is
         # what a loop is): the volatile-key test and the pattern substitution of short
         # strings are pure functions of their input, so they are cached.
         self._kept_keys: dict[str, bool] = {}
         self._text_cache: dict[str, str] = {}
 
-    def marker(self, tool: str, outcome: Any, explicit: str | None = None) -> str:
-        if explicit is not None and explicit != "":
-            return self.redactor.redact_text(str(explicit))[:MAX_EXPLICIT]
-        value = parse_json_text(outcome)
-        pointer = self._pointers.get(tool)
-        if pointer is not None:
-            found = resolve_pointer(value, pointer)
-            if found is not _MISSING:
-                text = found if isinstance(found, str) else canonical_json(found).decode()
-                text = self.redactor.redact_text(text)
-                if len(text) > MAX_POINTER_VALUE:
-                    return "ptr#" + xxhash.xxh3_64_hexdigest(text.encode())
-                return "ptr:" + text
-        return "h:" + xxhash.xxh3_64_hexdigest(self.normalized(value))
-
-    def normalized(self, value: Any) -> bytes:
-        """The bytes hashed for a marker: volatile parts out, redacted, canonical."""
-        if isinstance(value, bytes | bytearray):
-            value = value.decode("utf-8", "replace")
-        if isinstance(value, str):
-            return self.redactor.redact_text(self._strip_text(value)).encode()
-        return encode_canonical(self.redactor.redact(self._strip(value)))
-
-    def _strip_text(self, text: str) -> str:
+    def text(self, text: str) -> str:
         return self._volatile.sub("~", text) if self._volatile is not None else text
 
-    def _strip(self, value: Any) -> Any:
+    def value(self, value: Any) -> Any:
         if isinstance(value, dict):
-            return self._strip_dict(value)
+            return self._dict(value)
         if isinstance(value, list | tuple):
-            return [self._strip(v) for v in value]
+            return [self.value(v) for v in value]
         if isinstance(value, str):
-            return self._strip_str(value)
+            return self._str(value)
         return value
 
-    def _strip_dict(self, value: dict[Any, Any]) -> dict[Any, Any]:
+    def _dict(self, value: dict[Any, Any]) -> dict[Any, Any]:
         kept_keys = self._kept_keys
         out: dict[Any, Any] = {}
         for k, v in value.items():
@@ -125,13 +100,13 @@ class ProgressMarkers:
             # (subclasses, tuples) takes the general path.
             t = type(v)
             if t is str:
-                out[k] = self._strip_str(v)
+                out[k] = self._str(v)
             elif t is dict:
-                out[k] = self._strip_dict(v)
+                out[k] = self._dict(v)
             elif t is int or t is bool or t is float or v is None:
                 out[k] = v
             else:
-                out[k] = self._strip(v)
+                out[k] = self.value(v)
         return out
 
     def _key_kept(self, key: str) -> bool:
@@ -141,16 +116,82 @@ class ProgressMarkers:
         self._kept_keys[key] = kept
         return kept
 
-    def _strip_str(self, text: str) -> str:
+    def _str(self, text: str) -> str:
         cached = self._text_cache.get(text)
         if cached is not None:
             return cached
-        stripped = self._strip_text(text)
+        stripped = self.text(text)
         if len(text) <= _CACHED_TEXT_MAX:
             if len(self._text_cache) >= _CACHE_SIZE:
                 self._text_cache.clear()
             self._text_cache[text] = stripped
         return stripped
+
+
+class ProgressMarkers:
+    def __init__(self, loop_cfg: LoopConfig, redactor: Redactor) -> None:
+        self.redactor = redactor
+        self._cfg = loop_cfg
+        keys = frozenset(k.lower() for k in loop_cfg.volatile_keys)
+        patterns = loop_cfg.volatile_patterns
+        volatile = re.compile("|".join(f"(?:{p})" for p in patterns)) if patterns else None
+        self._default = _Stripper(keys, volatile)
+        # A profile with volatile keys of its own gets its own stripper (built once).
+        self._by_profile = {
+            profile.name: _Stripper(keys | {k.lower() for k in profile.volatile_keys}, volatile)
+            for profile in PROFILES.values()
+            if profile.volatile_keys
+        }
+        self._tools: dict[str, _Stripper] = {}  # per tool, resolved on first sight
+        self._pointers = {
+            name: o.progress_pointer
+            for name, o in loop_cfg.tools.items()
+            if o.progress_pointer is not None
+        }
+
+    def marker(self, tool: str, outcome: Any, explicit: str | None = None) -> str:
+        if explicit is not None and explicit != "":
+            return self.redactor.redact_text(str(explicit))[:MAX_EXPLICIT]
+        value = parse_json_text(outcome)
+        pointer = self._pointers.get(tool)
+        if pointer is not None:
+            found = resolve_pointer(value, pointer)
+            if found is not _MISSING:
+                text = found if isinstance(found, str) else canonical_json(found).decode()
+                text = self.redactor.redact_text(text)
+                if len(text) > MAX_POINTER_VALUE:
+                    return "ptr#" + xxhash.xxh3_64_hexdigest(text.encode())
+                return "ptr:" + text
+        stripper = self._tools.get(tool)
+        if stripper is None:
+            stripper = self._stripper_for(tool)
+        return "h:" + xxhash.xxh3_64_hexdigest(self._normalized(value, stripper))
+
+    def normalized(self, value: Any, tool: str | None = None) -> bytes:
+        """The bytes hashed for a marker: volatile parts out, redacted, canonical."""
+        stripper = self._default if tool is None else self._stripper_for(tool)
+        return self._normalized(value, stripper)
+
+    def _normalized(self, value: Any, stripper: _Stripper) -> bytes:
+        if isinstance(value, bytes | bytearray):
+            value = value.decode("utf-8", "replace")
+        if isinstance(value, str):
+            return self.redactor.redact_text(stripper.text(value)).encode()
+        return encode_canonical(self.redactor.redact(stripper.value(value)))
+
+    def _stripper_for(self, tool: str) -> _Stripper:
+        override = self._cfg.tools.get(tool)
+        configured = override.profile if override is not None else None
+        profile = profile_of(tool, configured, self._cfg.profile_names)
+        stripper = self._by_profile.get(profile.name, self._default) if profile else self._default
+        if len(self._tools) >= _CACHE_SIZE:
+            self._tools.clear()
+        self._tools[tool] = stripper
+        return stripper
+
+    def _strip(self, value: Any) -> Any:
+        """The outcome with ``[loop]``'s volatile parts out (no profile's)."""
+        return self._default.value(value)
 
 
 __all__ = ["ProgressMarkers", "resolve_pointer"]

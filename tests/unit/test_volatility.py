@@ -145,3 +145,34 @@ def test_pytest_timing_line_is_not_progress_but_the_result_is() -> None:
     same = [run.format(t=t, name="a") for t in ("0.52", "0.61", "1.03")]
     assert len(markers("bash", same)) == 1
     assert M.marker("bash", same[0]) != M.marker("bash", run.format(t="0.52", name="b"))
+
+
+# -- volatile keys of a profile: ids a send mints are fresh only for sends --------
+
+
+def _discord_send(n: int) -> dict[str, object]:
+    # A create-message answer: the new message's id in a plain "id" key (a short id that
+    # no default pattern treats as volatile).
+    return {"id": f"K{n}xQ7p", "channel": "eng", "content": "build is red"}
+
+
+def test_a_send_tools_generic_id_is_volatile_so_the_resend_loop_stops_at_the_fourth() -> None:
+    sends = [_discord_send(n) for n in range(6)]
+    assert len(markers("post_message", sends)) == 1  # "post" -> the send profile
+    assert stopped_at("post_message", sends) == 4
+
+
+def test_hard_negative_the_same_shape_from_a_search_keeps_its_ids() -> None:
+    # A search returning different records: "id" is the content here, not a receipt.
+    results = [_discord_send(n) for n in range(6)]
+    assert len(markers("search_messages", results)) == 6
+    assert stopped_at("search_messages", results) is None
+
+
+def test_a_configured_profile_brings_its_volatile_keys_to_any_tool_name() -> None:
+    cfg = LoopConfig.model_validate({"tools": {"notify_team": {"profile": "send"}}})
+    m = ProgressMarkers(cfg, Redactor(RedactionConfig(), key=b"k"))
+    sends = [_discord_send(n) for n in range(3)]
+    assert len({m.marker("notify_team", s) for s in sends}) == 1
+    plain = ProgressMarkers(LoopConfig(profile_names={}), Redactor(RedactionConfig(), key=b"k"))
+    assert len({plain.marker("notify_team", s) for s in sends}) == 3  # no profile: kept
