@@ -31,7 +31,11 @@ from adapters.model_common import (
     usage_of,
 )
 from adapters.sse import SSEEvent
-from adapters.trajectory import history_from_anthropic, text_tail_anthropic
+from adapters.trajectory import (
+    history_from_anthropic,
+    text_tail_anthropic,
+    with_stopped_tools,
+)
 from guard.engine.calls import Usage, Verdict
 from guard.engine.config import RouteConfig
 from guard.engine.contract import Answer, ParsedRequest, PassthroughObserver, RequestView
@@ -66,7 +70,7 @@ class AnthropicAdapter:
         parsed.history = (
             history_from_anthropic(messages)
             if _ends_in_tool_result(messages)
-            else text_tail_anthropic(messages)
+            else with_stopped_tools(text_tail_anthropic(messages), history_from_anthropic, messages)
         )
         first_user = next(
             (m.get("content") for m in messages if isinstance(m, dict) and m.get("role") == "user"),

@@ -71,7 +71,7 @@ class HttpToolAdapter:
     def stop_answer(self, request: RequestView, parsed: ParsedRequest, verdict: Verdict) -> Answer:
         """422 problem+json written for the model, ``x-loopguard-route: stop_and_review``."""
         # The session the front door resolved with the configured [session] headers.
-        return stall_problem(verdict, request.session)
+        return stall_problem(verdict, request.session, self.route.stop_message)
 
     def nudge(self, request: RequestView, parsed: ParsedRequest, verdict: Verdict) -> bytes:
         # Tools have no conversation to add a message to: the request goes as it came.

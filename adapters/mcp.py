@@ -82,6 +82,8 @@ class McpAdapter:
 
     def __init__(self, route: RouteConfig | None = None) -> None:
         self.route = route
+        # The route's wording for the isError text of a stopped call (None: loopguard's).
+        self._stop_message = route.stop_message if route is not None else None
 
     # -- request ---------------------------------------------------------------------
 
@@ -149,7 +151,9 @@ class McpAdapter:
     def stop_answer(self, request: RequestView, parsed: ParsedRequest, verdict: Verdict) -> Answer:
         decoded = json.loads(request.body)
         replies = [
-            reply for message in _listed(decoded) if (reply := _stop_reply(message, verdict))
+            reply
+            for message in _listed(decoded)
+            if (reply := _stop_reply(message, verdict, self._stop_message))
         ]
         headers: list[tuple[str, str]] = []
         if _wants_json(request.headers.get("accept")):
@@ -317,7 +321,9 @@ def _wants_json(accept: str | None) -> bool:
     )
 
 
-def _stop_reply(message: Any, verdict: Verdict) -> dict[str, Any] | None:
+def _stop_reply(
+    message: Any, verdict: Verdict, stop_message: str | None = None
+) -> dict[str, Any] | None:
     """The reply loopguard gives to one message of a stopped request (None: no reply)."""
     if not isinstance(message, dict) or not isinstance(message.get("method"), str):
         return None
@@ -334,7 +340,7 @@ def _stop_reply(message: Any, verdict: Verdict) -> dict[str, Any] | None:
     tool = params.get("name") if isinstance(params, dict) else None
     stop: dict[str, Any] = {"tool": tool}
     if tool == verdict.tool:
-        text = stop_text(verdict)
+        text = stop_text(verdict, stop_message)
         stop.update(
             rule=str(verdict.rule) if verdict.rule else None,
             repeats=verdict.repeats,

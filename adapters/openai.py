@@ -16,8 +16,9 @@ Guard messages:
 With ``previous_response_id`` the earlier turns live on OpenAI's side: the adapter
 names the response continued (``ParsedRequest.continues``) and the tool results whose
 calls are in it (``open_results``); the Exchange puts the turns it kept back
-(``guard/doors/chain.py``). With ``conversation`` only the items in the request are
-seen, so a stall spread over a Conversations API object is not detected.
+(``guard/doors/chain.py``). With ``conversation`` (the Conversations API) the same
+holds per conversation: the adapter names it (``ParsedRequest.conversation``) and the
+Exchange keeps the turns per conversation instead of per response.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ from adapters.trajectory import (
     looks_like_error,
     text_tail_openai_chat,
     text_tail_openai_responses,
+    with_stopped_tools,
 )
 from guard.engine.calls import Usage, Verdict
 from guard.engine.config import RouteConfig
@@ -99,7 +101,11 @@ class OpenAIAdapter:
         # a new user turn (a human answering) is never nudged or stopped.
         ends_in_tool = bool(messages) and _role(messages[-1]) == "tool"
         parsed.history = (
-            history_from_openai_chat(messages) if ends_in_tool else text_tail_openai_chat(messages)
+            history_from_openai_chat(messages)
+            if ends_in_tool
+            else with_stopped_tools(
+                text_tail_openai_chat(messages), history_from_openai_chat, messages
+            )
         )
         parsed.fields = conversation_fields(
             request.headers,
@@ -124,9 +130,18 @@ class OpenAIAdapter:
     ) -> None:
         items = body.get("input")
         parsed.history = text_tail_openai_responses(items)
+        if isinstance(items, list):
+            parsed.history = with_stopped_tools(
+                parsed.history, history_from_openai_responses, items
+            )
         parsed.open_results = {}
         previous = body.get("previous_response_id")
         parsed.continues = previous if isinstance(previous, str) and previous else None
+        conversation = body.get("conversation")
+        if isinstance(conversation, dict):
+            conversation = conversation.get("id")
+        if parsed.continues is None and isinstance(conversation, str) and conversation:
+            parsed.conversation = conversation
         if (
             isinstance(items, list)
             and items
@@ -134,11 +149,8 @@ class OpenAIAdapter:
             and items[-1].get("type") == "function_call_output"
         ):
             parsed.history = history_from_openai_responses(items)
-            if parsed.continues is not None:
+            if parsed.continues is not None or parsed.conversation is not None:
                 parsed.open_results = _open_results(items)
-        conversation = body.get("conversation")
-        if isinstance(conversation, dict):
-            conversation = conversation.get("id")
         first_user = items if isinstance(items, str) else None
         if isinstance(items, list):
             first_user = _first(items, ("user",))

@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from guard.engine.contract import HistoryStep
+from guard.engine.conversation import retry_after_stop
 
 _ERROR_TEXT = re.compile(
     r"\s*(?:error\b|exception\b|traceback \(most recent call last\))", re.IGNORECASE
@@ -216,6 +217,16 @@ def text_tail_anthropic(messages: list[Any]) -> list[HistoryStep]:
     return _text_tail(map(_anthropic_turn, _last(messages)))
 
 
+def with_stopped_tools(
+    tail: list[HistoryStep], tools: Callable[[list[Any]], list[HistoryStep]], items: list[Any]
+) -> list[HistoryStep]:
+    """The text tail, with the request's tool history before it when the tail is a
+    framework's retry of a stopped request (the engine judges that on the tool history)."""
+    if tail and retry_after_stop(tail):
+        return tools(items) + tail
+    return tail
+
+
 def _last(items: list[Any]) -> Iterator[Any]:
     """The items newest first, lazily: the tail is read only as far as it goes."""
     return reversed(items) if isinstance(items, list) else iter(())
@@ -230,6 +241,7 @@ __all__ = [
     "text_tail_anthropic",
     "text_tail_openai_chat",
     "text_tail_openai_responses",
+    "with_stopped_tools",
 ]
 
 

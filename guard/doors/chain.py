@@ -1,4 +1,5 @@
-"""Server-side conversation state (OpenAI Responses ``previous_response_id``).
+"""Server-side conversation state (OpenAI Responses ``previous_response_id`` and
+``conversation``).
 
 A request that continues a stored response carries only its newest items: the tool
 results for the calls that response made. loopguard relays every response, so it keeps,
@@ -13,6 +14,13 @@ paired with the calls by id, the steps appended, and the whole judged exactly as
 request carrying its full history (nudge, then stop). A response loopguard never saw
 (state created elsewhere, expired, or a store without state) is served and the call is
 marked untracked (``session_tracked = false`` on span and record), never guessed.
+
+A ``conversation`` (the Conversations API) is one object the server appends every
+request's items and every response's output to: the state is kept per conversation
+instead of per response, under a keyed pseudonym of the conversation id (the id itself
+never reaches the store), and each relayed response replaces it. A conversation
+loopguard holds no state for is served and marked untracked the same way; from there on
+its chain is what loopguard relays.
 """
 
 from __future__ import annotations
@@ -26,6 +34,7 @@ from guard.engine.core import Engine
 from guard.engine.problem import STOP_SIGNATURE, is_stop_answer
 
 _KEY = "response:"
+_CONVERSATION_KEY = "conversation:"
 # [tool, params_hash, marker, error, the result was loopguard's own stop]
 Stored = list[Any]
 
@@ -33,22 +42,31 @@ Stored = list[Any]
 class Chain:
     """What one Responses request knows of the conversation it continues."""
 
-    __slots__ = ("known", "steps")
+    __slots__ = ("key", "known", "steps")
 
-    def __init__(self, steps: list[Stored], known: bool) -> None:
+    def __init__(self, steps: list[Stored], known: bool, key: str | None = None) -> None:
         self.steps = steps  # the history, oldest first, as stored
         self.known = known  # False: the request continues a response loopguard never saw
+        # Where the next state goes: the conversation's key, or None (the response's id).
+        self.key = key
 
 
 async def rebuild(engine: Engine, parsed: ParsedRequest) -> Chain:
     """The stored history this request continues, with its own results appended."""
     steps: list[Stored] = []
-    if parsed.continues is None:
+    key = None
+    if parsed.conversation is not None:
+        key = _CONVERSATION_KEY + engine.pseudonym(parsed.conversation)
+    elif parsed.continues is not None:
+        key = _KEY + parsed.continues
+    else:
         return Chain(steps + _inline(engine, parsed), True)
     get = getattr(engine.store, "get_state", None)
-    raw = await get(_KEY + parsed.continues) if get is not None else None
+    raw = await get(key) if get is not None else None
+    if parsed.conversation is None:
+        key = None  # the next state is kept under the new response's id
     if raw is None:
-        return Chain(_inline(engine, parsed), False)
+        return Chain(_inline(engine, parsed), False, key)
     state = orjson.loads(raw)
     steps = list(state.get("s") or [])
     calls: dict[str, list[str]] = state.get("c") or {}
@@ -59,7 +77,7 @@ async def rebuild(engine: Engine, parsed: ParsedRequest) -> Chain:
         tool, params_hash = call
         stopped = is_stop_answer(outcome)
         steps.append([tool, params_hash, engine.marker(tool, outcome), error, stopped])
-    return Chain(steps + _inline(engine, parsed), True)
+    return Chain(steps + _inline(engine, parsed), True, key)
 
 
 def history(chain: Chain) -> list[HistoryStep]:
@@ -78,10 +96,11 @@ def history(chain: Chain) -> list[HistoryStep]:
 
 
 async def remember(engine: Engine, chain: Chain, observation: Observation) -> None:
-    """Keep the history and the calls of a relayed response under its id."""
+    """Keep the history and the calls of a relayed response under its id (or its
+    conversation's key)."""
     response_id = observation.response_id
     put = getattr(engine.store, "put_state", None)
-    if not response_id or put is None:
+    if not response_id or put is None:  # no response id: the upstream made no response
         return
     calls = {
         str(call.call_id): [call.tool, engine.fingerprint(call.params)]
@@ -90,7 +109,7 @@ async def remember(engine: Engine, chain: Chain, observation: Observation) -> No
     }
     window = engine.config.loop.window
     state = {"s": chain.steps[-window:], "c": calls}
-    await put(_KEY + response_id, orjson.dumps(state).decode())
+    await put(chain.key or _KEY + response_id, orjson.dumps(state).decode())
 
 
 def _inline(engine: Engine, parsed: ParsedRequest) -> list[Stored]:

@@ -261,7 +261,7 @@ class Exchange:
         assert self.parsed is not None
         route = self.route
         if self.parsed.operation == "chat" and route is not None and route.on_stop == "error":
-            answer = stall_problem(verdict, self.session)
+            answer = stall_problem(verdict, self.session, route.stop_message)
         else:
             answer = self.adapter.stop_answer(self.request, self.parsed, verdict)
         self.record.route = Route.STOP_AND_REVIEW

@@ -314,7 +314,8 @@ class RouteConfig(_Section):
     nudge: bool = True
     # OpenAI Chat Completions: ask for usage on streams and hide it from clients that did not.
     inject_stream_usage: bool = False
-    # Model routes: the stop answer's text (it becomes the end user's answer), a template
+    # The stop answer's text on every route (model routes: it becomes the end user's
+    # answer; MCP: the isError text; HTTP tools: the 422 problem's detail), a template
     # with {tool}, {n} (times the tool ran) and {rule}; None: loopguard's text for the model.
     stop_message: str | None = None
 

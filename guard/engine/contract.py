@@ -116,6 +116,9 @@ class ParsedRequest:
     # state it kept for the responses it relayed.
     continues: str | None = None
     open_results: dict[Any, tuple[Any, bool]] | None = None
+    # The server-side conversation (Responses ``conversation``) the request adds to: the
+    # history is kept per conversation, under a keyed pseudonym of its id.
+    conversation: str | None = None
 
 
 @dataclass(slots=True)

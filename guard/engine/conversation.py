@@ -13,6 +13,13 @@ A request that asks for the model's next turn after text turns (no tool results)
 its text tail instead (``HistoryStep.kind`` "text" / "user"): the optional text-loop rule
 judges it the same way, nudge first, then stop.
 
+A framework's retry turn after a stop is part of the same stall: when the request's
+last turns are loopguard's stop answer followed only by user turns no human wrote
+(``is_retry_turn``: empty, quoting the stop, or a framework's retry prompt such as
+pydantic-ai's "Validation feedback: ... Fix the errors and try again."), the adapter
+hands the tool history before the stop too and the request is judged on it: the stop
+stands and is answered again, so the retry never reaches the model (nor the tool).
+
 This is deterministic in the conversation alone, so N replicas agree without
 sharing state, and a client that resends the same history gets the same answer.
 """
@@ -23,7 +30,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Literal
 
 from guard.engine.calls import Step, Verdict
-from guard.engine.problem import is_stop_answer
+from guard.engine.problem import STOP_SIGNATURE, is_stop_answer
 from guard.engine.rules import RULES_BY_NAME, TEXT_LOOP, session_wide, tool_wide
 
 if TYPE_CHECKING:
@@ -48,7 +55,14 @@ def analyze(
     if not history:
         return SERVE
     if history[-1].kind != "tool":
-        return _text_loop(engine, history, nudge_first)
+        if not retry_after_stop(history):
+            return _text_loop(engine, history, nudge_first)
+        # A framework's retry of a stopped request: judged on the tool history it has.
+        tools = [step for step in history if step.kind == "tool"]
+        decision = analyze(engine, tools, nudge_first=nudge_first) if tools else SERVE
+        if decision.action == "stop":
+            return decision
+        return _text_loop(engine, [s for s in history if s.kind != "tool"], nudge_first)
     steps: list[Step] = []
     # Per stall (a call's, or a tool-wide rule's on a tool): how many of its steps
     # would already have been blocked.
@@ -91,6 +105,43 @@ def analyze(
     if nudge_first and points == 0:
         return StallDecision("nudge", verdict, points)
     return StallDecision("stop", verdict, points)
+
+
+# Text a framework puts in the user turn it sends on its own after an answer it could
+# not use (no human wrote it): pydantic-ai's retry prompts, both its older form
+# ("Validation feedback: ... Fix the errors and try again.", "... include your response
+# in a tool call") and its newer tagged one ("<pyai:retry_feedback>").
+RETRY_PROMPT_MARKERS = (
+    "Fix the errors and try again.",
+    "Validation feedback:",
+    "include your response in a tool call",
+    "<pyai:retry_feedback>",
+    "automated feedback, not a message from the user",
+)
+
+
+def is_retry_turn(text: object) -> bool:
+    """A user turn with no new human content: empty, quoting loopguard's stop back (a
+    framework's validation error carries the text it rejected), or a retry prompt."""
+    if not isinstance(text, str):
+        text = "" if text is None else str(text)
+    if not text.strip() or STOP_SIGNATURE in text:
+        return True
+    return any(marker in text for marker in RETRY_PROMPT_MARKERS)
+
+
+def retry_after_stop(tail: list[HistoryStep]) -> bool:
+    """The request ends in loopguard's stop answer (an assistant text turn) followed only
+    by user turns no human wrote: the framework retrying a stopped request."""
+    users = 0
+    for turn in reversed(tail):
+        if turn.kind == "user":
+            if not is_retry_turn(turn.outcome):
+                return False  # a human answered: a new turn, served
+            users += 1
+            continue
+        return users > 0 and turn.kind == "text" and is_stop_answer(turn.outcome)
+    return False
 
 
 # The tool a text-loop verdict names (records, spans, the stops metric): no tool was called.

@@ -79,14 +79,16 @@ def problem(
     return Answer(status=status, headers=headers, chunks=[json.dumps(body).encode()])
 
 
-def stall_problem(verdict: Verdict, session: str | None) -> Answer:
+def stall_problem(verdict: Verdict, session: str | None, message: str | None = None) -> Answer:
     """422 problem+json for a stopped call (HTTP tools; model routes with on_stop = "error").
 
-    ``message`` repeats the detail: the OpenAI and Anthropic SDKs (and the frameworks
-    over them) put a body's ``message`` into the exception text and drop the rest, so
-    without it the error a user sees would say only "Error code: 422".
+    ``message``: the route's ``stop_message`` template, the detail's wording (see
+    ``stop_text``). The body's ``message`` member repeats the detail: the OpenAI and
+    Anthropic SDKs (and the frameworks over them) put a body's ``message`` into the
+    exception text and drop the rest, so without it the error a user sees would say only
+    "Error code: 422".
     """
-    text = stop_text(verdict)
+    text = stop_text(verdict, message)
     return problem(
         422,
         "stalled-repeat" if verdict.rule is None else str(verdict.rule).replace("_", "-"),

@@ -16,11 +16,16 @@ answer until the graph's ``recursion_limit`` ends the run.
 
 Session: ``session=`` a string or a callable given the ``ToolCallRequest``; else the one
 ``guard.session(...)`` set around the invocation; else the ``thread_id`` of the run's
-config (``{"configurable": {"thread_id": ...}}``); else the Guard's default.
+config (``{"configurable": {"thread_id": ...}}``); else the run's ``run_id`` when the
+config names one; else an id of the graph invocation itself, so two runs without a
+thread id never share a session; else the Guard's default.
 """
 
 from __future__ import annotations
 
+import threading
+import uuid
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
@@ -106,5 +111,39 @@ def _stop_message(request: ToolCallRequest, stop: StalledRepeatError) -> ToolMes
 def _session(spec: FrameworkSession, request: ToolCallRequest) -> str | None:
     runtime = getattr(request, "runtime", None)
     config = getattr(runtime, "config", None) or {}
-    thread = (config.get("configurable") or {}).get("thread_id")
-    return resolve_session(spec, request, str(thread) if thread is not None else None)
+    configurable = config.get("configurable") or {}
+    thread = configurable.get("thread_id")
+    if thread is None:
+        fallback = _invocation_id(configurable.get("__pregel_runtime"))
+    else:
+        fallback = str(thread)
+    return resolve_session(spec, request, fallback)
+
+
+# One id per graph invocation without a thread id. LangGraph gives each invocation one
+# RunControl object (shared by all its steps, not weak-referenceable): the registry holds
+# it, so its id() cannot be reused by another run while the entry lives, and is bounded.
+_RUNS: OrderedDict[int, tuple[object, str]] = OrderedDict()
+_RUNS_LOCK = threading.Lock()
+_MAX_RUNS = 4096
+
+
+def _invocation_id(pregel_runtime: Any) -> str | None:
+    info = getattr(pregel_runtime, "execution_info", None)
+    run_id = getattr(info, "run_id", None)
+    if run_id is not None:
+        return f"langgraph-run-{run_id}"  # the run id the caller put in the config
+    control = getattr(pregel_runtime, "control", None)
+    if control is None:
+        return None  # a LangGraph without a per-run object: the Guard's default
+    key = id(control)
+    with _RUNS_LOCK:
+        entry = _RUNS.get(key)
+        if entry is None or entry[0] is not control:
+            entry = (control, f"langgraph-run-{uuid.uuid4().hex}")
+            _RUNS[key] = entry
+            if len(_RUNS) > _MAX_RUNS:
+                _RUNS.popitem(last=False)
+        else:
+            _RUNS.move_to_end(key)
+        return entry[1]

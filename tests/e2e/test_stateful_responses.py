@@ -1,7 +1,9 @@
-"""Responses API with server-side state (``previous_response_id``) through loopguard.
+"""Responses API with server-side state (``previous_response_id``, ``conversation``)
+through loopguard.
 
-The fake upstream honours ``previous_response_id`` as the real server does: it keeps
-every response it made and refuses an id it never made. Each request carries only the
+The fake upstream honours ``previous_response_id`` and the Conversations API as the real
+server does: it keeps every response and conversation it made and refuses an id it never
+made. Each request carries only the
 newest tool result; loopguard rebuilds the chain from what it kept of the responses it
 relayed and judges it as a full history: a nudge, then a stop.
 """
@@ -40,9 +42,23 @@ class StatefulFake:
         self.ids = itertools.count(1)
         self.responses: dict[str, dict[str, Any]] = {}
         self.requests: list[dict[str, Any]] = []
+        # Conversations API: conversation id -> the items appended to it.
+        self.conversations: dict[str, list[Any]] = {}
 
     def app(self) -> Starlette:
-        return Starlette(routes=[Route("/v1/responses", self.create, methods=["POST"])])
+        return Starlette(
+            routes=[
+                Route("/v1/responses", self.create, methods=["POST"]),
+                Route("/v1/conversations", self.new_conversation, methods=["POST"]),
+            ]
+        )
+
+    async def new_conversation(self, request: Request) -> Response:
+        conversation_id = f"conv_{next(self.ids)}"
+        self.conversations[conversation_id] = list((await request.json()).get("items") or [])
+        return JSONResponse(
+            {"id": conversation_id, "object": "conversation", "created_at": 0, "metadata": {}}
+        )
 
     async def create(self, request: Request) -> Response:
         body = await request.json()
@@ -52,6 +68,13 @@ class StatefulFake:
             message = f"Previous response with id '{previous}' not found."
             error = {"message": message, "type": "invalid_request_error", "code": None}
             return JSONResponse({"error": error}, status_code=400)
+        conversation = body.get("conversation")
+        if isinstance(conversation, dict):
+            conversation = conversation.get("id")
+        if conversation is not None and conversation not in self.conversations:
+            message = f"Conversation with id '{conversation}' not found."
+            error = {"message": message, "type": "invalid_request_error", "code": None}
+            return JSONResponse({"error": error}, status_code=404)
         n = next(self.ids)
         call = {
             "type": "function_call",
@@ -74,6 +97,10 @@ class StatefulFake:
             "usage": {"input_tokens": 5, "output_tokens": 3, "total_tokens": 8},
         }
         self.responses[response["id"]] = response
+        if conversation is not None:
+            items = body.get("input")
+            items = [{"role": "user", "content": items}] if isinstance(items, str) else items
+            self.conversations[conversation] += [*(items or []), call]
         if not body.get("stream"):
             return JSONResponse(response)
         events = [
@@ -109,9 +136,12 @@ def stack() -> Iterator[tuple[StatefulFake, str, str, list[dict[str, Any]]]]:
         yield fake, upstream, proxy + "/openai/v1", records
 
 
-def run_agent(client: openai.OpenAI, first: Any, *, stream: bool) -> tuple[int, list[str], Any]:
+def run_agent(
+    client: openai.OpenAI, first: Any, *, stream: bool, conversation: str | None = None
+) -> tuple[int, list[str], Any]:
     """An agent loop on server-side state: runs the tool for each call, sends only its
-    result. Returns the tool's run count, the route of each continuation, the last answer."""
+    result (continuing the last response, or adding to ``conversation``). Returns the
+    tool's run count, the route of each continuation, the last answer."""
     runs, routes, response = 0, [], first
     for _ in range(10):
         calls = [item for item in response.output if item.type == "function_call"]
@@ -123,8 +153,13 @@ def run_agent(client: openai.OpenAI, first: Any, *, stream: bool) -> tuple[int, 
             "call_id": calls[0].call_id,
             "output": "in transit",
         }
+        state: dict[str, Any] = (
+            {"conversation": conversation}
+            if conversation is not None
+            else {"previous_response_id": response.id}
+        )
         raw = client.responses.with_raw_response.create(
-            model="gpt-test", previous_response_id=response.id, input=[output], stream=stream
+            model="gpt-test", input=[output], stream=stream, **state
         )
         routes.append(raw.headers["x-loopguard-route"])
         parsed = raw.parse()
@@ -171,6 +206,77 @@ def test_a_response_loopguard_never_saw_is_served_and_marked_untracked(stack) ->
     runs, routes, last = run_agent(client, raw.parse(), stream=False)
     assert routes[:3] == ["serve", "serve", "nudge"] and runs <= 5
     assert last.output_text.startswith(STOP_SIGNATURE)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_stuck_agent_on_a_conversation_is_nudged_then_stopped(stack, stream) -> None:
+    fake, _, base, records = stack
+    session = {"x-loopguard-session": "agent-1"}
+    client = openai.OpenAI(base_url=base, api_key="k", max_retries=0, default_headers=session)
+    conversation = client.conversations.create()
+    raw = client.responses.with_raw_response.create(
+        model="gpt-test", input="where is A1?", tools=[TOOL], conversation=conversation.id
+    )
+    # loopguard has no state for a conversation created elsewhere: served, untracked.
+    assert raw.headers["x-loopguard-route"] == "serve"
+    assert records[-1]["session_tracked"] is False
+    runs, routes, last = run_agent(client, raw.parse(), stream=stream, conversation=conversation.id)
+    assert routes == ["serve", "serve", "nudge", "stop_and_review"]
+    assert runs == 4
+    assert last.output_text.startswith(STOP_SIGNATURE) and "4 times" in last.output_text
+    assert all(r["conversation"] == conversation.id for r in fake.requests)
+    assert "3 times" in fake.requests[3]["input"][-1]["content"]  # the nudge
+    assert len(fake.requests) == 4  # the stopped request never reached the model
+    assert [r["session_tracked"] for r in records[2:]] == [True] * 4
+    stop = records[-1]
+    assert (stop["route"], stop["repeat_count"]) == ("stop_and_review", 4)
+
+
+def test_two_conversations_keep_separate_chains(stack) -> None:
+    """Interleaved conversations: each is judged on its own chain (the state is per
+    conversation), so neither is nudged before its own third repeat."""
+    _, _, base, _records = stack
+    client = openai.OpenAI(base_url=base, api_key="k", max_retries=0)
+    ids = [client.conversations.create().id for _ in range(2)]
+    last = {
+        conv: client.responses.create(
+            model="gpt-test", input="where is A1?", tools=[TOOL], conversation=conv
+        )
+        for conv in ids
+    }
+    routes: dict[str, list[str]] = {conv: [] for conv in ids}
+    for _ in range(3):
+        for conv in ids:
+            output = {
+                "type": "function_call_output",
+                "call_id": last[conv].output[0].call_id,
+                "output": "in transit",
+            }
+            raw = client.responses.with_raw_response.create(
+                model="gpt-test", input=[output], conversation={"id": conv}
+            )
+            routes[conv].append(raw.headers["x-loopguard-route"])
+            last[conv] = raw.parse()
+    assert routes == {conv: ["serve", "serve", "nudge"] for conv in ids}
+
+
+def test_the_conversation_id_is_kept_only_as_a_keyed_pseudonym() -> None:
+    """The store never holds the conversation id itself."""
+    from guard.engine.store import MemoryStore
+
+    fake, records, store = StatefulFake(), [], MemoryStore()
+    with run_server(fake.app()) as upstream:
+        config = proxy_app(upstream, records).config
+        app = ProxyApp(config, engine=Engine(config, store=store))
+        with run_server(app) as proxy:
+            client = openai.OpenAI(base_url=proxy + "/openai/v1", api_key="k", max_retries=0)
+            conversation = client.conversations.create()
+            client.responses.create(
+                model="gpt-test", input="where is A1?", tools=[TOOL], conversation=conversation.id
+            )
+            keys = list(store._states)  # before the proxy's shutdown empties the store
+    assert len(keys) == 1 and keys[0].startswith("conversation:")
+    assert conversation.id not in keys[0]
 
 
 class Alternating(httpx.BaseTransport):
@@ -287,3 +393,78 @@ def test_pydantic_ai_with_an_output_type_ends_with_an_error_naming_loopguard(
         agent.run_sync("where is A1?")
     assert len(runs) == 4  # no retry turn reached the tool
     assert STOP_SIGNATURE in str(refused.value)
+
+
+def test_openai_agents_with_a_conversation_id_ends_by_the_stop(stack) -> None:
+    from agents import Agent, OpenAIResponsesModel, Runner, function_tool
+
+    fake, _, base, _records = stack
+    runs: list[str] = []
+
+    @function_tool
+    def lookup_tracking(order_id: str) -> str:
+        """Tracking status of an order."""
+        runs.append(order_id)
+        return "in transit"
+
+    async def run() -> Any:
+        client = openai.AsyncOpenAI(base_url=base, api_key="k", max_retries=0)
+        conversation = await client.conversations.create()
+        model = OpenAIResponsesModel("gpt-test", openai_client=client)
+        agent = Agent(name="support", model=model, tools=[lookup_tracking])
+        return await Runner.run(
+            agent, "where is A1?", max_turns=10, conversation_id=conversation.id
+        )
+
+    result = asyncio.run(run())
+    assert len(runs) == 4  # 3, the nudge, the one repeat after it; then the stop
+    assert result.final_output.startswith(STOP_SIGNATURE)
+    assert all(r.get("conversation") for r in fake.requests)
+    assert not any(r.get("previous_response_id") for r in fake.requests)
+
+
+@pytest.mark.parametrize("output", ["prompted", "validator"])
+def test_pydantic_ai_retry_turn_after_a_stop_is_stopped_again(stack, output: str) -> None:
+    """pydantic-ai answers an output it cannot use with a retry prompt (a user turn no
+    human wrote): that retry is part of the stopped stall, answered by the stop again,
+    so the tool never runs a 5th time and the run ends with pydantic-ai's own limit."""
+    from pydantic import BaseModel
+    from pydantic_ai import Agent, ModelRetry, PromptedOutput
+    from pydantic_ai.exceptions import UnexpectedModelBehavior
+    from pydantic_ai.models.openai import OpenAIResponsesModel
+    from pydantic_ai.providers.openai import OpenAIProvider
+
+    class Status(BaseModel):
+        order: str
+        status: str
+
+    fake, _, base, records = stack
+    client = openai.AsyncOpenAI(base_url=base, api_key="k", max_retries=0)
+    model = OpenAIResponsesModel("gpt-test", provider=OpenAIProvider(openai_client=client))
+    agent: Agent[None, Any]
+    if output == "prompted":  # JSON asked for in the prompt only: the stop text fails it
+        agent = Agent(model, output_type=PromptedOutput(Status))
+    else:
+        agent = Agent(model, output_type=str)
+
+        @agent.output_validator
+        def must_name_a_status(text: str) -> str:
+            if "in transit" not in text:
+                raise ModelRetry("Say the order's status.")
+            return text
+
+    runs: list[str] = []
+
+    @agent.tool_plain
+    def lookup_tracking(order_id: str) -> str:
+        """Tracking status of an order."""
+        runs.append(order_id)
+        return "in transit"
+
+    with pytest.raises(UnexpectedModelBehavior, match="retries"):
+        agent.run_sync("where is A1?")
+    assert len(runs) == 4  # the retry turn did not reach the model, nor the tool
+    retries = [r for r in records if r["route"] == "stop_and_review"]
+    assert len(retries) >= 2  # the stop, then the retry stopped again
+    assert {r["repeat_count"] for r in retries} == {4}
+    assert len(fake.requests) == 4  # nothing after the nudge reached the model

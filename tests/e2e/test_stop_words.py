@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import anthropic
 import openai
 import pytest
@@ -85,3 +87,56 @@ def test_on_stop_error_reaches_the_sdk_exception_text() -> None:
                 model="claude-test", max_tokens=5, messages=anthropic_messages([*LOOP, SEARCH])
             )
         assert STOP_SIGNATURE in str(stopped.value)
+
+
+WORDS = "Stopped: {tool} gave the same answer {n} times ({rule})."
+
+
+def test_stop_message_is_the_mcp_iserror_text_and_the_http_tool_problem_detail() -> None:
+    """The route's own wording on tool routes too: the MCP tool error's text, the 422
+    problem's detail (and its ``message``); the machine fields stay as they are."""
+    from adapters.http_tool import HttpToolAdapter
+    from adapters.mcp import McpAdapter
+    from guard.engine.config import RouteConfig
+    from guard.engine.contract import RequestView
+
+    verdict = Verdict("block", "search", "h", "stalled_repeat", 3)
+    expected = "Stopped: search gave the same answer 3 times (stalled_repeat)."
+    mcp_route = RouteConfig(prefix="/mcp", upstream="http://t", adapter="mcp", stop_message=WORDS)
+    call = {"jsonrpc": "2.0", "id": 7, "method": "tools/call"}
+    call["params"] = {"name": "search", "arguments": {"q": "x"}}
+    headers = {"accept": "application/json, text/event-stream"}
+    request = RequestView("POST", "/mcp", "", headers, json.dumps(call).encode())
+    mcp = McpAdapter(mcp_route)
+    reply = json.loads(b"".join(mcp.stop_answer(request, mcp.parse(request), verdict).chunks))
+    assert reply["result"]["isError"] is True
+    assert reply["result"]["content"][0]["text"] == expected
+    assert reply["result"]["_meta"]["loopguard/stop"]["repeats"] == 3
+    # Without a stop_message: loopguard's own words.
+    default = McpAdapter(RouteConfig(prefix="/mcp", upstream="http://t", adapter="mcp"))
+    answer = default.stop_answer(request, default.parse(request), verdict)
+    text = json.loads(b"".join(answer.chunks))["result"]["content"][0]["text"]
+    assert text.startswith(STOP_SIGNATURE)
+
+    http_route = RouteConfig(
+        prefix="/tools", upstream="http://t", adapter="http-tool", stop_message=WORDS
+    )
+    tool_request = RequestView("POST", "/search", "", {}, b'{"q": "x"}', session="s1")
+    http = HttpToolAdapter(http_route)
+    answer = http.stop_answer(tool_request, http.parse(tool_request), verdict)
+    problem = json.loads(b"".join(answer.chunks))
+    assert answer.status == 422
+    assert problem["detail"] == problem["message"] == expected
+    assert (problem["tool"], problem["repeats"], problem["rule"]) == ("search", 3, "stalled_repeat")
+
+
+def test_stop_message_is_the_422_detail_of_a_model_route_with_on_stop_error() -> None:
+    with guarded(stop_message=WORDS, on_stop="error") as g:
+        c = openai.OpenAI(base_url=g.openai_base, api_key="k", max_retries=0)
+        with pytest.raises(openai.UnprocessableEntityError) as stopped:
+            c.chat.completions.create(model="gpt-test", messages=chat_messages([*LOOP, SEARCH]))
+        body = stopped.value.body
+        assert isinstance(body, dict)
+        expected = f"Stopped: search gave the same answer {RAN + 1} times (stalled_repeat)."
+        assert body["detail"] == body["message"] == expected
+        assert g.fake.requests == []

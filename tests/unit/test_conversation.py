@@ -55,6 +55,46 @@ def test_a_new_user_turn_after_a_stall_is_left_alone() -> None:
     assert analyze(engine(), looping.history).action == "nudge"
 
 
+def test_a_framework_retry_after_a_stop_is_stopped_again_and_a_human_answer_served() -> None:
+    """The rule: loopguard's stop answer followed only by user turns no human wrote
+    (empty, quoting the stop, a framework's retry prompt) is the same stall; any user
+    turn with new human content after the stop is a human answering."""
+    e = engine()
+    stalled = [*LOOP, LOOP[-1]]  # nudged at LOOP, repeated once more: stopped
+    assert analyze(e, history(stalled)).action == "stop"
+    verdict = analyze(e, history(stalled)).verdict
+    assert verdict is not None
+    stop = {"role": "assistant", "content": stop_text(verdict)}
+    retries = [
+        "Validation feedback:\nSay the status.\n\nFix the errors and try again.",
+        "Your previous response failed the application's validation (this is automated"
+        " feedback, not a message from the user):\n<pyai:retry_feedback>x</pyai:retry_feedback>",
+        f"Invalid JSON: input_value='{stop_text(verdict)[:40]}...'",
+        "   ",
+    ]
+    for retry in retries:
+        _, parsed = parse([*chat_messages(stalled), stop, {"role": "user", "content": retry}])
+        decision = analyze(e, parsed.history or [])
+        assert decision.action == "stop", retry
+        assert decision.verdict is not None and decision.verdict.repeats == verdict.repeats
+    for human in ["try flight AB124 instead", "ok, what now?"]:
+        _, parsed = parse([*chat_messages(stalled), stop, {"role": "user", "content": human}])
+        assert [step.kind for step in parsed.history or ()] == ["text", "user"]  # no tools
+        assert analyze(e, parsed.history or []).action == "serve", human
+    # A human turn anywhere after the stop ends the retry: the request is served.
+    mixed = [
+        *chat_messages(stalled),
+        stop,
+        {"role": "user", "content": "try flight AB124 instead"},
+        {"role": "user", "content": "Fix the errors and try again."},
+    ]
+    assert analyze(e, parse(mixed)[1].history or []).action == "serve"
+    # A retry prompt with no stop before it is not a stall of loopguard's.
+    plain = [*chat_messages(LOOP[:2]), {"role": "assistant", "content": "It is on time."}]
+    plain.append({"role": "user", "content": "Fix the errors and try again."})
+    assert analyze(e, parse(plain)[1].history or []).action == "serve"
+
+
 def test_an_old_stall_of_another_call_does_not_skip_the_nudge() -> None:
     other = ("lookup", {"id": 7}, "same")
     old_stall = [other, other, other, other]  # repeated past its limit earlier on

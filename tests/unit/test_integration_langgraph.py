@@ -123,3 +123,48 @@ def test_tool_errors_are_error_outcomes(guard: Guard) -> None:
     state = create_react_agent(model, node).invoke(*question("e"))
     stop = state["messages"][-2].content
     assert STOP_SIGNATURE in stop and "failed" in stop  # the identical_errors rule
+
+
+def test_runs_without_a_thread_id_each_get_their_own_session(guard: Guard) -> None:
+    """No thread_id, no guard.session(): each graph invocation is its own session, the
+    same across its steps (a stuck run is still stopped), never shared with another run
+    (two concurrent runs of 3 identical calls each are left alone; one shared session
+    would stop the 4th)."""
+    no_thread = {"recursion_limit": 20}
+    runs: list[str] = []
+    agent = agent_for(guard, ScriptedChat(finish_after=3), runs)
+
+    async def both() -> list[Any]:
+        ask = {"messages": [("user", "where is A1?")]}
+        return list(
+            await asyncio.gather(agent.ainvoke(ask, no_thread), agent.ainvoke(ask, no_thread))
+        )
+
+    states = asyncio.run(both())
+    assert len(runs) == 6
+    for state in states:
+        results = [m for m in state["messages"] if isinstance(m, ToolMessage)]
+        assert len(results) == 3 and not any(STOP_SIGNATURE in str(m.content) for m in results)
+    # One after the other, too (the Guard's "default" session would stop the second).
+    again = agent.invoke({"messages": [("user", "where is A1?")]}, no_thread)
+    assert len(runs) == 9 and STOP_SIGNATURE not in str(again["messages"][-1].content)
+    # Within one run the session holds: a stuck run without a thread id is stopped.
+    stuck: list[str] = []
+    state = agent_for(guard, ScriptedChat(reads_stop=True), stuck).invoke(
+        {"messages": [("user", "where is A1?")]}, no_thread
+    )
+    assert len(stuck) == 3 and STOP_SIGNATURE in str(state["messages"][-2].content)
+
+
+def test_a_run_id_in_the_config_names_the_session(guard: Guard) -> None:
+    """A caller's run_id is the session: two invocations with the same run_id share it."""
+    import uuid
+
+    runs: list[str] = []
+    agent = agent_for(guard, ScriptedChat(finish_after=2), runs)
+    config = {"run_id": uuid.uuid4(), "recursion_limit": 20}
+    agent.invoke({"messages": [("user", "where is A1?")]}, config)
+    state = agent.invoke({"messages": [("user", "where is A1?")]}, config)
+    # 2 + 1 runs of the same call in one session: the 4th is stopped.
+    assert len(runs) == 3
+    assert STOP_SIGNATURE in str(state["messages"][-2].content)
