@@ -30,7 +30,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Literal
 
 from guard.engine.calls import Step, Verdict
-from guard.engine.problem import STOP_SIGNATURE, is_stop_answer
+from guard.engine.problem import is_stop_answer, is_stop_text
 from guard.engine.rules import RULES_BY_NAME, TEXT_LOOP, session_wide, tool_wide
 
 if TYPE_CHECKING:
@@ -125,7 +125,7 @@ def is_retry_turn(text: object) -> bool:
     framework's validation error carries the text it rejected), or a retry prompt."""
     if not isinstance(text, str):
         text = "" if text is None else str(text)
-    if not text.strip() or STOP_SIGNATURE in text:
+    if not text.strip() or is_stop_text(text):
         return True
     return any(marker in text for marker in RETRY_PROMPT_MARKERS)
 

@@ -17,6 +17,7 @@ from guard.engine.calls import CallRecord, FailureStage, Step, Verdict
 from guard.engine.config import Config
 from guard.engine.detector import Detector
 from guard.engine.fingerprint import params_hash
+from guard.engine.problem import register_stop_message
 from guard.engine.progress import ProgressMarkers
 from guard.engine.pseudonym import keyed_pseudonym, keyed_session_hasher
 from guard.engine.redact import Redactor, load_key
@@ -47,6 +48,10 @@ class Engine:
         self.pseudonym = keyed_pseudonym(key, b"loopguard.conv")
         self.redactor = Redactor(self.config.redaction, key=key)
         self.detector = Detector(self.config.loop)
+        for route in self.config.routes:
+            if route.stop_message is not None:
+                # A stop in the route's own words is still known as a stop in a history.
+                register_stop_message(route.stop_message)
         self._session_wide = self.config.loop.no_progress_window > 0
         self.markers = ProgressMarkers(self.config.loop, self.redactor)
         # "is None": an empty MemoryStore is falsy (len 0) and must still be the one used.

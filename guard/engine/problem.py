@@ -8,6 +8,7 @@ meets one consistent message whatever protocol it speaks.
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 from guard.engine.calls import Route, Verdict
@@ -106,10 +107,38 @@ def stall_problem(verdict: Verdict, session: str | None, message: str | None = N
     )
 
 
+# Stops written in a route's own words (``stop_message``), as patterns, so that a stop
+# coming back in a conversation is recognised whatever its wording (the one count, a
+# framework's retry after a stop). Process-wide on purpose: a stop any route of this
+# process wrote is loopguard's. Filled by the engine from its routes; bounded.
+_OWN_WORDS: dict[str, re.Pattern[str]] = {}
+_OWN_WORDS_MAX = 256
+_PLACEHOLDER = re.compile(r"\{(?:tool|n|rule)\}")
+# Own words with fewer literal characters than this are matched whole, never searched
+# for inside a longer text ("{tool}: {n}" alone would match almost anything).
+_SEARCHABLE_LITERALS = 12
+
+
+def register_stop_message(template: str) -> None:
+    """Recognise stops written from ``template`` (a route's ``stop_message``)."""
+    if template in _OWN_WORDS or len(_OWN_WORDS) >= _OWN_WORDS_MAX:
+        return
+    literals = [part.replace("{{", "{").replace("}}", "}") for part in _PLACEHOLDER.split(template)]
+    pattern = ".+?".join(re.escape(part) for part in literals)
+    if sum(len(part.strip()) for part in literals) < _SEARCHABLE_LITERALS:
+        pattern = f"\\A\\s*{pattern}\\s*\\Z"
+    _OWN_WORDS[template] = re.compile(pattern, re.S)
+
+
+def is_stop_text(text: str) -> bool:
+    """True when ``text`` is, or quotes, a stop loopguard wrote (default or own words)."""
+    return STOP_SIGNATURE in text or any(p.search(text) for p in _OWN_WORDS.values())
+
+
 def is_stop_answer(outcome: Any) -> bool:
     """True when a tool result is loopguard's own stop answer (any protocol's form)."""
     if isinstance(outcome, (bytes, bytearray)):
         outcome = outcome.decode("utf-8", "replace")
     if not isinstance(outcome, str):
-        outcome = json.dumps(outcome, default=str)
-    return STOP_SIGNATURE in outcome
+        outcome = json.dumps(outcome, default=str, ensure_ascii=False)
+    return is_stop_text(outcome)

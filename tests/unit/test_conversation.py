@@ -142,3 +142,26 @@ def test_the_stop_counts_the_times_the_tool_ran_not_loopguards_own_stops() -> No
     ran = sum(1 for step in LOOP if step == SEARCH)
     assert decision.verdict.repeats == ran
     assert f" {ran} times" in stop_text(decision.verdict)
+
+
+def test_a_stop_in_the_routes_own_words_is_still_known_as_a_stop() -> None:
+    """With ``stop_message`` the stop carries no "loopguard stopped this call": the
+    engine learns the route's template, so the one count and the retry rule hold."""
+    words = "Sorry, our assistant could not finish ({tool} gave the same answer {n} times)."
+    route = {"prefix": "/o", "upstream": "http://m", "adapter": "openai", "stop_message": words}
+    e = Engine(Config.from_mapping({"telemetry": {"records": ""}, "routes": [route]}))
+    verdict = Verdict("block", "search", "h", "stalled_repeat", repeats=3)
+    own = stop_text(verdict, words)
+    assert "loopguard" not in own
+    # The stop as the tool result the agent recorded: the same outcome, not a new one.
+    steps = [*LOOP, THINK, (SEARCH[0], SEARCH[1], own)]
+    assert analyze(e, history(steps)).action == "stop"
+    # The stop as the assistant's answer, then a framework's retry prompt: stopped again.
+    stalled = [*LOOP, LOOP[-1]]
+    stop = {"role": "assistant", "content": own}
+    retry = {"role": "user", "content": "Fix the errors and try again."}
+    _, parsed = parse([*chat_messages(stalled), stop, retry])
+    assert analyze(e, parsed.history or []).action == "stop"
+    # Text that merely resembles it (another tool's answer) is not a stop.
+    unrelated = [*LOOP, THINK, (SEARCH[0], SEARCH[1], "Sorry, no flights found.")]
+    assert analyze(e, history(unrelated)).action == "serve"
