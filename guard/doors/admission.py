@@ -66,9 +66,11 @@ async def admit(
     try:
         admitted = await exchange.admit()
     except Exception as exc:
-        # A guard bug must not take the agent's tools down: serve the call unguarded.
+        # A guard bug must not take the agent's tools down: serve the call unguarded,
+        # recorded (stage "guard") and traced, never silently.
         log.error("guard_error", route=route.prefix, **exception_fields(exc))
-        return Forward(Exchange.unguarded(engine, route, request), body)
+        exchange.fail_open(exc)
+        return Forward(exchange, body)
     if isinstance(admitted, Answer):
         return _with_route(admitted, exchange.record.route)
     return Forward(exchange, admitted)

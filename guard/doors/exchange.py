@@ -22,6 +22,7 @@ HTTP libraries or of any protocol.
 
 from __future__ import annotations
 
+import asyncio
 import time
 import traceback
 from dataclasses import asdict, dataclass, is_dataclass
@@ -32,7 +33,10 @@ from urllib.parse import urlsplit
 
 import structlog
 
+from adapters.http_tool import ToolResponseObserver
+from guard.engine.bodies import RAW_KEY, raw_params
 from guard.engine.calls import CallRecord, FailureStage, Route, Step, Verdict
+from guard.engine.canonical import JSONTooDeep
 from guard.engine.contract import (
     NO_FIELDS,
     Adapter,
@@ -61,6 +65,13 @@ _APP_PREFIX_B = APP_HEADER_PREFIX.encode()
 _APP_PREFIX_LEN = len(_APP_PREFIX_B)
 # The route header for each route, as the ASGI pair the client gets.
 _ROUTE_PAIRS = {route: (ROUTE_HEADER.encode(), route.value.encode()) for route in Route}
+# Bodies larger than this are parsed and hashed in a worker thread.
+OFFLOAD_BYTES = 256 * 1024
+# The tool of a call whose body could not be read at all (no adapter found a tool).
+UNPARSED_TOOL = "unparsed_request"
+# error_type of a request that was not understood: malformed for its protocol, nested
+# deeper than the parser or redactor follows, or over the parse cap (not read at all).
+MALFORMED, TOO_DEEP, NOT_PARSED = "malformed_request", "nested_too_deep", "body_not_parsed"
 _ARGUMENTS = "gen_ai.tool.call.arguments"
 _RESULT = "gen_ai.tool.call.result"
 
@@ -83,6 +94,17 @@ class CallFlow:
     params_hash: str
     verdict: Verdict
     outcome: Outcome | None = None
+
+
+@dataclass(slots=True)
+class _Prepared:
+    """What the CPU part of admission found: the parsed request, each invocation's
+    params hash, or (model routes) the verdict on the conversation."""
+
+    parsed: ParsedRequest
+    hashes: list[str]
+    decision: StallDecision | None
+    error_type: str  # for the record, when parsed.admission_error is set
 
 
 _UNGUARDED = PassthroughAdapter()
@@ -119,20 +141,40 @@ class Exchange:
         self._remaining: int | None = None  # bytes still due by a declared content-length
         self._sent_at: float | None = None
         self._recorded = False
+        # The request could not be read: one call standing for its raw bytes.
+        self._raw_call = False
 
-    @classmethod
-    def unguarded(cls, engine: Engine, route: RouteConfig | None, request: RequestView) -> Exchange:
-        """An exchange that forwards and observes nothing: no span, no record, no steps
-        (the door serves a request the guard failed on)."""
-        exchange = cls(engine, route, _UNGUARDED, request)
-        exchange.parsed = _UNGUARDED.parse(request)
-        return exchange
+    def fail_open(self, exc: BaseException) -> None:
+        """The guard failed on this request (a bug): it is served unguarded, never
+        silently -- the span and the record name stage ``guard`` and the error."""
+        self.adapter = _UNGUARDED
+        self.parsed = parsed = _UNGUARDED.parse(self.request)
+        self._raw_call = False
+        self.flows = []
+        record = self.record
+        record.route = Route.SERVE
+        record.operation = parsed.operation
+        record.session = self.session
+        record.session_tracked = self.session is not None
+        record.scrub_policy = self.engine.scrub_policy
+        record.failure_stage = FailureStage.GUARD
+        record.error_type = type(exc).__name__
+        if self.span is None:
+            self.span = self.engine.telemetry.start(
+                record.span_name, self.request.headers, lowercase=True
+            )
 
     # -- before upstream -------------------------------------------------------------
 
     async def admit(self) -> Answer | bytes:
         request, record = self.request, self.record
-        parsed = self.parsed = self.adapter.parse(request)
+        # Parsing, redacting and hashing are CPU work: a large body's is done off the
+        # event loop, so one big request never stalls the others (or /healthz).
+        if len(request.body) > OFFLOAD_BYTES:
+            prepared = await asyncio.to_thread(self._prepare)
+        else:
+            prepared = self._prepare()
+        parsed = self.parsed = prepared.parsed
         record.operation = parsed.operation
         record.span_name = parsed.span_name
         record.provider = self.adapter.provider
@@ -163,35 +205,95 @@ class Exchange:
         self.span = self.engine.telemetry.start(record.span_name, request.headers, lowercase=True)
 
         if parsed.admission_error is not None:
+            # Not understood, still a call: recorded with its stage, and judged on what
+            # stands for it (its raw bytes' hash), so a repeat is seen and stopped.
             record.failure_stage = FailureStage.REQUEST_ADMISSION
-            record.error_type = "malformed_request"
-            if self.engine.config.server.reject_malformed_json:
+            record.error_type = prepared.error_type
+            if (
+                self.engine.config.server.reject_malformed_json
+                and prepared.error_type != NOT_PARSED
+            ):
                 record.status_code = 400
                 answer = problem(
                     400, "malformed-request", "Malformed request", parsed.admission_error
                 )
-                await self.finish(FailureStage.REQUEST_ADMISSION, "malformed_request")
+                await self.finish(FailureStage.REQUEST_ADMISSION, prepared.error_type)
                 return answer
-            return request.body
 
-        if parsed.history is not None:
-            return await self._admit_conversation(parsed)
-        return await self._admit_tool_calls(parsed)
+        if prepared.decision is not None:
+            return await self._admit_conversation(parsed, prepared.decision)
+        return await self._admit_tool_calls(parsed, prepared.hashes)
+
+    def _prepare(self) -> _Prepared:
+        """Parse the request and hash its calls (or judge its conversation): CPU only,
+        no awaits, so it may run in a worker thread.
+
+        Whatever cannot be read -- over ``[server] max_parse_bytes``, not parseable,
+        nested too deep for the parser or the redactor -- becomes one call named by the
+        adapter's tool (or ``UNPARSED_TOOL``) whose parameters are the raw bytes' hash.
+        """
+        request = self.request
+        limit = self.engine.config.server.max_parse_bytes
+        if len(request.body) > limit:
+            reason = f"the request body is over [server] max_parse_bytes ({limit} bytes)"
+            return self._unparsed(None, reason, NOT_PARSED)
+        try:
+            parsed = self.adapter.parse(request)
+        except (RecursionError, JSONTooDeep):  # the parser's limits, not a guard bug
+            return self._unparsed(None, "the request body is nested too deep to parse", TOO_DEEP)
+        if parsed.admission_error is not None and not parsed.invocations:
+            return self._unparsed(parsed, parsed.admission_error, MALFORMED)
+        engine = self.engine
+        try:
+            if parsed.history is not None:
+                nudge_first = self.route.nudge if self.route is not None else False
+                decision = analyze(engine, parsed.history, nudge_first=nudge_first)
+                return _Prepared(parsed, [], decision, MALFORMED)
+            hashes = [engine.fingerprint(invocation.params) for invocation in parsed.invocations]
+        except RecursionError:
+            return self._unparsed(parsed, "the request is nested too deep to redact", TOO_DEEP)
+        return _Prepared(parsed, hashes, None, MALFORMED)
+
+    def _unparsed(self, parsed: ParsedRequest | None, reason: str, error_type: str) -> _Prepared:
+        """The request as one call whose parameters are its raw bytes' hash. Answered,
+        when stopped, with the protocol-neutral problem+json, and observed as plain HTTP:
+        the adapter cannot speak about a body it could not read."""
+        tool = parsed.invocations[0].tool if parsed and parsed.invocations else UNPARSED_TOOL
+        invocation = ToolInvocation(tool, raw_params(self.request.body, error_type))
+        raw = ParsedRequest(
+            "execute_tool",
+            invocations=[invocation],
+            model=parsed.model if parsed is not None else None,
+            admission_error=reason,
+            span_name=f"execute_tool {tool}",
+            fields=parsed.fields if parsed is not None else NO_FIELDS,
+        )
+        self._raw_call = True
+        return _Prepared(raw, [self.engine.fingerprint(invocation.params)], None, error_type)
+
+    def _shown_params(self, flow: CallFlow) -> Any:
+        """What content capture shows of a call's parameters: for a body hashed raw,
+        its text (redacted by the capture), unless it was too large to scan."""
+        params = flow.invocation.params
+        if type(params) is dict and RAW_KEY in params:
+            body = self.request.body
+            if len(body) <= self.engine.config.server.max_parse_bytes:
+                return body.decode("utf-8", "replace")
+        return params
 
     def _forward_body(self, parsed: ParsedRequest) -> bytes:
         return parsed.forward_body if parsed.forward_body is not None else self.request.body
 
-    async def _admit_tool_calls(self, parsed: ParsedRequest) -> Answer | bytes:
+    async def _admit_tool_calls(self, parsed: ParsedRequest, hashes: list[str]) -> Answer | bytes:
         flows = self.flows
-        for invocation in parsed.invocations:
-            params_hash = self.engine.fingerprint(invocation.params)
+        for invocation, params_hash in zip(parsed.invocations, hashes, strict=True):
             verdict = await self._check(invocation.tool, params_hash)
             flows.append(CallFlow(invocation, params_hash, verdict))
         if not flows:
             return self._forward_body(parsed)
         record = self.record
         record.params_hash = flows[0].params_hash
-        self.engine.capture(record, _ARGUMENTS, flows[0].invocation.params, as_json=jsonable)
+        self.engine.capture(record, _ARGUMENTS, self._shown_params(flows[0]), as_json=jsonable)
         blocking = [flow.verdict for flow in flows if flow.verdict.action == "block"]
         if not blocking:
             return self._forward_body(parsed)
@@ -201,11 +303,9 @@ class Exchange:
         record.route = Route.OBSERVE
         return self._forward_body(parsed)
 
-    async def _admit_conversation(self, parsed: ParsedRequest) -> Answer | bytes:
-        nudge_first = self.route.nudge if self.route is not None else False
-        decision: StallDecision = analyze(
-            self.engine, parsed.history or [], nudge_first=nudge_first
-        )
+    async def _admit_conversation(
+        self, parsed: ParsedRequest, decision: StallDecision
+    ) -> Answer | bytes:
         body = self._forward_body(parsed)
         if decision.verdict is None:
             return body
@@ -237,7 +337,9 @@ class Exchange:
     async def _stop(self, verdict: Verdict) -> Answer:
         assert self.parsed is not None
         route = self.route
-        if self.parsed.operation == "chat" and route is not None and route.on_stop == "error":
+        if self._raw_call or (
+            self.parsed.operation == "chat" and route is not None and route.on_stop == "error"
+        ):
             answer = stall_problem(verdict, self.session)
         else:
             answer = self.adapter.stop_answer(self.request, self.parsed, verdict)
@@ -295,7 +397,11 @@ class Exchange:
         # a 204's or 304's: they have no body whatever the header says).
         bodyless = self.request.method == "HEAD" or status in (204, 304)
         self._remaining = None if bodyless else length
-        self._observer = self.adapter.observer(self.parsed, status, seen)
+        self._observer = (
+            ToolResponseObserver(status, seen)
+            if self._raw_call
+            else self.adapter.observer(self.parsed, status, seen)
+        )
         return passed
 
     async def response_chunk(self, chunk: bytes, last: bool = False) -> bytes:

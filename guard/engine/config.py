@@ -160,6 +160,9 @@ class SessionConfig(_Section):
 class ServerConfig(_Section):
     listen: str = "127.0.0.1:8787"
     max_body_bytes: int = Field(default=10 * 1024 * 1024, ge=1)
+    # Bodies up to this size are parsed, redacted and hashed; a larger one is one call
+    # standing for its raw bytes' hash (recorded as not parsed).
+    max_parse_bytes: int = Field(default=4 * 1024 * 1024, ge=1)
     connect_timeout: float = Field(default=5.0, gt=0)
     read_timeout: float = Field(default=60.0, gt=0)
     total_timeout: float = Field(default=600.0, gt=0)
