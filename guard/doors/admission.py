@@ -69,6 +69,7 @@ async def admit(
         # A guard bug must not take the agent's tools down: serve the call unguarded,
         # recorded (stage "guard") and traced, never silently.
         log.error("guard_error", route=route.prefix, **exception_fields(exc))
+        await exchange.release_reservations()
         exchange.fail_open(exc)
         return Forward(exchange, body)
     if isinstance(admitted, Answer):

@@ -80,9 +80,15 @@ class SessionHistory(Protocol):
     """Where the Exchange reads verdicts and appends steps: the ``Engine`` itself, or
     (in-process) the engine reached through the Guard's own event loop."""
 
-    async def check(self, session: str, tool: str, params_hash: str) -> Verdict: ...
+    async def admit_call(
+        self, session: str, tool: str, params_hash: str
+    ) -> tuple[Verdict, str | None]: ...
 
     async def record(self, session: str, step: Step) -> None: ...
+
+    async def settle(self, session: str, token: str, step: Step) -> None: ...
+
+    async def release(self, session: str, token: str) -> None: ...
 
 
 @dataclass(slots=True)
@@ -93,6 +99,8 @@ class CallFlow:
     invocation: ToolInvocation
     params_hash: str
     verdict: Verdict
+    # The call's reservation in the store while it is in flight (None: not reserved).
+    token: str | None = None
     outcome: Outcome | None = None
 
 
@@ -287,8 +295,8 @@ class Exchange:
     async def _admit_tool_calls(self, parsed: ParsedRequest, hashes: list[str]) -> Answer | bytes:
         flows = self.flows
         for invocation, params_hash in zip(parsed.invocations, hashes, strict=True):
-            verdict = await self._check(invocation.tool, params_hash)
-            flows.append(CallFlow(invocation, params_hash, verdict))
+            verdict, token = await self._check(invocation.tool, params_hash)
+            flows.append(CallFlow(invocation, params_hash, verdict, token))
         if not flows:
             return self._forward_body(parsed)
         record = self.record
@@ -318,14 +326,29 @@ class Exchange:
             return self.adapter.nudge(self.request, parsed, decision.verdict)
         return await self._stop(decision.verdict)
 
-    async def _check(self, tool: str, params_hash: str) -> Verdict:
+    async def _check(self, tool: str, params_hash: str) -> tuple[Verdict, str | None]:
+        """The verdict, and the call's in-flight reservation when it is let through."""
         if self.session is None:
-            return Verdict("allow", tool, params_hash)
+            return Verdict("allow", tool, params_hash), None
         try:
-            return await self.history.check(self.session, tool, params_hash)
+            return await self.history.admit_call(self.session, tool, params_hash)
         except Exception as exc:  # the store is down: serve (fail open) and say so
             self.engine.store_failed(self.record, exc)
-            return Verdict("allow", tool, params_hash)
+            return Verdict("allow", tool, params_hash), None
+
+    async def release_reservations(self) -> None:
+        """Calls that will get no outcome stop counting as in flight now (not only when
+        their reservations expire)."""
+        session = self.session
+        for flow in self.flows:
+            token, flow.token = flow.token, None
+            if token is None or session is None:
+                continue
+            try:
+                await self.history.release(session, token)
+            except Exception as exc:  # the reservation expires by itself
+                self.engine.store_failed(self.record, exc)
+                return
 
     def _note_stall(self, verdict: Verdict) -> None:
         record = self.record
@@ -463,6 +486,7 @@ class Exchange:
             if observation is not None:
                 self._apply_observation(observation)
                 await self._record_once(observation)
+            await self.release_reservations()
         finally:
             if self.span is not None:
                 try:
@@ -514,10 +538,13 @@ class Exchange:
                 self.engine.capture(record, _RESULT, outcome.value, as_json=jsonable)
             if self.session is None or flow.verdict.blocked:
                 continue
+            step = Step(tool, flow.params_hash, marker, outcome.error)
+            token, flow.token = flow.token, None
             try:
-                await self.history.record(
-                    self.session, Step(tool, flow.params_hash, marker, outcome.error)
-                )
+                if token is not None:
+                    await self.history.settle(self.session, token, step)
+                else:
+                    await self.history.record(self.session, step)
             except Exception as exc:  # the store is down: the answer goes out all the same
                 self.engine.store_failed(record, exc)
                 return

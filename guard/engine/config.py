@@ -81,6 +81,9 @@ class LoopConfig(_Section):
     max_repeats: int = Field(default=3, ge=1)
     max_identical_errors: int = Field(default=3, ge=1)
     max_identical_calls: int = Field(default=30, ge=1)
+    # How long an admitted call counts as in flight without an outcome (its
+    # reservation): a little over server.total_timeout, the longest a call can take.
+    in_flight_seconds: float = Field(default=630.0, gt=0)
     volatile_keys: tuple[str, ...] = DEFAULT_VOLATILE_KEYS
     volatile_patterns: tuple[str, ...] = DEFAULT_VOLATILE_PATTERNS
     tools: dict[str, ToolOverride] = Field(default_factory=dict)

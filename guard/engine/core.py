@@ -84,6 +84,30 @@ class Engine:
     async def record(self, session: str, step: Step) -> None:
         await self.store.append(session, step, self.config.loop.window)
 
+    async def admit_call(
+        self, session: str, tool: str, params_hash: str
+    ) -> tuple[Verdict, str | None]:
+        """``check`` made atomic with the call's admission: an allowed call is reserved
+        in flight (the returned token), so a concurrent duplicate counts it. Settle the
+        token with the outcome, or release it."""
+        if self.detector.disabled_for(tool):
+            return Verdict("allow", tool, params_hash), None
+        loop = self.config.loop
+        history, token = await self.store.reserve(
+            session, tool, params_hash, loop.window, loop.in_flight_seconds
+        )
+        verdict = self.detector.evaluate(history, tool, params_hash)
+        if verdict.blocked:  # never reaches the tool: it must not count as in flight
+            await self.store.release(session, token)
+            return verdict, None
+        return verdict, token
+
+    async def settle(self, session: str, token: str, step: Step) -> None:
+        await self.store.settle(session, token, step, self.config.loop.window)
+
+    async def release(self, session: str, token: str) -> None:
+        await self.store.release(session, token)
+
     def capture(
         self, record: CallRecord, key: str, value: Any, as_json: Callable[[Any], Any] | None = None
     ) -> None:

@@ -9,12 +9,23 @@ one Lua script per append, so the window bound, the index and the idle expiry ho
 whichever replica writes. A check is one script too: the window comes back only when
 the call is in it. Any Redis failure surfaces as ``StoreError`` (the exchange reports
 it as failure stage ``store``).
+
+Admission is atomic: ``reserve`` answers the check *and* puts an in-flight step of the
+call into the window in one step (one Lua script for Redis), so a concurrent
+duplicate sees it. The in-flight step carries the outcome the call last had in the
+window (or ``IN_FLIGHT`` when it has none): a duplicate sent while the first is in
+flight counts as a repeat with that outcome. ``settle`` replaces it with the real
+step; ``release`` removes it (a stopped call, a call that got no outcome). A
+reservation nobody settles (client gone, process crashed) expires after
+``hold_seconds`` and stops counting.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
+import os
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
@@ -23,6 +34,9 @@ from typing import Protocol
 import orjson
 
 from guard.engine.calls import Step
+
+# The outcome of an in-flight step whose call has no earlier outcome in the window.
+IN_FLIGHT = "\x00in-flight"
 
 
 class StoreError(RuntimeError):
@@ -43,15 +57,34 @@ class SessionStore(Protocol):
         """Add a step, keeping at most ``window`` steps."""
         ...
 
+    async def reserve(
+        self, session: str, tool: str, params_hash: str, window: int, hold_seconds: float
+    ) -> tuple[list[Step], str]:
+        """``history_for_call`` and, in the same atomic step, an in-flight step of the
+        call appended to the window; returns the history as it was before, and the
+        reservation's token for ``settle`` or ``release``."""
+        ...
+
+    async def settle(self, session: str, token: str, step: Step, window: int) -> None:
+        """The reserved call's real step takes the in-flight step's place (appended,
+        if the reservation expired or left the window)."""
+        ...
+
+    async def release(self, session: str, token: str) -> None:
+        """Drop a reservation (the call was stopped, or got no outcome)."""
+        ...
+
     async def aclose(self) -> None: ...
 
 
 class _Entry:
-    __slots__ = ("calls", "seen", "steps")
+    __slots__ = ("calls", "pending", "seen", "steps")
 
     def __init__(self, steps: deque[Step], seen: float) -> None:
         self.steps = steps
         self.seen = seen
+        # Reservations: token -> (deadline, the in-flight Step object in ``steps``).
+        self.pending: dict[str, tuple[float, Step]] = {}
         # How many of the window's steps each (tool, params_hash) has: lets a call that
         # is not in the window be answered without copying and scanning the window.
         self.calls: dict[tuple[str, str], int] = {}
@@ -76,6 +109,35 @@ class _Entry:
         key = (step.tool, step.params_hash)
         calls[key] = calls.get(key, 0) + 1
 
+    def remove(self, step: Step) -> bool:
+        """Take this very step object out of the window (by identity)."""
+        for index, held in enumerate(self.steps):
+            if held is step:
+                del self.steps[index]
+                self._count(step, -1)
+                return True
+        return False
+
+    def replace(self, old: Step, new: Step) -> bool:
+        """Put ``new`` where the very object ``old`` is (same call: counts unchanged)."""
+        for index, held in enumerate(self.steps):
+            if held is old:
+                self.steps[index] = new
+                return True
+        return False
+
+    def expire(self, now: float) -> None:
+        """Reservations past their deadline stop counting."""
+        pending = self.pending
+        for token in [t for t, (deadline, _) in pending.items() if deadline <= now]:
+            self.remove(pending.pop(token)[1])
+
+    def latest(self, tool: str, params_hash: str) -> Step | None:
+        for step in reversed(self.steps):
+            if step.tool == tool and step.params_hash == params_hash:
+                return step
+        return None
+
 
 class MemoryStore:
     def __init__(
@@ -89,6 +151,7 @@ class MemoryStore:
         self._clock = clock
         # Ordered by last access, least recent first.
         self._sessions: OrderedDict[str, _Entry] = OrderedDict()
+        self._tokens = itertools.count()
 
     def __len__(self) -> int:
         return len(self._sessions)
@@ -124,6 +187,9 @@ class MemoryStore:
         return await self.history(session)
 
     async def append(self, session: str, step: Step, window: int) -> None:
+        self._push(session, step, window)
+
+    def _push(self, session: str, step: Step, window: int) -> None:
         now = self._clock()
         sessions = self._sessions
         entry = sessions.get(session)
@@ -132,12 +198,53 @@ class MemoryStore:
         if entry is None:
             entry = sessions[session] = _Entry(deque(maxlen=window), now)
         elif entry.steps.maxlen != window:
+            pending = entry.pending
             entry = sessions[session] = _Entry(deque(entry.steps, maxlen=window), now)
+            entry.pending = pending
         entry.append(step)
         entry.seen = now
         sessions.move_to_end(session)
         if len(sessions) > self.max_sessions or now - next(iter(sessions.values())).seen > self.ttl:
             self._evict(now)
+
+    async def reserve(
+        self, session: str, tool: str, params_hash: str, window: int, hold_seconds: float
+    ) -> tuple[list[Step], str]:
+        # No await until the in-flight step is in: atomic on the event loop.
+        now = self._clock()
+        entry = self._sessions.get(session)
+        if entry is not None and entry.pending:
+            entry.expire(now)
+        history: list[Step] = []
+        latest: Step | None = None
+        live = entry is not None and now - entry.seen <= self.ttl
+        if live and entry is not None and (tool, params_hash) in entry.calls:
+            history = list(entry.steps)
+            latest = entry.latest(tool, params_hash)
+        held = (
+            Step(tool, params_hash, latest.marker, latest.error)
+            if latest is not None
+            else Step(tool, params_hash, IN_FLIGHT)
+        )
+        self._push(session, held, window)
+        token = f"r{next(self._tokens)}"
+        self._sessions[session].pending[token] = (now + hold_seconds, held)
+        return history, token
+
+    async def settle(self, session: str, token: str, step: Step, window: int) -> None:
+        entry = self._sessions.get(session)
+        reserved = entry.pending.pop(token, None) if entry is not None else None
+        if entry is not None and reserved is not None and entry.replace(reserved[1], step):
+            entry.seen = self._clock()
+            self._sessions.move_to_end(session)
+            return
+        self._push(session, step, window)
+
+    async def release(self, session: str, token: str) -> None:
+        entry = self._sessions.get(session)
+        reserved = entry.pending.pop(token, None) if entry is not None else None
+        if entry is not None and reserved is not None:
+            entry.remove(reserved[1])
 
     def _evict(self, now: float) -> None:
         sessions = self._sessions
@@ -162,7 +269,8 @@ def encode_step(step: Step) -> str:
 
 
 def decode_step(raw: bytes | str) -> Step:
-    tool, params_hash, marker, error = orjson.loads(raw)
+    # An in-flight step carries its reservation's token as a fifth element.
+    tool, params_hash, marker, error, *_token = orjson.loads(raw)
     return Step(tool, params_hash, marker, bool(error))
 
 
@@ -179,19 +287,106 @@ if redis.call('HEXISTS', KEYS[2], ARGV[1]) == 0 then return false end
 return redis.call('LRANGE', KEYS[1], 0, -1)
 """
 
-# KEYS: steps list, counts hash. ARGV: encoded step, its call field, window, ttl.
-# Steps pushed past the window are dropped and uncounted; both keys expire together.
-_APPEND = r"""
-redis.call('RPUSH', KEYS[1], ARGV[1])
-redis.call('HINCRBY', KEYS[2], ARGV[2], 1)
-local window = tonumber(ARGV[3])
+# Steps pushed past the window are dropped and uncounted (the same lines in every
+# script that pushes). KEYS[1] steps list, KEYS[2] counts hash; ``window`` a number.
+_TRIM = r"""
 while redis.call('LLEN', KEYS[1]) > window do
   local old = cjson.decode(redis.call('LPOP', KEYS[1]))
   local field = old[1] .. '\31' .. old[2]
   if redis.call('HINCRBY', KEYS[2], field, -1) <= 0 then redis.call('HDEL', KEYS[2], field) end
 end
+"""
+
+# KEYS: steps list, counts hash. ARGV: encoded step, its call field, window, ttl.
+# Both keys expire together.
+_APPEND = (
+    r"""
+redis.call('RPUSH', KEYS[1], ARGV[1])
+redis.call('HINCRBY', KEYS[2], ARGV[2], 1)
+local window = tonumber(ARGV[3])
+"""
+    + _TRIM
+    + r"""
 redis.call('EXPIRE', KEYS[1], ARGV[4])
 redis.call('EXPIRE', KEYS[2], ARGV[4])
+"""
+)
+
+# Expired reservations out of the window (KEYS[3]: the reservations, scored by deadline
+# in ms of the server's clock; ``now`` set before).
+_EXPIRE = r"""
+local stale = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now)
+for _, held in ipairs(stale) do
+  if redis.call('LREM', KEYS[1], 1, held) > 0 then
+    local old = cjson.decode(held)
+    local field = old[1] .. '\31' .. old[2]
+    if redis.call('HINCRBY', KEYS[2], field, -1) <= 0 then redis.call('HDEL', KEYS[2], field) end
+  end
+end
+if #stale > 0 then redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now) end
+"""
+
+# KEYS: steps, counts, reservations. ARGV: call field, tool, params hash, token,
+# window, ttl, hold (ms), in-flight marker. Returns {the in-flight step as stored,
+# the window before it (or false when the call had no step in it)}.
+_RESERVE = (
+    r"""
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+"""
+    + _EXPIRE
+    + r"""
+local before = false
+local marker, err = ARGV[8], 0
+if redis.call('HEXISTS', KEYS[2], ARGV[1]) == 1 then
+  before = redis.call('LRANGE', KEYS[1], 0, -1)
+  for i = #before, 1, -1 do
+    local s = cjson.decode(before[i])
+    if s[1] == ARGV[2] and s[2] == ARGV[3] then marker, err = s[3], s[4]; break end
+  end
+end
+local held = cjson.encode({ARGV[2], ARGV[3], marker, err, ARGV[4]})
+redis.call('RPUSH', KEYS[1], held)
+redis.call('HINCRBY', KEYS[2], ARGV[1], 1)
+local window = tonumber(ARGV[5])
+"""
+    + _TRIM
+    + r"""
+redis.call('ZADD', KEYS[3], now + tonumber(ARGV[7]), held)
+redis.call('EXPIRE', KEYS[1], ARGV[6])
+redis.call('EXPIRE', KEYS[2], ARGV[6])
+redis.call('EXPIRE', KEYS[3], ARGV[6])
+return {held, before}
+"""
+)
+
+# KEYS: steps, counts, reservations. ARGV: the in-flight step as stored, the real
+# step, its call field, window, ttl. In place when the in-flight step is still there.
+_SETTLE = (
+    r"""
+redis.call('ZREM', KEYS[3], ARGV[1])
+local pos = redis.call('LPOS', KEYS[1], ARGV[1])
+if pos then
+  redis.call('LSET', KEYS[1], pos, ARGV[2])
+else
+  redis.call('RPUSH', KEYS[1], ARGV[2])
+  redis.call('HINCRBY', KEYS[2], ARGV[3], 1)
+  local window = tonumber(ARGV[4])
+"""
+    + _TRIM
+    + r"""
+end
+redis.call('EXPIRE', KEYS[1], ARGV[5])
+redis.call('EXPIRE', KEYS[2], ARGV[5])
+"""
+)
+
+# KEYS: steps, counts, reservations. ARGV: the in-flight step as stored, its field.
+_RELEASE = r"""
+redis.call('ZREM', KEYS[3], ARGV[1])
+if redis.call('LREM', KEYS[1], 1, ARGV[1]) > 0 then
+  if redis.call('HINCRBY', KEYS[2], ARGV[2], -1) <= 0 then redis.call('HDEL', KEYS[2], ARGV[2]) end
+end
 """
 
 
@@ -217,15 +412,26 @@ class RedisStore:
             url, socket_connect_timeout=connect_timeout, socket_timeout=connect_timeout
         )
         self._errors = (aioredis.RedisError, OSError)
+        # Reservation tokens: unique per process (the instance) and per call.
+        self._tokens = itertools.count()
+        self._instance = os.urandom(6).hex()
         # EVALSHA, loading the script on first use (and after a server restart).
         self._history_for_call = self._client.register_script(_HISTORY_FOR_CALL)
         self._append = self._client.register_script(_APPEND)
+        self._reserve = self._client.register_script(_RESERVE)
+        self._settle = self._client.register_script(_SETTLE)
+        self._release = self._client.register_script(_RELEASE)
 
     def _keys(self, session: str) -> list[str]:
         """The session's steps and counts. The ``{session}`` hash tag keeps both in one
         Redis Cluster slot, as a script touching both needs."""
         base = f"{self.key_prefix}{{{session}}}"
         return [f"{base}:steps", f"{base}:calls"]
+
+    def _reservation_keys(self, session: str) -> list[str]:
+        """The session's two keys and its reservations (a sorted set by deadline)."""
+        steps, calls = self._keys(session)
+        return [steps, calls, f"{self.key_prefix}{{{session}}}:held"]
 
     async def history(self, session: str) -> list[Step]:
         try:
@@ -262,8 +468,59 @@ class RedisStore:
         except self._errors as exc:
             raise StoreError(f"redis store {self.url}: cannot append step: {exc}") from exc
 
+    async def reserve(
+        self, session: str, tool: str, params_hash: str, window: int, hold_seconds: float
+    ) -> tuple[list[Step], str]:
+        """One round trip: the check and the in-flight step, atomically."""
+        args: list[str | int] = [
+            _call_field(tool, params_hash),
+            tool,
+            params_hash,
+            f"r{next(self._tokens)}:{self._instance}",
+            window,
+            self.ttl,
+            max(1, int(hold_seconds * 1000)),
+            IN_FLIGHT,
+        ]
+        try:
+            held, before = await self._reserve(keys=self._reservation_keys(session), args=args)
+        except self._errors as exc:
+            raise StoreError(f"redis store {self.url}: cannot reserve call: {exc}") from exc
+        token = held.decode() if isinstance(held, bytes) else str(held)
+        return (self._decoded(before) if before else []), token
+
+    async def settle(self, session: str, token: str, step: Step, window: int) -> None:
+        args: list[str | int] = [
+            token,
+            encode_step(step),
+            _call_field(step.tool, step.params_hash),
+            window,
+            self.ttl,
+        ]
+        try:
+            await self._settle(keys=self._reservation_keys(session), args=args)
+        except self._errors as exc:
+            raise StoreError(f"redis store {self.url}: cannot settle call: {exc}") from exc
+
+    async def release(self, session: str, token: str) -> None:
+        tool, params_hash = orjson.loads(token)[:2]
+        try:
+            await self._release(
+                keys=self._reservation_keys(session), args=[token, _call_field(tool, params_hash)]
+            )
+        except self._errors as exc:
+            raise StoreError(f"redis store {self.url}: cannot release call: {exc}") from exc
+
     async def aclose(self) -> None:
         await self._client.aclose()
 
 
-__all__ = ["MemoryStore", "RedisStore", "SessionStore", "StoreError", "decode_step", "encode_step"]
+__all__ = [
+    "IN_FLIGHT",
+    "MemoryStore",
+    "RedisStore",
+    "SessionStore",
+    "StoreError",
+    "decode_step",
+    "encode_step",
+]

@@ -6,6 +6,7 @@ loopguard and a tool server on uvicorn; each case counts what reached the tool.
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import json
 from collections.abc import Iterator
@@ -134,3 +135,75 @@ def test_body_over_the_parse_cap_is_hashed_raw_and_recorded(
     assert server.hits["status"] == 3
     assert records[0]["failure_stage"] == "request_admission"
     assert records[0]["error_type"] == "body_not_parsed"
+
+
+# -- row 3: atomic admission --------------------------------------------------------------
+
+
+def _concurrent_same(url: str, path: str, session: str, n: int) -> list[int]:
+    async def run() -> list[int]:
+        limits = httpx.Limits(max_connections=n)
+        async with httpx.AsyncClient(base_url=url, timeout=30, limits=limits) as client:
+            headers = {"content-type": "application/json", "x-loopguard-session": session}
+            calls = [client.post(path, content=b'{"q":"same"}', headers=headers) for _ in range(n)]
+            return [r.status_code for r in await asyncio.gather(*calls)]
+
+    return asyncio.run(run())
+
+
+@pytest.mark.parametrize("backend", ["memory", "redis"])
+@pytest.mark.parametrize(
+    ("loop", "allowed"),
+    [
+        ({}, 3),  # stalled_repeat: max_repeats = 3
+        ({"max_repeats": 100, "max_identical_calls": 5}, 5),  # the hard cap
+    ],
+    ids=["max_repeats", "hard_cap"],
+)
+def test_concurrent_identical_calls_pass_no_more_than_the_rules_allow(
+    request: pytest.FixtureRequest,
+    tools: tuple[ToolServer, str],
+    backend: str,
+    loop: dict[str, Any],
+    allowed: int,
+) -> None:
+    server, upstream = tools
+    store: dict[str, Any] = {"backend": backend}
+    if backend == "redis":
+        store["url"] = request.getfixturevalue("redis_url")
+        store["key_prefix"] = f"conc-{backend}-{allowed}:"
+    config = proxy_config(upstream, store=store, loop=loop)
+    with guarded_proxy(config) as (url, records):
+        # /slow answers after a second: all 20 are in flight together.
+        statuses = _concurrent_same(url, "/tools/slow", f"conc-{allowed}", 20)
+    served = statuses.count(200)
+    assert 1 <= served <= allowed
+    assert server.hits["slow"] == served
+    assert statuses.count(422) == 20 - served
+    assert sum(r["failure_stage"] == "loop_guard" for r in records) == 20 - served
+
+
+async def test_redis_reservations_settle_release_and_expire(redis_url: str) -> None:
+    from guard.engine.calls import Step
+    from guard.engine.store import IN_FLIGHT, RedisStore
+
+    store = RedisStore(redis_url, key_prefix="resv:")
+    try:
+        before, token = await store.reserve("s", "t", "h", 8, 60)
+        assert before == []
+        seen, token2 = await store.reserve("s", "t", "h", 8, 60)
+        assert seen == [Step("t", "h", IN_FLIGHT)]
+        await store.settle("s", token, Step("t", "h", "m1"), 8)
+        await store.release("s", token2)
+        assert await store.history("s") == [Step("t", "h", "m1")]
+        # A duplicate in flight repeats the outcome the call last had.
+        seen, token3 = await store.reserve("s", "t", "h", 8, 0.001)
+        assert seen == [Step("t", "h", "m1")]
+        assert await store.history("s") == [Step("t", "h", "m1"), Step("t", "h", "m1")]
+        await asyncio.sleep(0.05)  # past the 1 ms hold: the next reserve expires it
+        seen, _ = await store.reserve("s", "t", "h", 8, 60)
+        assert seen == [Step("t", "h", "m1")]  # token3's step is gone, counts with it
+        await store.settle("s", token3, Step("t", "h", "late"), 8)  # late: appended
+        assert (await store.history("s"))[-1] == Step("t", "h", "late")
+    finally:
+        await store.aclose()

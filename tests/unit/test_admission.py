@@ -39,7 +39,8 @@ def config(**sections: Any) -> Config:
 
 
 class Events(MemoryStore):
-    """A memory store that writes each append into a shared event log."""
+    """A memory store that writes each step it records (appended, or settling a
+    reservation) into a shared event log."""
 
     def __init__(self, log: list[str]) -> None:
         super().__init__()
@@ -48,6 +49,10 @@ class Events(MemoryStore):
     async def append(self, session: str, step: Step, window: int) -> None:
         self.log.append(f"append {step.tool}")
         await super().append(session, step, window)
+
+    async def settle(self, session: str, token: str, step: Step, window: int) -> None:
+        self.log.append(f"append {step.tool}")
+        await super().settle(session, token, step, window)
 
 
 def engine_for(cfg: Config, records: list[dict[str, Any]], store: Any = None) -> Engine:
