@@ -155,7 +155,8 @@ def _params(request: RequestView) -> tuple[Any, str | None]:
     content_type = headers.get("content-type", "").split(";", 1)[0].strip().lower()
     error: str | None = None
     try:
-        decoded = decode_content(body, headers.get("content-encoding"), DECODED_LIMIT)
+        encoding = headers.get("content-encoding")
+        decoded = body if encoding is None else decode_content(body, encoding, DECODED_LIMIT)
         if content_type == "application/x-www-form-urlencoded":
             data: Any = _query_dict(decoded.decode("latin-1"))
         elif content_type in ("", "application/json", "text/json") or content_type.endswith(

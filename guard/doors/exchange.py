@@ -486,7 +486,10 @@ class Exchange:
             if observation is not None:
                 self._apply_observation(observation)
                 await self._record_once(observation)
-            await self.release_reservations()
+            for flow in self.flows:
+                if flow.token is not None:  # a call that got no outcome
+                    await self.release_reservations()
+                    break
         finally:
             if self.span is not None:
                 try:

@@ -41,6 +41,8 @@ class Engine:
         self.config = config or Config()
         # The config is frozen: what is read on every call is built once.
         self._scrub_policy = self.config.redaction.policy_id
+        self._window = self.config.loop.window
+        self._in_flight_s = self.config.loop.in_flight_seconds
         # One key for parameter pseudonyms and session pseudonyms in records.
         key = load_key(self.config.redaction.pseudonym_key_env)
         # Content-derived identifiers (conversation digests) leave only as this token.
@@ -92,9 +94,8 @@ class Engine:
         token with the outcome, or release it."""
         if self.detector.disabled_for(tool):
             return Verdict("allow", tool, params_hash), None
-        loop = self.config.loop
         history, token = await self.store.reserve(
-            session, tool, params_hash, loop.window, loop.in_flight_seconds
+            session, tool, params_hash, self._window, self._in_flight_s
         )
         verdict = self.detector.evaluate(history, tool, params_hash)
         if verdict.blocked:  # never reaches the tool: it must not count as in flight

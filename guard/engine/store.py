@@ -109,28 +109,39 @@ class _Entry:
         key = (step.tool, step.params_hash)
         calls[key] = calls.get(key, 0) + 1
 
-    def remove(self, step: Step) -> bool:
-        """Take this very step object out of the window (by identity)."""
-        for index, held in enumerate(self.steps):
-            if held is step:
-                del self.steps[index]
-                self._count(step, -1)
-                return True
-        return False
+    def _index(self, step: Step) -> int:
+        """Where this very step object is in the window, or -1. Searched from the
+        newest end: an in-flight step was appended moments ago."""
+        steps = self.steps
+        for index in range(len(steps) - 1, -1, -1):
+            if steps[index] is step:
+                return index
+        return -1
+
+    def remove(self, step: Step) -> None:
+        index = self._index(step)
+        if index >= 0:
+            del self.steps[index]
+            self._count(step, -1)
 
     def replace(self, old: Step, new: Step) -> bool:
         """Put ``new`` where the very object ``old`` is (same call: counts unchanged)."""
-        for index, held in enumerate(self.steps):
-            if held is old:
-                self.steps[index] = new
-                return True
-        return False
+        index = self._index(old)
+        if index < 0:
+            return False
+        self.steps[index] = new
+        return True
 
     def expire(self, now: float) -> None:
-        """Reservations past their deadline stop counting."""
+        """Reservations past their deadline stop counting. The dict is in the order the
+        reservations were made, which is deadline order for one hold time."""
         pending = self.pending
-        for token in [t for t, (deadline, _) in pending.items() if deadline <= now]:
-            self.remove(pending.pop(token)[1])
+        while pending:
+            token, (deadline, step) = next(iter(pending.items()))
+            if deadline > now:
+                return
+            del pending[token]
+            self.remove(step)
 
     def latest(self, tool: str, params_hash: str) -> Step | None:
         for step in reversed(self.steps):
@@ -212,23 +223,23 @@ class MemoryStore:
     ) -> tuple[list[Step], str]:
         # No await until the in-flight step is in: atomic on the event loop.
         now = self._clock()
-        entry = self._sessions.get(session)
-        if entry is not None and entry.pending:
-            entry.expire(now)
+        sessions = self._sessions
+        entry = sessions.get(session)
         history: list[Step] = []
-        latest: Step | None = None
-        live = entry is not None and now - entry.seen <= self.ttl
-        if live and entry is not None and (tool, params_hash) in entry.calls:
-            history = list(entry.steps)
-            latest = entry.latest(tool, params_hash)
-        held = (
-            Step(tool, params_hash, latest.marker, latest.error)
-            if latest is not None
-            else Step(tool, params_hash, IN_FLIGHT)
-        )
+        held: Step | None = None
+        if entry is not None and now - entry.seen <= self.ttl:
+            if entry.pending:
+                entry.expire(now)
+            if (tool, params_hash) in entry.calls:
+                history = list(entry.steps)
+                latest = entry.latest(tool, params_hash)
+                if latest is not None:
+                    held = Step(tool, params_hash, latest.marker, latest.error)
+        if held is None:
+            held = Step(tool, params_hash, IN_FLIGHT)
         self._push(session, held, window)
         token = f"r{next(self._tokens)}"
-        self._sessions[session].pending[token] = (now + hold_seconds, held)
+        sessions[session].pending[token] = (now + hold_seconds, held)
         return history, token
 
     async def settle(self, session: str, token: str, step: Step, window: int) -> None:
