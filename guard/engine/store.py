@@ -143,11 +143,13 @@ class _Entry:
             del pending[token]
             self.remove(step)
 
-    def latest(self, tool: str, params_hash: str) -> Step | None:
-        for step in reversed(self.steps):
-            if step.tool == tool and step.params_hash == params_hash:
-                return step
-        return None
+
+def _latest(steps: Sequence[Step], tool: str, params_hash: str) -> Step | None:
+    """The call's newest step in a window."""
+    for step in reversed(steps):
+        if step.tool == tool and step.params_hash == params_hash:
+            return step
+    return None
 
 
 class MemoryStore:
@@ -226,20 +228,40 @@ class MemoryStore:
         sessions = self._sessions
         entry = sessions.get(session)
         history: list[Step] = []
-        held: Step | None = None
-        if entry is not None and now - entry.seen <= self.ttl:
-            if entry.pending:
-                entry.expire(now)
-            if (tool, params_hash) in entry.calls:
-                history = list(entry.steps)
-                latest = entry.latest(tool, params_hash)
+        if entry is None or now - entry.seen > self.ttl or entry.steps.maxlen != window:
+            # New, expired or resized: what append does, then the same as below.
+            held = Step(tool, params_hash, IN_FLIGHT)
+            if entry is not None and now - entry.seen <= self.ttl:
+                history = await self.history_for_call(session, tool, params_hash)
+                latest = _latest(history, tool, params_hash)
                 if latest is not None:
                     held = Step(tool, params_hash, latest.marker, latest.error)
-        if held is None:
-            held = Step(tool, params_hash, IN_FLIGHT)
-        self._push(session, held, window)
+            self._push(session, held, window)
+            entry = sessions[session]
+        else:
+            # The hot path: a live session, inlined (this runs on every guarded call).
+            if entry.pending:
+                entry.expire(now)
+            key = (tool, params_hash)
+            calls = entry.calls
+            latest = None
+            if key in calls:
+                history = list(entry.steps)
+                latest = _latest(history, tool, params_hash)
+            held = (
+                Step(tool, params_hash, IN_FLIGHT)
+                if latest is None
+                else Step(tool, params_hash, latest.marker, latest.error)
+            )
+            steps = entry.steps
+            if len(steps) == window:
+                entry._count(steps[0], -1)  # the deque drops its oldest step
+            steps.append(held)
+            calls[key] = calls.get(key, 0) + 1
+            entry.seen = now
+            sessions.move_to_end(session)
         token = f"r{next(self._tokens)}"
-        sessions[session].pending[token] = (now + hold_seconds, held)
+        entry.pending[token] = (now + hold_seconds, held)
         return history, token
 
     async def settle(self, session: str, token: str, step: Step, window: int) -> None:
