@@ -147,6 +147,8 @@ class Exchange:
         self.done = False
         self._observer: ResponseObserver | None = None
         self._remaining: int | None = None  # bytes still due by a declared content-length
+        self._response_bytes = 0  # what the observer was fed: a large outcome is marked
+        # off the event loop
         self._sent_at: float | None = None
         self._recorded = False
         # The request could not be read: one call standing for its raw bytes.
@@ -442,6 +444,7 @@ class Exchange:
         if observer is None:
             return chunk
         out = observer.feed(chunk, time.perf_counter())
+        self._response_bytes += len(chunk)
         remaining = self._remaining
         if remaining is not None:
             remaining -= len(chunk)
@@ -535,7 +538,12 @@ class Exchange:
             if outcome is None:
                 continue
             tool = flow.invocation.tool
-            marker = self.engine.marker(tool, outcome.value, outcome.explicit_marker)
+            if self._response_bytes > OFFLOAD_BYTES:  # a large outcome: off the event loop
+                marker = await asyncio.to_thread(
+                    self.engine.marker, tool, outcome.value, outcome.explicit_marker
+                )
+            else:
+                marker = self.engine.marker(tool, outcome.value, outcome.explicit_marker)
             if record.progress_marker is None:
                 record.progress_marker = marker
                 self.engine.capture(record, _RESULT, outcome.value, as_json=jsonable)

@@ -88,15 +88,16 @@ def normalize_key(key: str) -> str:
     return key.lower().replace("-", "_")
 
 
+_DOUBLED = bytes.maketrans(b"0123456789", b"0246813579")  # 2d, digits summed
+_DOUBLED_DIGIT = (0, 2, 4, 6, 8, 1, 3, 5, 7, 9)
+
+
 def luhn_ok(digits: str) -> bool:
-    total = 0
-    for i, ch in enumerate(reversed(digits)):
-        d = ord(ch) - 48
-        if i % 2:
-            d *= 2
-            if d > 9:
-                d -= 9
-        total += d
+    """The Luhn check on a string of ASCII digits, in C: every second digit from the
+    right doubled (by a translation table), then all summed (called per candidate
+    span of a scan, so its constant matters)."""
+    data = digits.encode()
+    total = sum(data[-1::-2]) + sum(data[-2::-2].translate(_DOUBLED)) - 48 * len(data)
     return total % 10 == 0
 
 
@@ -394,14 +395,35 @@ def _cards_in(run: str, card: Callable[[str], str], phone: Callable[[str], str])
     digits can never be mistaken for the card's edge and leave part of it behind.
     """
     groups = _DIGIT_GROUP.findall(run)
-    for i in range(len(groups)):
-        digits = ""
-        for group in groups[i:]:
-            digits += group
-            if len(digits) > 19:
+    digits = "".join(groups)
+    # Luhn of any span in O(1) from prefix sums, per position parity, of each digit
+    # plain and doubled: the run is scanned once, not once per candidate span.
+    plain = [[0], [0]]
+    doubled = [[0], [0]]
+    for k, ch in enumerate(digits):
+        d = ord(ch) - 48
+        p = k & 1
+        plain[p].append(plain[p][-1] + d)
+        doubled[p].append(doubled[p][-1] + _DOUBLED_DIGIT[d])
+        plain[p ^ 1].append(plain[p ^ 1][-1])
+        doubled[p ^ 1].append(doubled[p ^ 1][-1])
+    starts = [0]
+    for group in groups:
+        starts.append(starts[-1] + len(group))
+    n = len(starts)
+    for i in range(n - 1):
+        a = starts[i]
+        for j in range(i + 1, n):
+            b = starts[j]
+            length = b - a
+            if length > 19:
                 break
-            if len(digits) >= 13 and luhn_ok(digits):
-                return card(digits)
+            if length >= 13:
+                # From the right: the last digit (b-1) plain, then alternating.
+                q = (b - 1) & 1
+                total = plain[q][b] - plain[q][a] + doubled[q ^ 1][b] - doubled[q ^ 1][a]
+                if total % 10 == 0:
+                    return card(digits[a:b])
     return _PHONE_RE.sub(lambda m: phone(m.group()), run)
 
 
