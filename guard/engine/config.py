@@ -153,6 +153,12 @@ class StoreConfig(_Section):
     key_prefix: str = "loopguard:"
     max_sessions: int = Field(default=100_000, ge=1)
     ttl_seconds: float = Field(default=3600.0, gt=0)
+    # Redis: each operation waits at most this long; after breaker_failures
+    # consecutive failures or timeouts the store is not asked (calls are served,
+    # stage "store") until a probe after breaker_backoff s (doubling, to 30 s) succeeds.
+    timeout_seconds: float = Field(default=0.5, gt=0)
+    breaker_failures: int = Field(default=3, ge=1)
+    breaker_backoff_seconds: float = Field(default=1.0, gt=0)
 
 
 class SessionConfig(_Section):

@@ -398,7 +398,7 @@ return {held, before}
 _SETTLE = (
     r"""
 redis.call('ZREM', KEYS[3], ARGV[1])
-local pos = redis.call('LPOS', KEYS[1], ARGV[1])
+local pos = redis.call('LPOS', KEYS[1], ARGV[1], 'RANK', -1)  -- from the newest end
 if pos then
   redis.call('LSET', KEYS[1], pos, ARGV[2])
 else

@@ -9,13 +9,23 @@ from __future__ import annotations
 import asyncio
 import gzip
 import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
 from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import pytest
-from proxy_harness import ToolServer, guarded_proxy, proxy_config
-from servers import run_server
+from proxy_harness import ToolServer, guarded_proxy, proxy_config, wait_for
+from servers import free_port, run_server
+
+from guard.engine.breaker import BreakerStore, CircuitOpen
+from guard.engine.config import Config
+from guard.engine.core import Engine
+from guard.engine.store import RedisStore, StoreError
 
 
 @pytest.fixture
@@ -207,3 +217,132 @@ async def test_redis_reservations_settle_release_and_expire(redis_url: str) -> N
         assert (await store.history("s"))[-1] == Step("t", "h", "late")
     finally:
         await store.aclose()
+
+
+# -- row 9: a hung or dead store ------------------------------------------------------------
+
+
+@pytest.fixture
+def own_redis() -> Iterator[tuple[subprocess.Popen[bytes], str]]:
+    """A redis-server of this test's own, to stop (SIGSTOP) or kill."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.skip("redis-server binary not installed")
+    port = free_port()
+    proc = subprocess.Popen(
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        assert wait_for(lambda: _pong(port), timeout=10), "redis-server did not start"
+        yield proc, f"redis://127.0.0.1:{port}/0"
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGCONT)
+            proc.terminate()
+            proc.wait(timeout=10)
+
+
+def _pong(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.2) as sock:
+            sock.sendall(b"PING\r\n")
+            return sock.recv(16).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+class _Counting(RedisStore):
+    """Counts the operations that reached Redis (the breaker lets through)."""
+
+    asked = 0
+
+    async def reserve(self, *args: Any) -> Any:
+        _Counting.asked += 1
+        return await super().reserve(*args)
+
+    async def append(self, *args: Any) -> Any:
+        _Counting.asked += 1
+        return await super().append(*args)
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.mark.parametrize("fault", ["hung", "dead"])
+async def test_the_breaker_stops_asking_a_hung_or_dead_store_and_probes_again(
+    own_redis: tuple[subprocess.Popen[bytes], str], fault: str
+) -> None:
+    proc, url = own_redis
+    clock = _Clock()
+    _Counting.asked = 0
+    store = BreakerStore(
+        _Counting(url, key_prefix="brk:"), timeout=0.2, failures=3, backoff=5, clock=clock
+    )
+    engine = Engine(Config(), store=store)
+    try:
+        _, token = await engine.admit_call("s", "t", "h")  # healthy
+        assert token is not None and _Counting.asked == 1
+        os.kill(proc.pid, signal.SIGSTOP if fault == "hung" else signal.SIGKILL)
+        if fault == "dead":
+            proc.wait()
+        failures = []
+        for _ in range(20):
+            try:
+                await engine.admit_call("s", "t", "h")
+            except StoreError as exc:
+                failures.append(type(exc).__name__)
+        # Three timeouts (or refusals) reached the store; then it was not asked at all.
+        assert _Counting.asked == 1 + 3
+        assert failures == ["StoreError"] * 3 + ["CircuitOpen"] * 17
+        assert store.is_open
+        # Past the backoff one probe is let through; still failing: open again, longer.
+        clock.now += 5
+        with pytest.raises(StoreError):
+            await engine.admit_call("s", "t", "h")
+        assert _Counting.asked == 5
+        clock.now += 5  # the backoff doubled: not yet
+        with pytest.raises(CircuitOpen):
+            await engine.admit_call("s", "t", "h")
+        if fault == "hung":
+            os.kill(proc.pid, signal.SIGCONT)
+            clock.now += 5
+            await engine.admit_call("s", "t", "h2")  # the probe succeeds: closed
+            assert not store.is_open
+            await engine.admit_call("s", "t", "h3")
+            assert _Counting.asked == 7
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGCONT)
+        await engine.aclose()
+
+
+def test_a_hung_store_serves_calls_fast_with_stage_store_and_few_warnings(
+    own_redis: tuple[subprocess.Popen[bytes], str], tools: tuple[ToolServer, str], capsys
+) -> None:
+    proc, url = own_redis
+    server, upstream = tools
+    config = proxy_config(upstream, store={"backend": "redis", "url": url, "timeout_seconds": 0.2})
+    with guarded_proxy(config) as (proxy, records), httpx.Client(base_url=proxy, timeout=30) as c:
+        headers = {"content-type": "application/json", "x-loopguard-session": "hung"}
+        assert c.post("/tools/echo", content=b'{"n": 0}', headers=headers).status_code == 200
+        os.kill(proc.pid, signal.SIGSTOP)
+        try:
+            statuses = [
+                c.post("/tools/echo", content=b'{"n": %d}' % i, headers=headers).status_code
+                for i in range(1, 41)
+            ]
+        finally:
+            os.kill(proc.pid, signal.SIGCONT)
+    assert statuses == [200] * 40  # fail open
+    assert server.hits["echo"] == 41
+    assert all(r["failure_stage"] == "store" for r in records[1:])
+    # One warning (with a count of those held back), not one per call.
+    out = capsys.readouterr().out
+    assert 1 <= out.count("session_store_unavailable") <= 2
