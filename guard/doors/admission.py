@@ -54,8 +54,9 @@ async def admit(
     client went away before its body was read (nothing to answer).
     """
     try:
+        server = engine.config.server
         body = await read_body(
-            receive, engine.config.server.max_body_bytes, headers.get("content-length")
+            receive, server.max_body_bytes, headers.get("content-length"), server.body_read_timeout
         )
     except BodyRefused as refused:
         return refused.answer

@@ -6,6 +6,7 @@ pairs and the ``str`` pairs the exchange speaks, and sending an ``Answer``.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
@@ -32,12 +33,19 @@ class ClientDisconnected(Exception):
     """The client went away before its request body was read."""
 
 
-async def read_body(receive: Receive, limit: int, content_length: str | None = None) -> bytes:
+async def read_body(
+    receive: Receive,
+    limit: int,
+    content_length: str | None = None,
+    read_timeout: float | None = None,
+) -> bytes:
     """The whole request body, refusing more than ``limit`` bytes.
 
     A declared ``content-length`` over the limit is refused before anything is read;
-    a chunked body is counted as it comes. Raises ``BodyRefused`` (413, or 400 for a
-    length that is not a number) or ``ClientDisconnected``.
+    a chunked body is counted as it comes. A client that sends nothing for
+    ``read_timeout`` seconds between two reads is cut off with 408 (the client is the
+    slow party, as nginx's ``client_body_timeout``). Raises ``BodyRefused`` (413, 408,
+    or 400 for a length that is not a number) or ``ClientDisconnected``.
     """
     if content_length is not None:
         if not content_length.isdigit():
@@ -54,7 +62,14 @@ async def read_body(receive: Receive, limit: int, content_length: str | None = N
     parts: list[bytes] = []
     size = 0
     while True:
-        message = await receive()
+        if read_timeout is None:
+            message = await receive()
+        else:
+            try:
+                async with asyncio.timeout(read_timeout):
+                    message = await receive()
+            except TimeoutError:
+                raise BodyRefused(body_timeout(read_timeout)) from None
         if message["type"] == "http.disconnect":
             raise ClientDisconnected
         chunk: bytes = message.get("body", b"")
@@ -65,6 +80,15 @@ async def read_body(receive: Receive, limit: int, content_length: str | None = N
             parts.append(chunk)
         if not message.get("more_body", False):
             return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
+def body_timeout(seconds: float) -> Answer:
+    return problem(
+        408,
+        "body-timeout",
+        "Request body too slow",
+        f"The request body sent nothing for {seconds:g} s ([server] body_read_timeout).",
+    )
 
 
 def too_large(limit: int) -> Answer:

@@ -178,6 +178,14 @@ class ServerConfig(_Section):
     # Malformed JSON on a guarded route: forward it marked (false) or answer 400 (true).
     reject_malformed_json: bool = False
     max_connections: int = Field(default=512, ge=1)
+    # Client limits. A connection whose request head is not complete this long after
+    # it opened (or its last response ended) is closed; idle keep-alive as uvicorn's.
+    head_timeout: float = Field(default=10.0, gt=0)
+    keep_alive_timeout: float = Field(default=5.0, gt=0)
+    # A request body that sends nothing for this long between reads: 408.
+    body_read_timeout: float = Field(default=30.0, gt=0)
+    # Connections and requests at once (per worker); past it uvicorn answers 503.
+    limit_concurrency: int = Field(default=1000, ge=1)
     # Processes ``loopguard serve`` runs (one event loop each) on one listening socket.
     # Above 1 they must share sessions: store.backend = "redis".
     workers: int = Field(default=1, ge=1, le=64)

@@ -346,3 +346,94 @@ def test_a_hung_store_serves_calls_fast_with_stage_store_and_few_warnings(
     # One warning (with a count of those held back), not one per call.
     out = capsys.readouterr().out
     assert 1 <= out.count("session_store_unavailable") <= 2
+
+
+# -- row 4: client limits (uvicorn's options, loopguard's own head and body timeouts) -------
+
+
+def _limited(upstream: str, **server: Any) -> tuple[Any, dict[str, Any]]:
+    from guard.doors.serve import client_limits
+
+    config = proxy_config(upstream, server=server)
+    return config, client_limits(config)
+
+
+def _closed_by_server(sock: socket.socket) -> bool:
+    """True when the server closes the connection (recv gives EOF) before the
+    socket's own safety timeout."""
+    try:
+        while True:
+            data = sock.recv(4096)
+            if not data:
+                return True
+    except TimeoutError:
+        return False
+    except ConnectionResetError:
+        return True
+
+
+@pytest.mark.parametrize("sent", [b"", b"POST /tools/echo HTTP/1.1\r\nHost: x\r\n"])
+def test_a_connection_without_a_complete_head_is_closed(
+    tools: tuple[ToolServer, str], sent: bytes
+) -> None:
+    _, upstream = tools
+    config, options = _limited(upstream, head_timeout=0.3)
+    with guarded_proxy(config, **options) as (url, _):
+        host, port = url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port))) as sock:
+            sock.settimeout(20)  # a safety net only: the server must close first
+            sock.sendall(sent)
+            assert _closed_by_server(sock)
+
+
+def test_a_stalled_body_is_cut_with_408(tools: tuple[ToolServer, str]) -> None:
+    server, upstream = tools
+    config, options = _limited(upstream, body_read_timeout=0.3)
+    with guarded_proxy(config, **options) as (url, _):
+        host, port = url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port))) as sock:
+            sock.settimeout(20)
+            sock.sendall(
+                b"POST /tools/echo HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                b'Content-Length: 100\r\n\r\n{"q": '
+            )
+            answer = b""
+            while b"\r\n\r\n" not in answer or b"}" not in answer.split(b"\r\n\r\n", 1)[1]:
+                chunk = sock.recv(4096)
+                if not chunk:
+                    break
+                answer += chunk
+    assert answer.startswith(b"HTTP/1.1 408 ")
+    assert b"application/problem+json" in answer and b"body-timeout" in answer
+    assert server.hits["echo"] == 0
+
+
+def test_a_kept_alive_connection_still_answers_its_next_request(
+    tools: tuple[ToolServer, str],
+) -> None:
+    # The head deadline is per request: a connection reused promptly works as before.
+    _, upstream = tools
+    config, options = _limited(upstream, head_timeout=5)
+    with guarded_proxy(config, **options) as (url, _), httpx.Client(base_url=url) as client:
+        assert [client.get("/tools/echo").status_code for _ in range(3)] == [200] * 3
+
+
+def test_connections_past_the_concurrency_cap_get_503(tools: tuple[ToolServer, str]) -> None:
+    server, upstream = tools
+    server.hits.clear()
+    # uvicorn answers 503 once the connections (this one included) reach the cap.
+    config, options = _limited(upstream, limit_concurrency=3)
+
+    async def run(url: str) -> list[int]:
+        async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+            slow = [client.post("/tools/slow", json={"i": i}) for i in range(2)]
+            held = [asyncio.ensure_future(call) for call in slow]
+            await asyncio.sleep(0.3)  # both slow calls are in (ordering, not a timing check)
+            extra = await client.get("/healthz")
+            return [extra.status_code] + [(await h).status_code for h in held]
+
+    with guarded_proxy(config, **options) as (url, _):
+        statuses = asyncio.run(run(url))
+    assert statuses[0] == 503
+    assert statuses[1:] == [200, 200]
+    assert server.hits["slow"] == 2
