@@ -188,7 +188,11 @@ class Exchange:
         record.operation = parsed.operation
         record.span_name = parsed.span_name
         record.provider = self.adapter.provider
-        record.model = parsed.model
+        if parsed.model is not None:
+            # A model name is client input: scrubbed (a normal name comes out as it is).
+            record.model = self._shown(parsed.model)
+            if record.model != parsed.model:
+                record.span_name = parsed.span_name.replace(parsed.model, record.model)
         record.stream = parsed.stream if parsed.operation == "chat" else None
         record.session = self.session
         record.session_tracked = self.session is not None
@@ -198,8 +202,15 @@ class Exchange:
         fields = parsed.fields
         if fields is not NO_FIELDS:
             record.mcp_method = fields.mcp_method
-            record.mcp_session_id = fields.mcp_session_id
-            record.jsonrpc_request_id = fields.jsonrpc_request_id
+            # Ids leave as keyed pseudonyms: the MCP session as any session does (the
+            # same id, the same pseudonym), the JSON-RPC id like a conversation digest.
+            engine = self.engine
+            if fields.mcp_session_id:
+                record.mcp_session_id = engine.session_hasher(fields.mcp_session_id)
+            if fields.jsonrpc_request_id is not None:
+                record.jsonrpc_request_id = "rpc_" + engine.pseudonym(
+                    str(fields.jsonrpc_request_id)
+                )
             if fields.conversation_digest is not None:
                 # Derived from content: only a keyed pseudonym of it may leave.
                 record.conversation_id = "conv_" + self.engine.pseudonym(fields.conversation_digest)
@@ -411,7 +422,9 @@ class Exchange:
             lower = name.lower()
             if lower.startswith(_APP_PREFIX_B):
                 key = lower[_APP_PREFIX_LEN:].decode("latin-1").replace("-", "_")
-                record.app[key] = value.decode("latin-1")
+                # The app's words ("abstain", "true") pass as they are; a secret or a
+                # personal detail in them does not.
+                record.app[key] = self._shown(value.decode("latin-1"))
                 continue
             if lower == b"content-length" and value.isdigit():
                 length = int(value)
@@ -507,7 +520,9 @@ class Exchange:
             record.error_type = "incomplete_stream"
         record.usage = obs.usage
         record.response_id = obs.response_id
-        record.response_model = obs.response_model
+        record.response_model = (
+            self._shown(obs.response_model) if obs.response_model else obs.response_model
+        )
         record.finish_reasons = obs.finish_reasons
         record.output_chunks = obs.output_chunks
         if self._sent_at is None:
@@ -560,11 +575,12 @@ class Exchange:
                 self.engine.store_failed(record, exc)
                 return
 
-    def _shown(self, tool: str) -> str:
-        """A tool name as it may leave in spans, records and metric labels: scrubbed.
+    def _shown(self, text: str) -> str:
+        """A tool or model name, or an app's value, as it may leave in spans, records and
+        metric labels: scrubbed.
 
-        ``scrub`` is ``redact_text`` with a cache: a session calls the same few tools."""
-        return self.engine.redactor.scrub(tool)
+        ``scrub`` is ``redact_text`` with a cache: a session uses the same few names."""
+        return self.engine.redactor.scrub(text)
 
 
 def exception_fields(exc: BaseException) -> dict[str, str]:
