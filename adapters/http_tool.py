@@ -49,23 +49,23 @@ class HttpToolAdapter:
     # -- request ---------------------------------------------------------------------
 
     def parse(self, request: RequestView) -> ParsedRequest:
-        tool = self._tool(request.path)
-        if tool is None:
+        segments = list(filter(None, request.path.split("/")))  # the non-empty segments
+        index = self.tool_segment
+        if len(segments) <= index:
             # The route's root or a path without a tool segment: served, not guarded.
             return ParsedRequest(operation="passthrough", span_name=request.method)
+        tool = segments[index]
         params, error = _params(request)
+        if len(segments) > index + 1:
+            # /tools/orders/A1 and /tools/orders/B2 are two calls: the path after the
+            # tool segment is part of the call.
+            params = {"path": "/".join(segments[index + 1 :]), "params": params}
         return ParsedRequest(
             operation="execute_tool",
             invocations=[ToolInvocation(tool=tool, params=params)],
             admission_error=error,
             span_name=f"execute_tool {tool}",
         )
-
-    def _tool(self, path: str) -> str | None:
-        segments = list(filter(None, path.split("/")))  # the non-empty segments
-        if len(segments) <= self.tool_segment:
-            return None
-        return segments[self.tool_segment]
 
     # -- answers ---------------------------------------------------------------------
 

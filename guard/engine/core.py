@@ -50,6 +50,9 @@ class Engine:
         # Content-derived identifiers (conversation digests) leave only as this token.
         self.pseudonym = keyed_pseudonym(key, b"loopguard.conv")
         self.redactor = Redactor(self.config.redaction, key=key)
+        # Parameters are hashed through keyed pseudonyms (two customers, two calls);
+        # ``redactor`` is what is displayed (captured content, tool names).
+        self.hash_redactor = Redactor(self.config.redaction, key=key, hashing=True)
         self.detector = Detector(self.config.loop)
         self.markers = ProgressMarkers(self.config.loop, self.redactor)
         self.store = store or _store_from_config(self.config)
@@ -69,7 +72,7 @@ class Engine:
 
     def fingerprint(self, params: Any) -> str:
         """xxh3_128 hex of the redacted canonical parameters."""
-        return params_hash(params, self.redactor)
+        return params_hash(params, self.hash_redactor)
 
     def marker(self, tool: str, outcome: Any, explicit: str | None = None) -> str:
         return self.markers.marker(tool, outcome, explicit)

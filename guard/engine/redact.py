@@ -111,9 +111,23 @@ def load_key(env_var: str) -> bytes:
     return key if len(key) <= 64 else hashlib.blake2b(key).digest()
 
 
+# Personal values that tell calls apart: the hashing redactor pseudonymizes them even
+# where the display masks them, so two customers are two calls. Credentials stay
+# masked in the hash too: a token that rotates must not make a loop look new.
+DISTINGUISHING = frozenset({"EMAIL", "CARD", "PHONE", "IPV4"})
+
+
 class Redactor:
-    def __init__(self, cfg: RedactionConfig | None = None, key: bytes | None = None) -> None:
+    """``hashing``: the redactor parameters are fingerprinted through. It pseudonymizes
+    the ``DISTINGUISHING`` kinds and every user rule whatever their display mode (keyed:
+    nobody without the key can test a guess), so masking merges nothing for the stall
+    rules; what is displayed comes from the display redactor."""
+
+    def __init__(
+        self, cfg: RedactionConfig | None = None, key: bytes | None = None, *, hashing: bool = False
+    ) -> None:
         self.cfg = cfg or RedactionConfig()
+        self._hashing = hashing
         self.policy_id = self.cfg.policy_id
         self._key = key if key is not None else load_key(self.cfg.pseudonym_key_env)
         secret = {normalize_key(k) for k in self.cfg.secret_keys}
@@ -121,7 +135,9 @@ class Redactor:
         self._key_rules: dict[str, Callable[[Any], str]] = {}
         for rule in self.cfg.rules:
             for k in rule.keys:
-                self._key_rules[normalize_key(k)] = self._replacer(rule.name.upper(), rule.mode)
+                self._key_rules[normalize_key(k)] = self._replacer(
+                    rule.name.upper(), "pseudonymize" if hashing else rule.mode
+                )
         for k in secret:
             self._key_rules[k] = _mask_secret
         # Strings are immutable and repeat a lot in agent traffic (the same call again
@@ -148,7 +164,8 @@ class Redactor:
                 )
             name = f"U{len(self._user_parts)}"
             self._user_parts.append(f"(?P<{name}>{rule.pattern})")
-            self._groups[name] = self._replacer(rule.name.upper(), rule.mode)
+            mode = "pseudonymize" if self._hashing else rule.mode
+            self._groups[name] = self._replacer(rule.name.upper(), mode)
         self._kv_part = ""
         self._kv_triggers: tuple[str, ...] = ()
         if secret_keys:
@@ -166,7 +183,10 @@ class Redactor:
         self._builtins = self.cfg.builtins
         if self._builtins:
             for kind, _pattern in BUILTINS:
-                self._groups[kind] = self._replacer(kind, self.cfg.builtin_mode)
+                mode = self.cfg.builtin_mode
+                if self._hashing and kind in DISTINGUISHING:
+                    mode = "pseudonymize"
+                self._groups[kind] = self._replacer(kind, mode)
         self._card = self._groups.get("CARD")
         self._phone = self._groups.get("PHONE")
         self._pass1: dict[int, re.Pattern[str] | None] = {}

@@ -437,3 +437,50 @@ def test_connections_past_the_concurrency_cap_get_503(tools: tuple[ToolServer, s
     assert statuses[0] == 503
     assert statuses[1:] == [200, 200]
     assert server.hits["slow"] == 2
+
+
+# -- row 7: distinct values stay distinct in the hash ---------------------------------------
+
+
+def test_five_customers_are_five_calls_not_a_stalled_repeat(tools: tuple[ToolServer, str]) -> None:
+    _, upstream = tools
+    # Five 13+-digit order ids that pass Luhn (so the display masks each as a card).
+    order_ids = [
+        4111111111111111,
+        4012888888881881,
+        5555555555554444,
+        5105105105105100,
+        378282246310005,
+    ]
+    headers = {"content-type": "application/json", "x-loopguard-session": "customers"}
+    with guarded_proxy(proxy_config(upstream)) as (url, records), httpx.Client(base_url=url) as c:
+        distinct = [
+            c.post("/tools/fixed/x", json={"email": f"customer{i}@example.org"}, headers=headers)
+            for i in range(5)
+        ]
+        orders = [
+            c.post("/tools/fixed/x", json={"order": order_id}, headers=headers)
+            for order_id in order_ids
+        ]
+        same = [
+            c.post("/tools/fixed/x", json={"email": "one@example.org"}, headers=headers)
+            for _ in range(5)
+        ]
+    assert [r.status_code for r in distinct] == [200] * 5
+    assert [r.status_code for r in orders] == [200] * 5
+    assert [r.status_code for r in same] == [200, 200, 200, 422, 422]
+    # The display stays masked: no address in any record.
+    assert "example.org" not in json.dumps(records)
+
+
+def test_the_path_after_the_tool_segment_is_part_of_the_call(
+    tools: tuple[ToolServer, str],
+) -> None:
+    server, upstream = tools
+    headers = {"x-loopguard-session": "paths"}
+    with guarded_proxy(proxy_config(upstream)) as (url, _), httpx.Client(base_url=url) as c:
+        distinct = [c.get(f"/tools/fixed/order-{i}", headers=headers).status_code for i in range(5)]
+        same = [c.get("/tools/fixed/order-1", headers=headers).status_code for _ in range(3)]
+    assert distinct == [200] * 5
+    assert same == [200, 200, 422]  # order-1 was already asked once
+    assert server.hits["fixed"] == 7
