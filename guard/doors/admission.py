@@ -53,8 +53,32 @@ async def admit(
     ``path`` is the path after the route prefix; ``headers`` lower-cased. None: the
     client went away before its body was read (nothing to answer).
     """
+    server = engine.config.server
+    budget = router.body_budget
+    declared = headers.get("content-length")
+    taken = int(declared) if declared is not None and declared.isdigit() else 0
     try:
-        server = engine.config.server
+        budget.take(min(taken, server.max_body_bytes + 1))
+    except BodyRefused as refused:
+        return refused.answer
+    try:
+        return await _admit(engine, router, route, receive, method, path, query, headers)
+    finally:
+        budget.give(min(taken, server.max_body_bytes + 1))
+
+
+async def _admit(
+    engine: Engine,
+    router: Router,
+    route: RouteConfig,
+    receive: Receive,
+    method: str,
+    path: str,
+    query: str,
+    headers: dict[str, str],
+) -> Forward | Answer | None:
+    server = engine.config.server
+    try:
         body = await read_body(
             receive, server.max_body_bytes, headers.get("content-length"), server.body_read_timeout
         )

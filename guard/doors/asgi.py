@@ -140,6 +140,39 @@ def _watch() -> _BodyWatch:
     return watch
 
 
+class BodyBudget:
+    """Request body bytes being read and admitted at once, bounded: past the bound a
+    request is refused with 503 problem+json and ``Retry-After`` (overload, where an
+    SDK retrying is right), as Envoy's overload manager sheds load. A declared length
+    is taken whole before reading; a chunked body as it comes."""
+
+    __slots__ = ("limit", "used")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+
+    def take(self, size: int) -> None:
+        if size and self.used + size > self.limit:
+            raise BodyRefused(overloaded(self.limit))
+        self.used += size
+
+    def give(self, size: int) -> None:
+        self.used -= size
+
+
+def overloaded(limit: int) -> Answer:
+    answer = problem(
+        503,
+        "overloaded",
+        "Too many request bytes in flight",
+        f"loopguard is reading and admitting {limit} bytes of request bodies already "
+        "([server] max_bytes_in_flight); retry shortly.",
+    )
+    answer.headers.append(("retry-after", "1"))
+    return answer
+
+
 def body_timeout(seconds: float) -> Answer:
     return problem(
         408,

@@ -184,6 +184,9 @@ class ServerConfig(_Section):
     keep_alive_timeout: float = Field(default=5.0, gt=0)
     # A request body that sends nothing for this long between reads: 408.
     body_read_timeout: float = Field(default=30.0, gt=0)
+    # Request body bytes read and admitted at once (per worker); past it 503 +
+    # Retry-After (overload).
+    max_bytes_in_flight: int = Field(default=128 * 1024 * 1024, ge=1)
     # Connections and requests at once (per worker); past it uvicorn answers 503.
     limit_concurrency: int = Field(default=1000, ge=1)
     # Processes ``loopguard serve`` runs (one event loop each) on one listening socket.

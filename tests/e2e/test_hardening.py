@@ -14,6 +14,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -484,3 +485,33 @@ def test_the_path_after_the_tool_segment_is_part_of_the_call(
     assert distinct == [200] * 5
     assert same == [200, 200, 422]  # order-1 was already asked once
     assert server.hits["fixed"] == 7
+
+
+# -- row 8: request bytes in flight bounded -------------------------------------------------
+
+
+def test_request_bytes_in_flight_past_the_cap_get_503_with_retry_after(
+    tools: tuple[ToolServer, str],
+) -> None:
+    server, upstream = tools
+    config, options = _limited(upstream, max_bytes_in_flight=1000)
+    with guarded_proxy(config, **options) as (url, _):
+        host, port = url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port))) as slow:
+            # 800 bytes declared, 10 sent: the first request holds its share while read.
+            slow.sendall(
+                b"POST /tools/echo HTTP/1.1\r\nHost: x\r\nContent-Type: text/plain\r\n"
+                b"Content-Length: 800\r\n\r\n" + b"a" * 10
+            )
+            time.sleep(0.2)  # ordering only: the first request is being read
+            refused = httpx.post(f"{url}/tools/echo", content=b"b" * 500)
+            slow.sendall(b"a" * 790)
+            slow.settimeout(20)
+            first = slow.recv(4096)
+        after = httpx.post(f"{url}/tools/echo", content=b"b" * 500)
+    assert refused.status_code == 503
+    assert refused.headers["retry-after"] == "1"
+    assert refused.headers["content-type"] == "application/problem+json"
+    assert first.startswith(b"HTTP/1.1 200 ")
+    assert after.status_code == 200  # the share was given back
+    assert server.hits["echo"] == 2
