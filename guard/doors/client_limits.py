@@ -7,7 +7,9 @@ client that connects and sends nothing, or sends its request head a byte a secon
 holds the connection (and a file descriptor) forever. ``HeadTimeoutProtocol`` closes
 a connection whose request head is not complete ``head_timeout`` seconds after it
 was opened or its last response ended, as nginx's ``client_header_timeout`` does.
-The body's pace is the body reader's (``guard.doors.asgi.read_body``: 408).
+The body's pace is the body reader's (``guard.doors.asgi.read_body``: 408). The
+protocol also passes an absolute-form target on as ``raw_path``, so the proxy can
+refuse it (httptools itself hands the app only the path).
 """
 
 from __future__ import annotations
@@ -47,7 +49,12 @@ class HeadTimeoutProtocol(HttpToolsProtocol):
 
     def on_headers_complete(self) -> None:
         self._disarm_head_timer()
+        target = self.url
         super().on_headers_complete()
+        if target[:1] not in (b"/", b"*"):
+            # Absolute-form ("GET http://host/x"): httptools hands the app only the
+            # path; the raw target goes in instead, so the proxy refuses it (400).
+            self.scope["raw_path"] = target
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
