@@ -18,6 +18,7 @@ from urllib.parse import parse_qs
 
 import xxhash
 
+from guard.engine.bodies import DECODED_LIMIT, NotParsed, decode_content, raw_params
 from guard.engine.calls import Verdict
 from guard.engine.config import RouteConfig
 from guard.engine.contract import (
@@ -48,23 +49,23 @@ class HttpToolAdapter:
     # -- request ---------------------------------------------------------------------
 
     def parse(self, request: RequestView) -> ParsedRequest:
-        tool = self._tool(request.path)
-        if tool is None:
+        segments = list(filter(None, request.path.split("/")))  # the non-empty segments
+        index = self.tool_segment
+        if len(segments) <= index:
             # The route's root or a path without a tool segment: served, not guarded.
             return ParsedRequest(operation="passthrough", span_name=request.method)
+        tool = segments[index]
         params, error = _params(request)
+        if len(segments) > index + 1:
+            # /tools/orders/A1 and /tools/orders/B2 are two calls: the path after the
+            # tool segment is part of the call.
+            params = {"path": "/".join(segments[index + 1 :]), "params": params}
         return ParsedRequest(
             operation="execute_tool",
             invocations=[ToolInvocation(tool=tool, params=params)],
             admission_error=error,
             span_name=f"execute_tool {tool}",
         )
-
-    def _tool(self, path: str) -> str | None:
-        segments = list(filter(None, path.split("/")))  # the non-empty segments
-        if len(segments) <= self.tool_segment:
-            return None
-        return segments[self.tool_segment]
 
     # -- answers ---------------------------------------------------------------------
 
@@ -141,29 +142,41 @@ class ToolResponseObserver:
 
 
 def _params(request: RequestView) -> tuple[Any, str | None]:
-    """The call's parameters, and why they could not be read (None if fine)."""
+    """The call's parameters, and why they could not be read (None if fine).
+
+    A body that cannot be read is still a call: its raw bytes stand for it
+    (``raw_params``), so a repeated one is seen. (Bodies over ``[server]
+    max_parse_bytes`` never get here: the exchange hashes them raw.)"""
     query = _query_dict(request.query) if request.query else None
     body = request.body
     if not body or (request.method in _BODYLESS and not body.strip()):
         return (query or {}), None
-    content_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
-    if content_type == "application/x-www-form-urlencoded":
-        data: Any = _query_dict(body.decode("latin-1"))
-    elif content_type in ("", "application/json", "text/json") or content_type.endswith("+json"):
-        try:
-            data = loads_json(body)
-        except ValueError as exc:
-            # Still a call: hash the raw text, so a repeated malformed call is still seen.
-            text = body.decode("utf-8", "replace")
-            return text, f"request body is not valid JSON: {exc}"
-    elif content_type.startswith("text/"):
-        data = body.decode("utf-8", "replace")
-    else:
-        # Binary uploads: the bytes' hash stands for them.
-        data = {"content_type": content_type, "body_xxh3": xxhash.xxh3_128_hexdigest(body)}
+    headers = request.headers
+    content_type = headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    error: str | None = None
+    try:
+        encoding = headers.get("content-encoding")
+        decoded = body if encoding is None else decode_content(body, encoding, DECODED_LIMIT)
+        if content_type == "application/x-www-form-urlencoded":
+            data: Any = _query_dict(decoded.decode("latin-1"))
+        elif content_type in ("", "application/json", "text/json") or content_type.endswith(
+            "+json"
+        ):
+            try:
+                data = loads_json(decoded)
+            except ValueError as exc:
+                raise NotParsed(f"request body is not valid JSON: {exc}") from exc
+        elif content_type.startswith("text/"):
+            data = decoded.decode("utf-8", "replace")
+        else:
+            # Binary uploads: the bytes' hash stands for them.
+            data = {"content_type": content_type, "body_xxh3": xxhash.xxh3_128_hexdigest(decoded)}
+    except NotParsed as exc:
+        # Still a call: the raw bytes are hashed, so a repeated unreadable call is seen.
+        data, error = raw_params(body, exc.reason.split(":", 1)[0]), exc.reason
     if query:
-        return {"query": query, "body": data}, None
-    return data, None
+        return {"query": query, "body": data}, error
+    return data, error
 
 
 def _query_dict(query: str) -> dict[str, Any]:

@@ -53,6 +53,7 @@ class ToolServer:
                 Route("/slow", self.slow, methods=["GET", "POST"]),
                 Route("/sse", self.sse, methods=["GET", "POST"]),
                 Route("/hop", self.hop, methods=["GET"]),
+                Route("/fixed/{rest:path}", self.fixed, methods=["GET", "POST"]),
                 Mount("/raw", app=self.raw),
             ]
         )
@@ -107,6 +108,12 @@ class ToolServer:
                 await asyncio.sleep(gap)
 
         return StreamingResponse(events(), media_type="text/event-stream")
+
+    async def fixed(self, request: Request) -> Response:
+        """The same answer to any path and body (a tool that has nothing new to say)."""
+        self.hits["fixed"] += 1
+        await request.body()
+        return JSONResponse({"answer": "the same"})
 
     async def hop(self, request: Request) -> Response:
         self.hits["hop"] += 1

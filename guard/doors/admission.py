@@ -53,9 +53,34 @@ async def admit(
     ``path`` is the path after the route prefix; ``headers`` lower-cased. None: the
     client went away before its body was read (nothing to answer).
     """
+    server = engine.config.server
+    budget = router.body_budget
+    declared = headers.get("content-length")
+    taken = int(declared) if declared is not None and declared.isdigit() else 0
+    try:
+        budget.take(min(taken, server.max_body_bytes + 1))
+    except BodyRefused as refused:
+        return refused.answer
+    try:
+        return await _admit(engine, router, route, receive, method, path, query, headers)
+    finally:
+        budget.give(min(taken, server.max_body_bytes + 1))
+
+
+async def _admit(
+    engine: Engine,
+    router: Router,
+    route: RouteConfig,
+    receive: Receive,
+    method: str,
+    path: str,
+    query: str,
+    headers: dict[str, str],
+) -> Forward | Answer | None:
+    server = engine.config.server
     try:
         body = await read_body(
-            receive, engine.config.server.max_body_bytes, headers.get("content-length")
+            receive, server.max_body_bytes, headers.get("content-length"), server.body_read_timeout
         )
     except BodyRefused as refused:
         return refused.answer
@@ -66,9 +91,12 @@ async def admit(
     try:
         admitted = await exchange.admit()
     except Exception as exc:
-        # A guard bug must not take the agent's tools down: serve the call unguarded.
+        # A guard bug must not take the agent's tools down: serve the call unguarded,
+        # recorded (stage "guard") and traced, never silently.
         log.error("guard_error", route=route.prefix, **exception_fields(exc))
-        return Forward(Exchange.unguarded(engine, route, request), body)
+        await exchange.release_reservations()
+        exchange.fail_open(exc)
+        return Forward(exchange, body)
     if isinstance(admitted, Answer):
         return _with_route(admitted, exchange.record.route)
     return Forward(exchange, admitted)

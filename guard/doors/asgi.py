@@ -6,6 +6,9 @@ pairs and the ``str`` pairs the exchange speaks, and sending an ``Answer``.
 
 from __future__ import annotations
 
+import asyncio
+import threading
+import time
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
@@ -32,12 +35,19 @@ class ClientDisconnected(Exception):
     """The client went away before its request body was read."""
 
 
-async def read_body(receive: Receive, limit: int, content_length: str | None = None) -> bytes:
+async def read_body(
+    receive: Receive,
+    limit: int,
+    content_length: str | None = None,
+    read_timeout: float | None = None,
+) -> bytes:
     """The whole request body, refusing more than ``limit`` bytes.
 
     A declared ``content-length`` over the limit is refused before anything is read;
-    a chunked body is counted as it comes. Raises ``BodyRefused`` (413, or 400 for a
-    length that is not a number) or ``ClientDisconnected``.
+    a chunked body is counted as it comes. A client that sends nothing for
+    ``read_timeout`` seconds between two reads is cut off with 408 (the client is the
+    slow party, as nginx's ``client_body_timeout``). Raises ``BodyRefused`` (413, 408,
+    or 400 for a length that is not a number) or ``ClientDisconnected``.
     """
     if content_length is not None:
         if not content_length.isdigit():
@@ -53,18 +63,123 @@ async def read_body(receive: Receive, limit: int, content_length: str | None = N
             raise BodyRefused(too_large(limit))
     parts: list[bytes] = []
     size = 0
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            raise ClientDisconnected
-        chunk: bytes = message.get("body", b"")
-        if chunk:
-            size += len(chunk)
-            if size > limit:
-                raise BodyRefused(too_large(limit))
-            parts.append(chunk)
-        if not message.get("more_body", False):
-            return parts[0] if len(parts) == 1 else b"".join(parts)
+    task = asyncio.current_task() if read_timeout is not None else None
+    watch: _BodyWatch | None = None
+    entry: list[float] | None = None
+    if task is not None and read_timeout is not None:
+        # Watched, not wrapped in a timeout per read (which costs more than the rest
+        # of a small request's read): a sweeper cancels a read that made no progress.
+        watch = _watch()
+        entry = [time.monotonic(), read_timeout, 0.0]  # last progress, timeout, cut
+        watch.add(task, entry)
+    try:
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise ClientDisconnected
+            chunk: bytes = message.get("body", b"")
+            if chunk:
+                size += len(chunk)
+                if size > limit:
+                    raise BodyRefused(too_large(limit))
+                parts.append(chunk)
+            if not message.get("more_body", False):
+                return parts[0] if len(parts) == 1 else b"".join(parts)
+            if entry is not None:
+                entry[0] = time.monotonic()  # progress: the next read's clock restarts
+    except asyncio.CancelledError:
+        if entry is None or not entry[2] or task is None:
+            raise
+        task.uncancel()  # our own cancellation: answered, not propagated
+        raise BodyRefused(body_timeout(entry[1])) from None
+    finally:
+        if watch is not None and task is not None:
+            watch.readers.pop(task, None)
+
+
+class _BodyWatch:
+    """The body reads in progress on one event loop, and the task that cuts those
+    that made no progress within their timeout. It runs only while reads are
+    registered (so it never outlives the traffic), waking a few times per timeout."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.readers: dict[asyncio.Task[Any], list[float]] = {}
+        self.tick = 1.0
+        self._sweeper: asyncio.Task[None] | None = None
+
+    def add(self, task: asyncio.Task[Any], entry: list[float]) -> None:
+        self.readers[task] = entry
+        if entry[1] / 4 < self.tick:
+            self.tick = entry[1] / 4
+        if self._sweeper is None:
+            self._sweeper = self.loop.create_task(self._sweep())
+
+    async def _sweep(self) -> None:
+        try:
+            while self.readers:
+                await asyncio.sleep(self.tick)
+                now = time.monotonic()
+                for task, entry in list(self.readers.items()):
+                    if not entry[2] and now - entry[0] > entry[1]:
+                        entry[2] = 1.0
+                        task.cancel()
+        finally:
+            self._sweeper = None
+
+
+# One watch per event loop; a thread runs at most one loop at a time.
+_local = threading.local()
+
+
+def _watch() -> _BodyWatch:
+    loop = asyncio.get_running_loop()
+    watch: _BodyWatch | None = getattr(_local, "watch", None)
+    if watch is None or watch.loop is not loop:
+        watch = _local.watch = _BodyWatch(loop)
+    return watch
+
+
+class BodyBudget:
+    """Request body bytes being read and admitted at once, bounded: past the bound a
+    request is refused with 503 problem+json and ``Retry-After`` (overload, where an
+    SDK retrying is right), as Envoy's overload manager sheds load. A declared length
+    is taken whole before reading; a chunked body as it comes."""
+
+    __slots__ = ("limit", "used")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+
+    def take(self, size: int) -> None:
+        if size and self.used + size > self.limit:
+            raise BodyRefused(overloaded(self.limit))
+        self.used += size
+
+    def give(self, size: int) -> None:
+        self.used -= size
+
+
+def overloaded(limit: int) -> Answer:
+    answer = problem(
+        503,
+        "overloaded",
+        "Too many request bytes in flight",
+        f"loopguard is reading and admitting {limit} bytes of request bodies already "
+        "([server] max_bytes_in_flight); retry shortly.",
+    )
+    answer.headers.append(("retry-after", "1"))
+    return answer
+
+
+def body_timeout(seconds: float) -> Answer:
+    return problem(
+        408,
+        "body-timeout",
+        "Request body too slow",
+        f"The request body sent nothing for {seconds:g} s ([server] body_read_timeout).",
+    )
 
 
 def too_large(limit: int) -> Answer:

@@ -22,6 +22,7 @@ HTTP libraries or of any protocol.
 
 from __future__ import annotations
 
+import asyncio
 import time
 import traceback
 from dataclasses import asdict, dataclass, is_dataclass
@@ -32,9 +33,12 @@ from urllib.parse import urlsplit
 
 import structlog
 
+from adapters.http_tool import ToolResponseObserver
 from guard.doors import chain
 from guard.doors.untracked import warn_untracked
+from guard.engine.bodies import RAW_KEY, raw_params
 from guard.engine.calls import CallRecord, FailureStage, Route, Step, Verdict
+from guard.engine.canonical import JSONTooDeep
 from guard.engine.contract import (
     NO_FIELDS,
     Adapter,
@@ -64,6 +68,13 @@ _APP_PREFIX_B = APP_HEADER_PREFIX.encode()
 _APP_PREFIX_LEN = len(_APP_PREFIX_B)
 # The route header for each route, as the ASGI pair the client gets.
 _ROUTE_PAIRS = {route: (ROUTE_HEADER.encode(), route.value.encode()) for route in Route}
+# Bodies larger than this are parsed and hashed in a worker thread.
+OFFLOAD_BYTES = 256 * 1024
+# The tool of a call whose body could not be read at all (no adapter found a tool).
+UNPARSED_TOOL = "unparsed_request"
+# error_type of a request that was not understood: malformed for its protocol, nested
+# deeper than the parser or redactor follows, or over the parse cap (not read at all).
+MALFORMED, TOO_DEEP, NOT_PARSED = "malformed_request", "nested_too_deep", "body_not_parsed"
 _ARGUMENTS = "gen_ai.tool.call.arguments"
 _RESULT = "gen_ai.tool.call.result"
 
@@ -72,9 +83,15 @@ class SessionHistory(Protocol):
     """Where the Exchange reads verdicts and appends steps: the ``Engine`` itself, or
     (in-process) the engine reached through the Guard's own event loop."""
 
-    async def check(self, session: str, tool: str, params_hash: str) -> Verdict: ...
+    async def admit_call(
+        self, session: str, tool: str, params_hash: str
+    ) -> tuple[Verdict, str | None]: ...
 
     async def record(self, session: str, step: Step) -> None: ...
+
+    async def settle(self, session: str, token: str, step: Step) -> None: ...
+
+    async def release(self, session: str, token: str) -> None: ...
 
 
 @dataclass(slots=True)
@@ -85,7 +102,20 @@ class CallFlow:
     invocation: ToolInvocation
     params_hash: str
     verdict: Verdict
+    # The call's reservation in the store while it is in flight (None: not reserved).
+    token: str | None = None
     outcome: Outcome | None = None
+
+
+@dataclass(slots=True)
+class _Prepared:
+    """What the CPU part of admission found: the parsed request, each invocation's
+    params hash, or (model routes) the verdict on the conversation."""
+
+    parsed: ParsedRequest
+    hashes: list[str]
+    decision: StallDecision | None
+    error_type: str  # for the record, when parsed.admission_error is set
 
 
 _UNGUARDED = PassthroughAdapter()
@@ -120,28 +150,54 @@ class Exchange:
         self.done = False
         self._observer: ResponseObserver | None = None
         self._remaining: int | None = None  # bytes still due by a declared content-length
+        self._response_bytes = 0  # what the observer was fed: a large outcome is marked
+        # off the event loop
         self._sent_at: float | None = None
         self._recorded = False
         # Server-side state: the history this request continues (guard.doors.chain).
         self._chain: chain.Chain | None = None
+        # The request could not be read: one call standing for its raw bytes.
+        self._raw_call = False
 
-    @classmethod
-    def unguarded(cls, engine: Engine, route: RouteConfig | None, request: RequestView) -> Exchange:
-        """An exchange that forwards and observes nothing: no span, no record, no steps
-        (the door serves a request the guard failed on)."""
-        exchange = cls(engine, route, _UNGUARDED, request)
-        exchange.parsed = _UNGUARDED.parse(request)
-        return exchange
+    def fail_open(self, exc: BaseException) -> None:
+        """The guard failed on this request (a bug): it is served unguarded, never
+        silently -- the span and the record name stage ``guard`` and the error."""
+        self.adapter = _UNGUARDED
+        self.parsed = parsed = _UNGUARDED.parse(self.request)
+        self._raw_call = False
+        self.flows = []
+        record = self.record
+        record.route = Route.SERVE
+        record.operation = parsed.operation
+        record.session = self.session
+        record.session_tracked = self.session is not None
+        record.scrub_policy = self.engine.scrub_policy
+        record.failure_stage = FailureStage.GUARD
+        record.error_type = type(exc).__name__
+        if self.span is None:
+            self.span = self.engine.telemetry.start(
+                record.span_name, self.request.headers, lowercase=True
+            )
 
     # -- before upstream -------------------------------------------------------------
 
     async def admit(self) -> Answer | bytes:
         request, record = self.request, self.record
-        parsed = self.parsed = self.adapter.parse(request)
+        # Parsing, redacting and hashing are CPU work: a large body's is done off the
+        # event loop, so one big request never stalls the others (or /healthz).
+        if len(request.body) > OFFLOAD_BYTES:
+            prepared = await asyncio.to_thread(self._prepare)
+        else:
+            prepared = self._prepare()
+        parsed = self.parsed = prepared.parsed
         record.operation = parsed.operation
         record.span_name = parsed.span_name
         record.provider = self.adapter.provider
-        record.model = parsed.model
+        if parsed.model is not None:
+            # A model name is client input: scrubbed (a normal name comes out as it is).
+            record.model = self._shown(parsed.model)
+            if record.model != parsed.model:
+                record.span_name = parsed.span_name.replace(parsed.model, record.model)
         record.stream = parsed.stream if parsed.operation == "chat" else None
         record.session = self.session
         record.session_tracked = self.session is not None
@@ -151,8 +207,15 @@ class Exchange:
         fields = parsed.fields
         if fields is not NO_FIELDS:
             record.mcp_method = fields.mcp_method
-            record.mcp_session_id = fields.mcp_session_id
-            record.jsonrpc_request_id = fields.jsonrpc_request_id
+            # Ids leave as keyed pseudonyms: the MCP session as any session does (the
+            # same id, the same pseudonym), the JSON-RPC id like a conversation digest.
+            engine = self.engine
+            if fields.mcp_session_id:
+                record.mcp_session_id = engine.session_hasher(fields.mcp_session_id)
+            if fields.jsonrpc_request_id is not None:
+                record.jsonrpc_request_id = "rpc_" + engine.pseudonym(
+                    str(fields.jsonrpc_request_id)
+                )
             if fields.conversation_digest is not None:
                 # Derived from content: only a keyed pseudonym of it may leave.
                 record.conversation_id = "conv_" + self.engine.pseudonym(fields.conversation_digest)
@@ -170,35 +233,99 @@ class Exchange:
         self.span = self.engine.telemetry.start(record.span_name, request.headers, lowercase=True)
 
         if parsed.admission_error is not None:
+            # Not understood, still a call: recorded with its stage, and judged on what
+            # stands for it (its raw bytes' hash), so a repeat is seen and stopped.
             record.failure_stage = FailureStage.REQUEST_ADMISSION
-            record.error_type = "malformed_request"
-            if self.engine.config.server.reject_malformed_json:
+            record.error_type = prepared.error_type
+            if (
+                self.engine.config.server.reject_malformed_json
+                and prepared.error_type != NOT_PARSED
+            ):
                 record.status_code = 400
                 answer = problem(
                     400, "malformed-request", "Malformed request", parsed.admission_error
                 )
-                await self.finish(FailureStage.REQUEST_ADMISSION, "malformed_request")
+                await self.finish(FailureStage.REQUEST_ADMISSION, prepared.error_type)
                 return answer
-            return request.body
 
-        if parsed.history is not None:
-            return await self._admit_conversation(parsed)
-        return await self._admit_tool_calls(parsed)
+        if parsed.history is not None and not self._raw_call:
+            return await self._admit_conversation(parsed, prepared.decision)
+        return await self._admit_tool_calls(parsed, prepared.hashes)
+
+    def _prepare(self) -> _Prepared:
+        """Parse the request and hash its calls (or judge its conversation): CPU only,
+        no awaits, so it may run in a worker thread.
+
+        Whatever cannot be read -- over ``[server] max_parse_bytes``, not parseable,
+        nested too deep for the parser or the redactor -- becomes one call named by the
+        adapter's tool (or ``UNPARSED_TOOL``) whose parameters are the raw bytes' hash.
+        """
+        request = self.request
+        limit = self.engine.config.server.max_parse_bytes
+        if len(request.body) > limit:
+            reason = f"the request body is over [server] max_parse_bytes ({limit} bytes)"
+            return self._unparsed(None, reason, NOT_PARSED)
+        try:
+            parsed = self.adapter.parse(request)
+        except (RecursionError, JSONTooDeep):  # the parser's limits, not a guard bug
+            return self._unparsed(None, "the request body is nested too deep to parse", TOO_DEEP)
+        if parsed.admission_error is not None and not parsed.invocations:
+            return self._unparsed(parsed, parsed.admission_error, MALFORMED)
+        engine = self.engine
+        try:
+            if parsed.history is not None:
+                if parsed.open_results is not None:
+                    # The API keeps the conversation: judged once its kept turns are
+                    # back (a store read, so not here).
+                    return _Prepared(parsed, [], None, MALFORMED)
+                nudge_first = self.route.nudge if self.route is not None else False
+                decision = analyze(engine, parsed.history, nudge_first=nudge_first)
+                return _Prepared(parsed, [], decision, MALFORMED)
+            hashes = [engine.fingerprint(invocation.params) for invocation in parsed.invocations]
+        except RecursionError:
+            return self._unparsed(parsed, "the request is nested too deep to redact", TOO_DEEP)
+        return _Prepared(parsed, hashes, None, MALFORMED)
+
+    def _unparsed(self, parsed: ParsedRequest | None, reason: str, error_type: str) -> _Prepared:
+        """The request as one call whose parameters are its raw bytes' hash. Answered,
+        when stopped, with the protocol-neutral problem+json, and observed as plain HTTP:
+        the adapter cannot speak about a body it could not read."""
+        tool = parsed.invocations[0].tool if parsed and parsed.invocations else UNPARSED_TOOL
+        invocation = ToolInvocation(tool, raw_params(self.request.body, error_type))
+        raw = ParsedRequest(
+            "execute_tool",
+            invocations=[invocation],
+            model=parsed.model if parsed is not None else None,
+            admission_error=reason,
+            span_name=f"execute_tool {tool}",
+            fields=parsed.fields if parsed is not None else NO_FIELDS,
+        )
+        self._raw_call = True
+        return _Prepared(raw, [self.engine.fingerprint(invocation.params)], None, error_type)
+
+    def _shown_params(self, flow: CallFlow) -> Any:
+        """What content capture shows of a call's parameters: for a body hashed raw,
+        its text (redacted by the capture), unless it was too large to scan."""
+        params = flow.invocation.params
+        if type(params) is dict and RAW_KEY in params:
+            body = self.request.body
+            if len(body) <= self.engine.config.server.max_parse_bytes:
+                return body.decode("utf-8", "replace")
+        return params
 
     def _forward_body(self, parsed: ParsedRequest) -> bytes:
         return parsed.forward_body if parsed.forward_body is not None else self.request.body
 
-    async def _admit_tool_calls(self, parsed: ParsedRequest) -> Answer | bytes:
+    async def _admit_tool_calls(self, parsed: ParsedRequest, hashes: list[str]) -> Answer | bytes:
         flows = self.flows
-        for invocation in parsed.invocations:
-            params_hash = self.engine.fingerprint(invocation.params)
-            verdict = await self._check(invocation.tool, params_hash)
-            flows.append(CallFlow(invocation, params_hash, verdict))
+        for invocation, params_hash in zip(parsed.invocations, hashes, strict=True):
+            verdict, token = await self._check(invocation.tool, params_hash)
+            flows.append(CallFlow(invocation, params_hash, verdict, token))
         if not flows:
             return self._forward_body(parsed)
         record = self.record
         record.params_hash = flows[0].params_hash
-        self.engine.capture(record, _ARGUMENTS, flows[0].invocation.params, as_json=jsonable)
+        self.engine.capture(record, _ARGUMENTS, self._shown_params(flows[0]), as_json=jsonable)
         blocking = [flow.verdict for flow in flows if flow.verdict.action == "block"]
         if not blocking:
             return self._forward_body(parsed)
@@ -208,12 +335,16 @@ class Exchange:
         record.route = Route.OBSERVE
         return self._forward_body(parsed)
 
-    async def _admit_conversation(self, parsed: ParsedRequest) -> Answer | bytes:
-        nudge_first = self.route.nudge if self.route is not None else False
-        history = parsed.history or []
-        if parsed.open_results is not None:  # an API that keeps the conversation itself
-            history = await self._continue_chain(parsed, history)
-        decision: StallDecision = analyze(self.engine, history, nudge_first=nudge_first)
+    async def _admit_conversation(
+        self, parsed: ParsedRequest, decision: StallDecision | None
+    ) -> Answer | bytes:
+        """``decision``: the judgement of the history the request carries, made while it
+        was prepared; None when the API keeps the conversation itself (the turns kept
+        server-side are put back first, which needs the store)."""
+        if decision is None:
+            nudge_first = self.route.nudge if self.route is not None else False
+            history = await self._continue_chain(parsed, parsed.history or [])
+            decision = analyze(self.engine, history, nudge_first=nudge_first)
         body = self._forward_body(parsed)
         if decision.verdict is None:
             return body
@@ -241,14 +372,29 @@ class Exchange:
         continues_tools = parsed.open_results or (history and history[-1].kind == "tool")
         return chain.history(kept) if continues_tools else history
 
-    async def _check(self, tool: str, params_hash: str) -> Verdict:
+    async def _check(self, tool: str, params_hash: str) -> tuple[Verdict, str | None]:
+        """The verdict, and the call's in-flight reservation when it is let through."""
         if self.session is None:
-            return Verdict("allow", tool, params_hash)
+            return Verdict("allow", tool, params_hash), None
         try:
-            return await self.history.check(self.session, tool, params_hash)
+            return await self.history.admit_call(self.session, tool, params_hash)
         except Exception as exc:  # the store is down: serve (fail open) and say so
             self.engine.store_failed(self.record, exc)
-            return Verdict("allow", tool, params_hash)
+            return Verdict("allow", tool, params_hash), None
+
+    async def release_reservations(self) -> None:
+        """Calls that will get no outcome stop counting as in flight now (not only when
+        their reservations expire)."""
+        session = self.session
+        for flow in self.flows:
+            token, flow.token = flow.token, None
+            if token is None or session is None:
+                continue
+            try:
+                await self.history.release(session, token)
+            except Exception as exc:  # the reservation expires by itself
+                self.engine.store_failed(self.record, exc)
+                return
 
     def _note_stall(self, verdict: Verdict) -> None:
         record = self.record
@@ -260,8 +406,11 @@ class Exchange:
     async def _stop(self, verdict: Verdict) -> Answer:
         assert self.parsed is not None
         route = self.route
-        if self.parsed.operation == "chat" and route is not None and route.on_stop == "error":
-            answer = stall_problem(verdict, self.session, route.stop_message)
+        if self._raw_call or (
+            self.parsed.operation == "chat" and route is not None and route.on_stop == "error"
+        ):
+            message = route.stop_message if route is not None else None
+            answer = stall_problem(verdict, self.session, message)
         else:
             answer = self.adapter.stop_answer(self.request, self.parsed, verdict)
         self.record.route = Route.STOP_AND_REVIEW
@@ -307,7 +456,9 @@ class Exchange:
             lower = name.lower()
             if lower.startswith(_APP_PREFIX_B):
                 key = lower[_APP_PREFIX_LEN:].decode("latin-1").replace("-", "_")
-                record.app[key] = value.decode("latin-1")
+                # The app's words ("abstain", "true") pass as they are; a secret or a
+                # personal detail in them does not.
+                record.app[key] = self._shown(value.decode("latin-1"))
                 continue
             if lower == b"content-length" and value.isdigit():
                 length = int(value)
@@ -318,7 +469,11 @@ class Exchange:
         # a 204's or 304's: they have no body whatever the header says).
         bodyless = self.request.method == "HEAD" or status in (204, 304)
         self._remaining = None if bodyless else length
-        self._observer = self.adapter.observer(self.parsed, status, seen)
+        self._observer = (
+            ToolResponseObserver(status, seen)
+            if self._raw_call
+            else self.adapter.observer(self.parsed, status, seen)
+        )
         return passed
 
     async def response_chunk(self, chunk: bytes, last: bool = False) -> bytes:
@@ -336,6 +491,7 @@ class Exchange:
         if observer is None:
             return chunk
         out = observer.feed(chunk, time.perf_counter())
+        self._response_bytes += len(chunk)
         remaining = self._remaining
         if remaining is not None:
             remaining -= len(chunk)
@@ -382,6 +538,10 @@ class Exchange:
                 await self._record_once(observation)
                 if self._chain is not None and observation.complete:
                     await self._remember_chain(observation)
+            for flow in self.flows:
+                if flow.token is not None:  # a call that got no outcome
+                    await self.release_reservations()
+                    break
         finally:
             if self.span is not None:
                 try:
@@ -403,7 +563,9 @@ class Exchange:
             record.error_type = "incomplete_stream"
         record.usage = obs.usage
         record.response_id = obs.response_id
-        record.response_model = obs.response_model
+        record.response_model = (
+            self._shown(obs.response_model) if obs.response_model else obs.response_model
+        )
         record.finish_reasons = obs.finish_reasons
         record.output_chunks = obs.output_chunks
         if self._sent_at is None:
@@ -434,25 +596,34 @@ class Exchange:
             if outcome is None:
                 continue
             tool = flow.invocation.tool
-            marker = self.engine.marker(tool, outcome.value, outcome.explicit_marker)
+            if self._response_bytes > OFFLOAD_BYTES:  # a large outcome: off the event loop
+                marker = await asyncio.to_thread(
+                    self.engine.marker, tool, outcome.value, outcome.explicit_marker
+                )
+            else:
+                marker = self.engine.marker(tool, outcome.value, outcome.explicit_marker)
             if record.progress_marker is None:
                 record.progress_marker = marker
                 self.engine.capture(record, _RESULT, outcome.value, as_json=jsonable)
             if self.session is None or flow.verdict.blocked:
                 continue
+            step = Step(tool, flow.params_hash, marker, outcome.error)
+            token, flow.token = flow.token, None
             try:
-                await self.history.record(
-                    self.session, Step(tool, flow.params_hash, marker, outcome.error)
-                )
+                if token is not None:
+                    await self.history.settle(self.session, token, step)
+                else:
+                    await self.history.record(self.session, step)
             except Exception as exc:  # the store is down: the answer goes out all the same
                 self.engine.store_failed(record, exc)
                 return
 
-    def _shown(self, tool: str) -> str:
-        """A tool name as it may leave in spans, records and metric labels: scrubbed.
+    def _shown(self, text: str) -> str:
+        """A tool or model name, or an app's value, as it may leave in spans, records and
+        metric labels: scrubbed.
 
-        ``scrub`` is ``redact_text`` with a cache: a session calls the same few tools."""
-        return self.engine.redactor.scrub(tool)
+        ``scrub`` is ``redact_text`` with a cache: a session uses the same few names."""
+        return self.engine.redactor.scrub(text)
 
 
 def exception_fields(exc: BaseException) -> dict[str, str]:

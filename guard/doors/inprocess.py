@@ -337,6 +337,17 @@ class _LoopHistory:
     async def record(self, session: str, step: Step) -> None:
         await self._run(self.engine.record(session, step))
 
+    async def admit_call(
+        self, session: str, tool: str, params_hash: str
+    ) -> tuple[Verdict, str | None]:
+        return await self._run(self.engine.admit_call(session, tool, params_hash))
+
+    async def settle(self, session: str, token: str, step: Step) -> None:
+        await self._run(self.engine.settle(session, token, step))
+
+    async def release(self, session: str, token: str) -> None:
+        await self._run(self.engine.release(session, token))
+
     async def _run(self, coro: Coroutine[Any, Any, T]) -> T:
         if self.blocking:
             return self.loop.run(coro, STORE_TIMEOUT_S)

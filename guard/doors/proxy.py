@@ -459,9 +459,13 @@ def _connection_tokens(value: bytes, into: set[bytes] | None) -> set[bytes]:
 
 
 def _has_dot_segment(path: str) -> bool:
-    if "." not in path:
+    """A "." or ".." segment in the (once decoded) path, counting a backslash as a
+    separator and decoding once more (``%252e`` is ``%2e`` here): servers behind the
+    proxy that do either must not be walked out of the route's path."""
+    if "." not in path and "%" not in path and "\\" not in path:
         return False
-    return any(seg in (".", "..") for seg in path.split("/"))
+    candidate = _unquote(path).replace("\\", "/")
+    return any(seg in (".", "..") for seg in candidate.split("/"))
 
 
 def _unquote(path: str) -> str:

@@ -8,6 +8,7 @@ on every request and build nothing per request.
 from __future__ import annotations
 
 from adapters import get_adapter
+from guard.doors.asgi import BodyBudget
 from guard.engine.config import Config, RouteConfig
 from guard.engine.contract import Adapter
 from guard.engine.pseudonym import keyed_pseudonym
@@ -21,6 +22,8 @@ class Router:
     def __init__(self, config: Config) -> None:
         # One adapter per configured route, keyed by prefix.
         self.adapters: dict[str, Adapter] = {r.prefix: get_adapter(r) for r in config.routes}
+        # Request body bytes being read and admitted at once, for this app.
+        self.body_budget = BodyBudget(config.server.max_bytes_in_flight)
         # (route, prefix + "/") pairs: no string built per route per request.
         self._routes = tuple((route, route.prefix + "/") for route in config.routes)
         self._session_headers = tuple(name.lower() for name in config.session.headers)

@@ -1,5 +1,9 @@
 """``loopguard serve``: the reverse proxy on uvicorn (uvloop + httptools).
 
+Client limits (``client_limits``): a deadline on each request head
+(``guard.doors.client_limits``), uvicorn's keep-alive timeout and concurrency cap,
+no WebSocket handling; the body's read timeout is the body reader's (408).
+
 One process by default. ``[server] workers = N`` (or ``--workers N``) runs N worker
 processes on one listening socket under uvicorn's supervisor, which restarts a worker
 that dies; the workers share sessions through the Redis store (the config refuses
@@ -29,6 +33,7 @@ from typing import Any
 
 import uvicorn
 
+from guard.doors.client_limits import HeadTimeoutProtocol
 from guard.doors.proxy import ProxyApp
 from guard.engine.config import Config, ConfigError
 
@@ -37,12 +42,26 @@ GRACEFUL_SHUTDOWN_S = 30
 WORKER_CONFIG_ENV = "LOOPGUARD_WORKER_CONFIG"
 
 
+def client_limits(config: Config) -> dict[str, Any]:
+    """The uvicorn options that bound what clients may hold open ([server] keys)."""
+    server = config.server
+    HeadTimeoutProtocol.head_timeout = server.head_timeout
+    return {
+        "http": HeadTimeoutProtocol,
+        "timeout_keep_alive": server.keep_alive_timeout,
+        "limit_concurrency": server.limit_concurrency,
+        # No WebSocket handling: an upgrade request is an ordinary HTTP request (and
+        # never logged with its path and query by a WebSocket handshake).
+        "ws": "none",
+    }
+
+
 def _options(config: Config, **overrides: object) -> dict[str, Any]:
     options: dict[str, Any] = {
         "host": config.server.host,
         "port": config.server.port,
         "loop": "uvloop",
-        "http": "httptools",
+        **client_limits(config),
         "lifespan": "on",
         # The upstream's own Server and Date headers pass through; no second pair.
         "server_header": False,
@@ -74,7 +93,9 @@ def freeze_startup_objects() -> None:
 def worker_app() -> ProxyApp:
     """The app factory each worker process runs (``workers`` > 1)."""
     raw = os.environ[WORKER_CONFIG_ENV]
-    app = ProxyApp(Config.from_mapping(json.loads(raw), source="loopguard serve (worker)"))
+    config = Config.from_mapping(json.loads(raw), source="loopguard serve (worker)")
+    client_limits(config)  # this process's protocol class gets the head timeout too
+    app = ProxyApp(config)
     freeze_startup_objects()
     return app
 

@@ -39,6 +39,8 @@ class FailureStage(StrEnum):
     UPSTREAM_STATUS = "upstream_status"
     STREAM = "stream"
     STORE = "store"
+    # The guard itself failed on the request (a bug): served unguarded, recorded.
+    GUARD = "guard"
 
 
 @dataclass(frozen=True, slots=True)

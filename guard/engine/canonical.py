@@ -128,9 +128,20 @@ def loads_json(data: str | bytes | bytearray | memoryview) -> Any:
     if _ORJSON is not None:
         try:
             return _ORJSON.loads(data)
-        except _ORJSON.JSONDecodeError:
-            pass
-    return json.loads(bytes(data) if isinstance(data, memoryview) else data)
+        except _ORJSON.JSONDecodeError as exc:
+            if "depth" in str(exc):  # orjson's nesting limit: the stdlib would recurse
+                raise JSONTooDeep(f"JSON nested deeper than {_MAX_DEPTH} levels") from None
+    try:
+        return json.loads(bytes(data) if isinstance(data, memoryview) else data)
+    except RecursionError:
+        raise JSONTooDeep(f"JSON nested deeper than {_MAX_DEPTH} levels") from None
+
+
+class JSONTooDeep(ValueError):
+    """JSON nested deeper than the parser follows: a parse error like any other."""
+
+
+_MAX_DEPTH = 1024  # orjson's limit; the stdlib's recursion limit is near it
 
 
 def parse_json_text(params: Any) -> Any:

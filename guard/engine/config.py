@@ -142,6 +142,9 @@ class LoopConfig(_Section):
     # gave the same text N turns running without calling a tool.
     no_progress_window: int = Field(default=0, ge=0)
     max_text_repeats: int = Field(default=0, ge=0)
+    # How long an admitted call counts as in flight without an outcome (its
+    # reservation): a little over server.total_timeout, the longest a call can take.
+    in_flight_seconds: float = Field(default=630.0, gt=0)
     volatile_keys: tuple[str, ...] = DEFAULT_VOLATILE_KEYS
     volatile_patterns: tuple[str, ...] = DEFAULT_VOLATILE_PATTERNS
     tools: dict[str, ToolOverride] = Field(default_factory=dict)
@@ -225,6 +228,12 @@ class StoreConfig(_Section):
     key_prefix: str = "loopguard:"
     max_sessions: int = Field(default=100_000, ge=1)
     ttl_seconds: float = Field(default=3600.0, gt=0)
+    # Redis: each operation waits at most this long; after breaker_failures
+    # consecutive failures or timeouts the store is not asked (calls are served,
+    # stage "store") until a probe after breaker_backoff s (doubling, to 30 s) succeeds.
+    timeout_seconds: float = Field(default=0.5, gt=0)
+    breaker_failures: int = Field(default=3, ge=1)
+    breaker_backoff_seconds: float = Field(default=1.0, gt=0)
 
 
 class SessionConfig(_Section):
@@ -239,12 +248,26 @@ class SessionConfig(_Section):
 class ServerConfig(_Section):
     listen: str = "127.0.0.1:8787"
     max_body_bytes: int = Field(default=10 * 1024 * 1024, ge=1)
+    # Bodies up to this size are parsed, redacted and hashed; a larger one is one call
+    # standing for its raw bytes' hash (recorded as not parsed).
+    max_parse_bytes: int = Field(default=4 * 1024 * 1024, ge=1)
     connect_timeout: float = Field(default=5.0, gt=0)
     read_timeout: float = Field(default=60.0, gt=0)
     total_timeout: float = Field(default=600.0, gt=0)
     # Malformed JSON on a guarded route: forward it marked (false) or answer 400 (true).
     reject_malformed_json: bool = False
     max_connections: int = Field(default=512, ge=1)
+    # Client limits. A connection whose request head is not complete this long after
+    # it opened (or its last response ended) is closed; idle keep-alive as uvicorn's.
+    head_timeout: float = Field(default=10.0, gt=0)
+    keep_alive_timeout: float = Field(default=5.0, gt=0)
+    # A request body that sends nothing for this long between reads: 408.
+    body_read_timeout: float = Field(default=30.0, gt=0)
+    # Request body bytes read and admitted at once (per worker); past it 503 +
+    # Retry-After (overload).
+    max_bytes_in_flight: int = Field(default=128 * 1024 * 1024, ge=1)
+    # Connections and requests at once (per worker); past it uvicorn answers 503.
+    limit_concurrency: int = Field(default=1000, ge=1)
     # Processes ``loopguard serve`` runs (one event loop each) on one listening socket.
     # Above 1 they must share sessions: store.backend = "redis".
     workers: int = Field(default=1, ge=1, le=64)

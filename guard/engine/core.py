@@ -8,6 +8,7 @@ telemetry through its own ``TelemetryPort``; the doors build the real one.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -42,11 +43,17 @@ class Engine:
         self.config = config or Config()
         # The config is frozen: what is read on every call is built once.
         self._scrub_policy = self.config.redaction.policy_id
+        self._store_warnings = _RateLimitedWarning("session_store_unavailable")
+        self._window = self.config.loop.window
+        self._in_flight_s = self.config.loop.in_flight_seconds
         # One key for parameter pseudonyms and session pseudonyms in records.
         key = load_key(self.config.redaction.pseudonym_key_env)
         # Content-derived identifiers (conversation digests) leave only as this token.
         self.pseudonym = keyed_pseudonym(key, b"loopguard.conv")
         self.redactor = Redactor(self.config.redaction, key=key)
+        # Parameters are hashed through keyed pseudonyms (two customers, two calls);
+        # ``redactor`` is what is displayed (captured content, tool names).
+        self.hash_redactor = Redactor(self.config.redaction, key=key, hashing=True)
         self.detector = Detector(self.config.loop)
         for route in self.config.routes:
             if route.stop_message is not None:
@@ -72,7 +79,7 @@ class Engine:
 
     def fingerprint(self, params: Any) -> str:
         """xxh3_128 hex of the redacted canonical parameters."""
-        return params_hash(params, self.redactor)
+        return params_hash(params, self.hash_redactor)
 
     def marker(self, tool: str, outcome: Any, explicit: str | None = None) -> str:
         return self.markers.marker(tool, outcome, explicit)
@@ -95,6 +102,29 @@ class Engine:
     async def record(self, session: str, step: Step) -> None:
         await self.store.append(session, step, self.config.loop.window)
 
+    async def admit_call(
+        self, session: str, tool: str, params_hash: str
+    ) -> tuple[Verdict, str | None]:
+        """``check`` made atomic with the call's admission: an allowed call is reserved
+        in flight (the returned token), so a concurrent duplicate counts it. Settle the
+        token with the outcome, or release it."""
+        if self.detector.disabled_for(tool):
+            return Verdict("allow", tool, params_hash), None
+        history, token = await self.store.reserve(
+            session, tool, params_hash, self._window, self._in_flight_s
+        )
+        verdict = self.detector.evaluate(history, tool, params_hash)
+        if verdict.blocked:  # never reaches the tool: it must not count as in flight
+            await self.store.release(session, token)
+            return verdict, None
+        return verdict, token
+
+    async def settle(self, session: str, token: str, step: Step) -> None:
+        await self.store.settle(session, token, step, self.config.loop.window)
+
+    async def release(self, session: str, token: str) -> None:
+        await self.store.release(session, token)
+
     def capture(
         self, record: CallRecord, key: str, value: Any, as_json: Callable[[Any], Any] | None = None
     ) -> None:
@@ -110,7 +140,7 @@ class Engine:
     def store_failed(self, record: CallRecord, exc: Exception) -> None:
         """The session store failed: the call is served (fail open) and the record says so,
         unless it already names an earlier failure."""
-        _log.warning("session_store_unavailable", error=type(exc).__name__)
+        self._store_warnings.note(type(exc).__name__)
         if record.failure_stage is FailureStage.PASSED:
             record.failure_stage = FailureStage.STORE
             record.error_type = type(exc).__name__
@@ -120,13 +150,37 @@ class Engine:
         self.telemetry.shutdown()
 
 
+class _RateLimitedWarning:
+    """One warning per ``every`` seconds at most, saying how many were held back: a
+    store that is down must not write a line per call."""
+
+    def __init__(self, event: str, every: float = 10.0) -> None:
+        self.event = event
+        self.every = every
+        self._last: float | None = None
+        self._held = 0
+
+    def note(self, error: str) -> None:
+        now = time.monotonic()
+        if self._last is not None and now - self._last < self.every:
+            self._held += 1
+            return
+        _log.warning(self.event, error=error, suppressed_since_last=self._held)
+        self._last = now
+        self._held = 0
+
+
 def _store_from_config(config: Config) -> SessionStore:
     if config.store.backend == "redis":
+        from guard.engine.breaker import BreakerStore
         from guard.engine.store import RedisStore
 
-        return RedisStore(
-            config.store.url,
-            key_prefix=config.store.key_prefix,
-            ttl_seconds=config.store.ttl_seconds,
+        store = config.store
+        redis = RedisStore(store.url, key_prefix=store.key_prefix, ttl_seconds=store.ttl_seconds)
+        return BreakerStore(
+            redis,
+            timeout=store.timeout_seconds,
+            failures=store.breaker_failures,
+            backoff=store.breaker_backoff_seconds,
         )
     return MemoryStore(max_sessions=config.store.max_sessions, ttl_seconds=config.store.ttl_seconds)

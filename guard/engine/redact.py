@@ -88,15 +88,16 @@ def normalize_key(key: str) -> str:
     return key.lower().replace("-", "_")
 
 
+_DOUBLED = bytes.maketrans(b"0123456789", b"0246813579")  # 2d, digits summed
+_DOUBLED_DIGIT = (0, 2, 4, 6, 8, 1, 3, 5, 7, 9)
+
+
 def luhn_ok(digits: str) -> bool:
-    total = 0
-    for i, ch in enumerate(reversed(digits)):
-        d = ord(ch) - 48
-        if i % 2:
-            d *= 2
-            if d > 9:
-                d -= 9
-        total += d
+    """The Luhn check on a string of ASCII digits, in C: every second digit from the
+    right doubled (by a translation table), then all summed (called per candidate
+    span of a scan, so its constant matters)."""
+    data = digits.encode()
+    total = sum(data[-1::-2]) + sum(data[-2::-2].translate(_DOUBLED)) - 48 * len(data)
     return total % 10 == 0
 
 
@@ -110,9 +111,23 @@ def load_key(env_var: str) -> bytes:
     return key if len(key) <= 64 else hashlib.blake2b(key).digest()
 
 
+# Personal values that tell calls apart: the hashing redactor pseudonymizes them even
+# where the display masks them, so two customers are two calls. Credentials stay
+# masked in the hash too: a token that rotates must not make a loop look new.
+DISTINGUISHING = frozenset({"EMAIL", "CARD", "PHONE", "IPV4"})
+
+
 class Redactor:
-    def __init__(self, cfg: RedactionConfig | None = None, key: bytes | None = None) -> None:
+    """``hashing``: the redactor parameters are fingerprinted through. It pseudonymizes
+    the ``DISTINGUISHING`` kinds and every user rule whatever their display mode (keyed:
+    nobody without the key can test a guess), so masking merges nothing for the stall
+    rules; what is displayed comes from the display redactor."""
+
+    def __init__(
+        self, cfg: RedactionConfig | None = None, key: bytes | None = None, *, hashing: bool = False
+    ) -> None:
         self.cfg = cfg or RedactionConfig()
+        self._hashing = hashing
         self.policy_id = self.cfg.policy_id
         self._key = key if key is not None else load_key(self.cfg.pseudonym_key_env)
         secret = {normalize_key(k) for k in self.cfg.secret_keys}
@@ -120,7 +135,9 @@ class Redactor:
         self._key_rules: dict[str, Callable[[Any], str]] = {}
         for rule in self.cfg.rules:
             for k in rule.keys:
-                self._key_rules[normalize_key(k)] = self._replacer(rule.name.upper(), rule.mode)
+                self._key_rules[normalize_key(k)] = self._replacer(
+                    rule.name.upper(), "pseudonymize" if hashing else rule.mode
+                )
         for k in secret:
             self._key_rules[k] = _mask_secret
         # Strings are immutable and repeat a lot in agent traffic (the same call again
@@ -147,7 +164,8 @@ class Redactor:
                 )
             name = f"U{len(self._user_parts)}"
             self._user_parts.append(f"(?P<{name}>{rule.pattern})")
-            self._groups[name] = self._replacer(rule.name.upper(), rule.mode)
+            mode = "pseudonymize" if self._hashing else rule.mode
+            self._groups[name] = self._replacer(rule.name.upper(), mode)
         self._kv_part = ""
         self._kv_triggers: tuple[str, ...] = ()
         if secret_keys:
@@ -165,7 +183,10 @@ class Redactor:
         self._builtins = self.cfg.builtins
         if self._builtins:
             for kind, _pattern in BUILTINS:
-                self._groups[kind] = self._replacer(kind, self.cfg.builtin_mode)
+                mode = self.cfg.builtin_mode
+                if self._hashing and kind in DISTINGUISHING:
+                    mode = "pseudonymize"
+                self._groups[kind] = self._replacer(kind, mode)
         self._card = self._groups.get("CARD")
         self._phone = self._groups.get("PHONE")
         self._pass1: dict[int, re.Pattern[str] | None] = {}
@@ -394,14 +415,35 @@ def _cards_in(run: str, card: Callable[[str], str], phone: Callable[[str], str])
     digits can never be mistaken for the card's edge and leave part of it behind.
     """
     groups = _DIGIT_GROUP.findall(run)
-    for i in range(len(groups)):
-        digits = ""
-        for group in groups[i:]:
-            digits += group
-            if len(digits) > 19:
+    digits = "".join(groups)
+    # Luhn of any span in O(1) from prefix sums, per position parity, of each digit
+    # plain and doubled: the run is scanned once, not once per candidate span.
+    plain = [[0], [0]]
+    doubled = [[0], [0]]
+    for k, ch in enumerate(digits):
+        d = ord(ch) - 48
+        p = k & 1
+        plain[p].append(plain[p][-1] + d)
+        doubled[p].append(doubled[p][-1] + _DOUBLED_DIGIT[d])
+        plain[p ^ 1].append(plain[p ^ 1][-1])
+        doubled[p ^ 1].append(doubled[p ^ 1][-1])
+    starts = [0]
+    for group in groups:
+        starts.append(starts[-1] + len(group))
+    n = len(starts)
+    for i in range(n - 1):
+        a = starts[i]
+        for j in range(i + 1, n):
+            b = starts[j]
+            length = b - a
+            if length > 19:
                 break
-            if len(digits) >= 13 and luhn_ok(digits):
-                return card(digits)
+            if length >= 13:
+                # From the right: the last digit (b-1) plain, then alternating.
+                q = (b - 1) & 1
+                total = plain[q][b] - plain[q][a] + doubled[q ^ 1][b] - doubled[q ^ 1][a]
+                if total % 10 == 0:
+                    return card(digits[a:b])
     return _PHONE_RE.sub(lambda m: phone(m.group()), run)
 
 

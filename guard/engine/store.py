@@ -9,12 +9,23 @@ one Lua script per append, so the window bound, the index and the idle expiry ho
 whichever replica writes. A check is one script too: the window comes back only when
 the call is in it. Any Redis failure surfaces as ``StoreError`` (the exchange reports
 it as failure stage ``store``).
+
+Admission is atomic: ``reserve`` answers the check *and* puts an in-flight step of the
+call into the window in one step (one Lua script for Redis), so a concurrent
+duplicate sees it. The in-flight step carries the outcome the call last had in the
+window (or ``IN_FLIGHT`` when it has none): a duplicate sent while the first is in
+flight counts as a repeat with that outcome. ``settle`` replaces it with the real
+step; ``release`` removes it (a stopped call, a call that got no outcome). A
+reservation nobody settles (client gone, process crashed) expires after
+``hold_seconds`` and stops counting.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
+import os
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
@@ -24,6 +35,8 @@ import orjson
 
 from guard.engine.calls import Step
 
+# The outcome of an in-flight step whose call has no earlier outcome in the window.
+IN_FLIGHT = "\x00in-flight"
 # The params hash under which a session's index counts a tool's failed steps (never a
 # real params hash): lets a tool-wide rule see a failing tool called with new params.
 TOOL_ERRORS = ""
@@ -47,6 +60,23 @@ class SessionStore(Protocol):
         """Add a step, keeping at most ``window`` steps."""
         ...
 
+    async def reserve(
+        self, session: str, tool: str, params_hash: str, window: int, hold_seconds: float
+    ) -> tuple[list[Step], str]:
+        """``history_for_call`` and, in the same atomic step, an in-flight step of the
+        call appended to the window; returns the history as it was before, and the
+        reservation's token for ``settle`` or ``release``."""
+        ...
+
+    async def settle(self, session: str, token: str, step: Step, window: int) -> None:
+        """The reserved call's real step takes the in-flight step's place (appended,
+        if the reservation expired or left the window)."""
+        ...
+
+    async def release(self, session: str, token: str) -> None:
+        """Drop a reservation (the call was stopped, or got no outcome)."""
+        ...
+
     async def aclose(self) -> None: ...
 
 
@@ -61,11 +91,13 @@ class StateStore(Protocol):
 
 
 class _Entry:
-    __slots__ = ("calls", "seen", "steps")
+    __slots__ = ("calls", "pending", "seen", "steps")
 
     def __init__(self, steps: deque[Step], seen: float) -> None:
         self.steps = steps
         self.seen = seen
+        # Reservations: token -> (deadline, the in-flight Step object in ``steps``).
+        self.pending: dict[str, tuple[float, Step]] = {}
         # How many of the window's steps each (tool, params_hash) has: lets a call that
         # is not in the window be answered without copying and scanning the window.
         self.calls: dict[tuple[str, str], int] = {}
@@ -97,6 +129,51 @@ class _Entry:
             key = (step.tool, TOOL_ERRORS)
             calls[key] = calls.get(key, 0) + 1
 
+    def _index(self, step: Step) -> int:
+        """Where this very step object is in the window, or -1. Searched from the
+        newest end: an in-flight step was appended moments ago."""
+        steps = self.steps
+        for index in range(len(steps) - 1, -1, -1):
+            if steps[index] is step:
+                return index
+        return -1
+
+    def remove(self, step: Step) -> None:
+        index = self._index(step)
+        if index >= 0:
+            del self.steps[index]
+            self._count(step, -1)
+
+    def replace(self, old: Step, new: Step) -> bool:
+        """Put ``new`` where the very object ``old`` is (the same call: only the tool's
+        failure count can change)."""
+        index = self._index(old)
+        if index < 0:
+            return False
+        self.steps[index] = new
+        if old.error != new.error:
+            self._add((new.tool, TOOL_ERRORS), 1 if new.error else -1)
+        return True
+
+    def expire(self, now: float) -> None:
+        """Reservations past their deadline stop counting. The dict is in the order the
+        reservations were made, which is deadline order for one hold time."""
+        pending = self.pending
+        while pending:
+            token, (deadline, step) = next(iter(pending.items()))
+            if deadline > now:
+                return
+            del pending[token]
+            self.remove(step)
+
+
+def _latest(steps: Sequence[Step], tool: str, params_hash: str) -> Step | None:
+    """The call's newest step in a window."""
+    for step in reversed(steps):
+        if step.tool == tool and step.params_hash == params_hash:
+            return step
+    return None
+
 
 class MemoryStore:
     def __init__(
@@ -110,6 +187,7 @@ class MemoryStore:
         self._clock = clock
         # Ordered by last access, least recent first.
         self._sessions: OrderedDict[str, _Entry] = OrderedDict()
+        self._tokens = itertools.count()
         # put_state/get_state: (value, written at), oldest first; bounded as sessions are.
         self._states: OrderedDict[str, tuple[str, float]] = OrderedDict()
 
@@ -152,6 +230,9 @@ class MemoryStore:
         return await self.history(session)
 
     async def append(self, session: str, step: Step, window: int) -> None:
+        self._push(session, step, window)
+
+    def _push(self, session: str, step: Step, window: int) -> None:
         now = self._clock()
         sessions = self._sessions
         entry = sessions.get(session)
@@ -160,12 +241,75 @@ class MemoryStore:
         if entry is None:
             entry = sessions[session] = _Entry(deque(maxlen=window), now)
         elif entry.steps.maxlen != window:
+            pending = entry.pending
             entry = sessions[session] = _Entry(deque(entry.steps, maxlen=window), now)
+            entry.pending = pending
         entry.append(step)
         entry.seen = now
         sessions.move_to_end(session)
         if len(sessions) > self.max_sessions or now - next(iter(sessions.values())).seen > self.ttl:
             self._evict(now)
+
+    async def reserve(
+        self, session: str, tool: str, params_hash: str, window: int, hold_seconds: float
+    ) -> tuple[list[Step], str]:
+        # No await until the in-flight step is in: atomic on the event loop.
+        now = self._clock()
+        sessions = self._sessions
+        entry = sessions.get(session)
+        history: list[Step] = []
+        if entry is None or now - entry.seen > self.ttl or entry.steps.maxlen != window:
+            # New, expired or resized: what append does, then the same as below.
+            held = Step(tool, params_hash, IN_FLIGHT)
+            if entry is not None and now - entry.seen <= self.ttl:
+                history = await self.history_for_call(session, tool, params_hash)
+                latest = _latest(history, tool, params_hash)
+                if latest is not None:
+                    held = Step(tool, params_hash, latest.marker, latest.error)
+            self._push(session, held, window)
+            entry = sessions[session]
+        else:
+            # The hot path: a live session, inlined (this runs on every guarded call).
+            if entry.pending:
+                entry.expire(now)
+            key = (tool, params_hash)
+            calls = entry.calls
+            latest = None
+            if key in calls or (tool, TOOL_ERRORS) in calls:
+                history = list(entry.steps)
+                latest = _latest(history, tool, params_hash)
+            held = (
+                Step(tool, params_hash, IN_FLIGHT)
+                if latest is None
+                else Step(tool, params_hash, latest.marker, latest.error)
+            )
+            steps = entry.steps
+            if len(steps) == window:
+                entry._count(steps[0], -1)  # the deque drops its oldest step
+            steps.append(held)
+            calls[key] = calls.get(key, 0) + 1
+            if held.error:
+                calls[(tool, TOOL_ERRORS)] = calls.get((tool, TOOL_ERRORS), 0) + 1
+            entry.seen = now
+            sessions.move_to_end(session)
+        token = f"r{next(self._tokens)}"
+        entry.pending[token] = (now + hold_seconds, held)
+        return history, token
+
+    async def settle(self, session: str, token: str, step: Step, window: int) -> None:
+        entry = self._sessions.get(session)
+        reserved = entry.pending.pop(token, None) if entry is not None else None
+        if entry is not None and reserved is not None and entry.replace(reserved[1], step):
+            entry.seen = self._clock()
+            self._sessions.move_to_end(session)
+            return
+        self._push(session, step, window)
+
+    async def release(self, session: str, token: str) -> None:
+        entry = self._sessions.get(session)
+        reserved = entry.pending.pop(token, None) if entry is not None else None
+        if entry is not None and reserved is not None:
+            entry.remove(reserved[1])
 
     def _evict(self, now: float) -> None:
         sessions = self._sessions
@@ -207,45 +351,145 @@ def encode_step(step: Step) -> str:
 
 
 def decode_step(raw: bytes | str) -> Step:
-    tool, params_hash, marker, error = orjson.loads(raw)
+    # An in-flight step carries its reservation's token as a fifth element.
+    tool, params_hash, marker, error, *_token = orjson.loads(raw)
     return Step(tool, params_hash, marker, bool(error))
 
 
 # A call's field in the session's count hash: tool and params hash, joined by a unit
-# separator (the Lua script below builds the same field from a dropped step). The
-# tool's failures are counted under the field with TOOL_ERRORS as params hash.
+# separator (the Lua script below builds the same field from a dropped step).
 def _call_field(tool: str, params_hash: str) -> str:
     return f"{tool}\x1f{params_hash}"
 
 
-# KEYS: steps list, counts hash. ARGV: the call's field, its tool's failures field.
-# The window, or nil when neither is in it (the detector's verdict is then "allow").
+# Every script that changes the window keeps the counts hash in step with it through
+# this one function: a step counts under its call's field, and a failed step under its
+# tool's failures field too (the memory store's index, ``TOOL_ERRORS``). ``s`` is a
+# decoded step {tool, params hash, marker, error, [token]}.
+_COUNT = r"""
+local function count(s, delta)
+  local field = s[1] .. '\31' .. s[2]
+  if redis.call('HINCRBY', KEYS[2], field, delta) <= 0 then redis.call('HDEL', KEYS[2], field) end
+  if s[4] == 1 then
+    field = s[1] .. '\31'
+    if redis.call('HINCRBY', KEYS[2], field, delta) <= 0 then redis.call('HDEL', KEYS[2], field) end
+  end
+end
+"""
+
+# KEYS: steps list, counts hash. ARGV: the call's field, its tool's failures field. The
+# window, or nil when neither the call nor a failure of its tool is in it (the
+# detector's verdict is then "allow" without it).
 _HISTORY_FOR_CALL = r"""
 if redis.call('HEXISTS', KEYS[2], ARGV[1]) == 0
   and redis.call('HEXISTS', KEYS[2], ARGV[2]) == 0 then return false end
 return redis.call('LRANGE', KEYS[1], 0, -1)
 """
 
-# KEYS: steps list, counts hash. ARGV: encoded step, its call field, window, ttl, its
-# tool's failures field when the step failed (else ""). Steps pushed past the window
-# are dropped and uncounted; both keys expire together.
-_APPEND = r"""
-redis.call('RPUSH', KEYS[1], ARGV[1])
-redis.call('HINCRBY', KEYS[2], ARGV[2], 1)
-if ARGV[5] ~= '' then redis.call('HINCRBY', KEYS[2], ARGV[5], 1) end
-local window = tonumber(ARGV[3])
+# Steps pushed past the window are dropped and uncounted (the same lines in every
+# script that pushes). KEYS[1] steps list, KEYS[2] counts hash; ``window`` a number.
+_TRIM = r"""
 while redis.call('LLEN', KEYS[1]) > window do
-  local old = cjson.decode(redis.call('LPOP', KEYS[1]))
-  local field = old[1] .. '\31' .. old[2]
-  if redis.call('HINCRBY', KEYS[2], field, -1) <= 0 then redis.call('HDEL', KEYS[2], field) end
-  if old[4] == 1 then
-    field = old[1] .. '\31'
-    if redis.call('HINCRBY', KEYS[2], field, -1) <= 0 then redis.call('HDEL', KEYS[2], field) end
+  count(cjson.decode(redis.call('LPOP', KEYS[1])), -1)
+end
+"""
+
+# KEYS: steps list, counts hash. ARGV: encoded step, window, ttl. Both keys expire
+# together.
+_APPEND = (
+    _COUNT
+    + r"""
+redis.call('RPUSH', KEYS[1], ARGV[1])
+count(cjson.decode(ARGV[1]), 1)
+local window = tonumber(ARGV[2])
+"""
+    + _TRIM
+    + r"""
+redis.call('EXPIRE', KEYS[1], ARGV[3])
+redis.call('EXPIRE', KEYS[2], ARGV[3])
+"""
+)
+
+# Expired reservations out of the window (KEYS[3]: the reservations, scored by deadline
+# in ms of the server's clock; ``now`` set before).
+_EXPIRE = r"""
+local stale = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now)
+for _, held in ipairs(stale) do
+  if redis.call('LREM', KEYS[1], 1, held) > 0 then count(cjson.decode(held), -1) end
+end
+if #stale > 0 then redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now) end
+"""
+
+# KEYS: steps, counts, reservations. ARGV: call field, tool, params hash, token,
+# window, ttl, hold (ms), in-flight marker, the tool's failures field. Returns {the
+# in-flight step as stored, the window before it (or false when neither the call nor
+# a failure of its tool had a step in it)}.
+_RESERVE = (
+    _COUNT
+    + r"""
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+"""
+    + _EXPIRE
+    + r"""
+local before = false
+local marker, err = ARGV[8], 0
+if redis.call('HEXISTS', KEYS[2], ARGV[1]) == 1 or redis.call('HEXISTS', KEYS[2], ARGV[9]) == 1 then
+  before = redis.call('LRANGE', KEYS[1], 0, -1)
+  for i = #before, 1, -1 do
+    local s = cjson.decode(before[i])
+    if s[1] == ARGV[2] and s[2] == ARGV[3] then marker, err = s[3], s[4]; break end
   end
+end
+local step = {ARGV[2], ARGV[3], marker, err, ARGV[4]}
+local held = cjson.encode(step)
+redis.call('RPUSH', KEYS[1], held)
+count(step, 1)
+local window = tonumber(ARGV[5])
+"""
+    + _TRIM
+    + r"""
+redis.call('ZADD', KEYS[3], now + tonumber(ARGV[7]), held)
+redis.call('EXPIRE', KEYS[1], ARGV[6])
+redis.call('EXPIRE', KEYS[2], ARGV[6])
+redis.call('EXPIRE', KEYS[3], ARGV[6])
+return {held, before}
+"""
+)
+
+# KEYS: steps, counts, reservations. ARGV: the in-flight step as stored, the real
+# step, window, ttl. In place when the in-flight step is still there (the same call:
+# only its tool's failure count can change).
+_SETTLE = (
+    _COUNT
+    + r"""
+redis.call('ZREM', KEYS[3], ARGV[1])
+local pos = redis.call('LPOS', KEYS[1], ARGV[1], 'RANK', -1)  -- from the newest end
+if pos then
+  redis.call('LSET', KEYS[1], pos, ARGV[2])
+  count(cjson.decode(ARGV[1]), -1)
+  count(cjson.decode(ARGV[2]), 1)
+else
+  redis.call('RPUSH', KEYS[1], ARGV[2])
+  count(cjson.decode(ARGV[2]), 1)
+  local window = tonumber(ARGV[3])
+"""
+    + _TRIM
+    + r"""
 end
 redis.call('EXPIRE', KEYS[1], ARGV[4])
 redis.call('EXPIRE', KEYS[2], ARGV[4])
 """
+)
+
+# KEYS: steps, counts, reservations. ARGV: the in-flight step as stored.
+_RELEASE = (
+    _COUNT
+    + r"""
+redis.call('ZREM', KEYS[3], ARGV[1])
+if redis.call('LREM', KEYS[1], 1, ARGV[1]) > 0 then count(cjson.decode(ARGV[1]), -1) end
+"""
+)
 
 
 class RedisStore:
@@ -270,15 +514,26 @@ class RedisStore:
             url, socket_connect_timeout=connect_timeout, socket_timeout=connect_timeout
         )
         self._errors = (aioredis.RedisError, OSError)
+        # Reservation tokens: unique per process (the instance) and per call.
+        self._tokens = itertools.count()
+        self._instance = os.urandom(6).hex()
         # EVALSHA, loading the script on first use (and after a server restart).
         self._history_for_call = self._client.register_script(_HISTORY_FOR_CALL)
         self._append = self._client.register_script(_APPEND)
+        self._reserve = self._client.register_script(_RESERVE)
+        self._settle = self._client.register_script(_SETTLE)
+        self._release = self._client.register_script(_RELEASE)
 
     def _keys(self, session: str) -> list[str]:
         """The session's steps and counts. The ``{session}`` hash tag keeps both in one
         Redis Cluster slot, as a script touching both needs."""
         base = f"{self.key_prefix}{{{session}}}"
         return [f"{base}:steps", f"{base}:calls"]
+
+    def _reservation_keys(self, session: str) -> list[str]:
+        """The session's two keys and its reservations (a sorted set by deadline)."""
+        steps, calls = self._keys(session)
+        return [steps, calls, f"{self.key_prefix}{{{session}}}:held"]
 
     async def history(self, session: str) -> list[Step]:
         try:
@@ -305,17 +560,46 @@ class RedisStore:
             raise StoreError(f"redis store {self.url}: malformed step in session: {exc}") from exc
 
     async def append(self, session: str, step: Step, window: int) -> None:
-        args: list[str | int] = [
-            encode_step(step),
-            _call_field(step.tool, step.params_hash),
-            window,
-            self.ttl,
-            _call_field(step.tool, TOOL_ERRORS) if step.error else "",
-        ]
+        args: list[str | int] = [encode_step(step), window, self.ttl]
         try:
             await self._append(keys=self._keys(session), args=args)
         except self._errors as exc:
             raise StoreError(f"redis store {self.url}: cannot append step: {exc}") from exc
+
+    async def reserve(
+        self, session: str, tool: str, params_hash: str, window: int, hold_seconds: float
+    ) -> tuple[list[Step], str]:
+        """One round trip: the check and the in-flight step, atomically."""
+        args: list[str | int] = [
+            _call_field(tool, params_hash),
+            tool,
+            params_hash,
+            f"r{next(self._tokens)}:{self._instance}",
+            window,
+            self.ttl,
+            max(1, int(hold_seconds * 1000)),
+            IN_FLIGHT,
+            _call_field(tool, TOOL_ERRORS),
+        ]
+        try:
+            held, before = await self._reserve(keys=self._reservation_keys(session), args=args)
+        except self._errors as exc:
+            raise StoreError(f"redis store {self.url}: cannot reserve call: {exc}") from exc
+        token = held.decode() if isinstance(held, bytes) else str(held)
+        return (self._decoded(before) if before else []), token
+
+    async def settle(self, session: str, token: str, step: Step, window: int) -> None:
+        args: list[str | int] = [token, encode_step(step), window, self.ttl]
+        try:
+            await self._settle(keys=self._reservation_keys(session), args=args)
+        except self._errors as exc:
+            raise StoreError(f"redis store {self.url}: cannot settle call: {exc}") from exc
+
+    async def release(self, session: str, token: str) -> None:
+        try:
+            await self._release(keys=self._reservation_keys(session), args=[token])
+        except self._errors as exc:
+            raise StoreError(f"redis store {self.url}: cannot release call: {exc}") from exc
 
     async def put_state(self, key: str, value: str) -> None:
         try:
@@ -335,6 +619,8 @@ class RedisStore:
 
 
 __all__ = [
+    "IN_FLIGHT",
+    "TOOL_ERRORS",
     "MemoryStore",
     "RedisStore",
     "SessionStore",

@@ -749,3 +749,85 @@ def test_a_tool_named_by_a_url_segment_is_scrubbed_before_it_leaves() -> None:
             httpx.post(f"{proxy}/tools/{EMAIL}", json={}, headers={"x-loopguard-session": "s"})
     assert records and records[0]["tool"] == "[EMAIL]"
     assert EMAIL not in json.dumps(records)
+
+
+def test_ids_model_names_app_values_and_websocket_upgrades_never_leave_raw(
+    tmp_path: Path, capfd
+) -> None:
+    """Issue 12 row 6: the MCP session and JSON-RPC ids are pseudonymized, the model name
+    and the app's decision headers go through the redactor (ordinary words pass as they
+    are), and a WebSocket upgrade is not handled (so never logged with its query)."""
+    from guard.doors.serve import client_limits
+
+    async def app_decides(request: Request) -> Response:
+        await request.body()
+        return JSONResponse(
+            {"id": "x", "choices": []},
+            headers={
+                "x-loopguard-app-contact": EMAIL,
+                "x-loopguard-app-key": API_KEY,
+                "x-loopguard-app-route": "abstain",
+                "x-loopguard-app-unsafe-claim-served": "true",
+                "x-loopguard-app-prompt-template": "summarize_v3",
+                "x-loopguard-app-evidence-version": "2024-05-01",
+            },
+        )
+
+    upstream_app = Starlette(routes=[Route("/{rest:path}", app_decides, methods=["GET", "POST"])])
+    emitted = Emitted(tmp_path, capture=False)
+    with ExitStack() as stack:
+        upstream = stack.enter_context(run_server(upstream_app))
+        config = emitted.config(
+            [
+                {"prefix": "/mcp", "upstream": upstream, "adapter": "mcp"},
+                {"prefix": "/openai", "upstream": upstream, "adapter": "openai"},
+                {"prefix": "/tools", "upstream": upstream, "adapter": "http-tool"},
+            ]
+        )
+        app = ProxyApp(config, engine=emitted.engine(config))
+        proxy = stack.enter_context(run_server(app, **client_limits(config)))
+        with httpx.Client(base_url=proxy, timeout=30) as http:
+            call = {
+                "jsonrpc": "2.0",
+                "id": f"{EMAIL}-{API_KEY}",
+                "method": "tools/call",
+                "params": {"name": "lookup", "arguments": {"q": "x"}},
+            }
+            mcp_headers = {
+                "accept": "application/json, text/event-stream",
+                "mcp-session-id": f"sess-{API_KEY}",
+            }
+            assert http.post("/mcp", json=call, headers=mcp_headers).status_code == 200
+            chat = {"model": f"gpt-4o-{API_KEY}", "messages": [{"role": "user", "content": "hi"}]}
+            assert http.post("/openai/v1/chat/completions", json=chat).status_code == 200
+            plain = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
+            assert http.post("/openai/v1/chat/completions", json=plain).status_code == 200
+            assert http.post("/tools/lookup", json={"q": 1}, headers=HEADERS).status_code == 200
+            upgrade = {
+                "connection": "Upgrade",
+                "upgrade": "websocket",
+                "sec-websocket-version": "13",
+                "sec-websocket-key": "dGhlIHNhbXBsZQ==",
+            }
+            http.get(f"/tools/ws?token={API_KEY}&email={EMAIL}", headers=upgrade)
+    emitted.shutdown()
+    out, err = capfd.readouterr()
+    spans = emitted.spans.get_finished_spans()
+    assert any(s.attributes.get("mcp.session.id") for s in spans)  # there, pseudonymized
+    assert any(s.attributes.get("jsonrpc.request.id") for s in spans)
+    assert found("\n".join(emitted.span_blobs())) == set()
+    assert found("\n".join(emitted.record_blobs())) == set()
+    assert found(emitted.metric_blob()) == set()
+    assert found(out) == set() and found(err) == set()
+    # Ordinary words and names pass unchanged.
+    models = {r["model"] for r in emitted.records if r.get("model")}
+    assert "gpt-4o-mini" in models and any("[API_KEY]" in m for m in models)
+    apps = [r["app"] for r in emitted.records if r.get("app")]
+    assert apps and all(
+        a["route"] == "abstain"
+        and a["unsafe_claim_served"] == "true"
+        and a["prompt_template"] == "summarize_v3"
+        and a["evidence_version"] == "2024-05-01"
+        and a["contact"] == "[EMAIL]"
+        for a in apps
+    )

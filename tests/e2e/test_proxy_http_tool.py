@@ -224,7 +224,10 @@ def test_adapter_marks_malformed_json_and_still_names_the_call() -> None:
     parsed = _adapter().parse(_view("POST", "/lookup", b'{"a":', content_type="application/json"))
     assert parsed.admission_error is not None and "not valid JSON" in parsed.admission_error
     assert parsed.invocations[0].tool == "lookup"
-    assert parsed.invocations[0].params == '{"a":'
+    # Still a call: the raw bytes' hash stands for the parameters.
+    from guard.engine.bodies import raw_params
+
+    assert parsed.invocations[0].params == raw_params(b'{"a":', "request body is not valid JSON")
 
 
 def test_observer_keeps_a_bounded_prefix_and_reads_explicit_markers() -> None:

@@ -226,7 +226,10 @@ async def test_spans_and_records_name_the_mcp_call(stack: Stack) -> None:
     assert len(calls) == MAX_REPEATS + 1
     served, stopped = calls[0].attributes, calls[-1].attributes
     assert served["mcp.method.name"] == "tools/call"
-    assert served["mcp.session.id"] == mcp_session
+    # The MCP session id leaves pseudonymized like a session: one stable token, not the id.
+    pseudonyms = {s.attributes["mcp.session.id"] for s in calls}
+    assert len(pseudonyms) == 1 and served["mcp.session.id"].startswith("s_")
+    assert mcp_session not in served["mcp.session.id"]
     assert served["gen_ai.operation.name"] == "execute_tool"
     assert served["gen_ai.tool.name"] == "lookup_tracking"
     assert served["loopguard.route"] == "serve"

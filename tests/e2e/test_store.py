@@ -183,3 +183,55 @@ async def test_engine_check_and_record_through_redis(redis_url: str) -> None:
         await eng.record("sess", Step("lookup", h, "scan:v17"))
     assert (await eng.check("sess", "lookup", h)).blocked
     await eng.aclose()
+
+
+async def _counts(store: MemoryStore | RedisStore, session: str) -> dict[str, int]:
+    """The store's per-call index as {"tool\\x1fparams": n} (the tool-wide failures
+    field has an empty params hash)."""
+    if isinstance(store, MemoryStore):
+        entry = store._sessions[session]
+        return {f"{tool}\x1f{h}": n for (tool, h), n in entry.calls.items()}
+    import redis.asyncio as aioredis
+
+    client = aioredis.from_url(store.url)
+    raw = await client.hgetall(store._keys(session)[1])
+    await client.aclose()
+    return {k.decode(): int(v) for k, v in raw.items()}
+
+
+@pytest.mark.parametrize("backend", ["memory", "redis"])
+async def test_the_index_stays_in_step_through_reserve_settle_and_release(
+    backend: str, request: pytest.FixtureRequest
+) -> None:
+    """Admission's in-flight steps and the tool-wide failures index agree: a reserved
+    call counts once, settling it with a failure adds the tool's failure, a released or
+    expired reservation leaves nothing behind -- in both stores."""
+    store: MemoryStore | RedisStore
+    if backend == "memory":
+        store = MemoryStore()
+    else:
+        store = RedisStore(
+            request.getfixturevalue("redis_url"), key_prefix=f"x{time.monotonic_ns()}:"
+        )
+    try:
+        _, token = await store.reserve("s", "deploy", "h1", 8, 30.0)
+        assert await _counts(store, "s") == {"deploy\x1fh1": 1}
+        await store.settle("s", token, Step("deploy", "h1", "m-denied", True), 8)
+        assert await _counts(store, "s") == {"deploy\x1fh1": 1, "deploy\x1f": 1}
+        # Another params of the failing tool now gets the window (the error streak).
+        before, held = await store.reserve("s", "deploy", "h2", 8, 30.0)
+        assert [s.params_hash for s in before] == ["h1"]
+        await store.release("s", held)
+        assert await _counts(store, "s") == {"deploy\x1fh1": 1, "deploy\x1f": 1}
+        # A repeat of the failed call is held with its last outcome (an error), then
+        # settled with a success: the tool's failure count follows.
+        _, again = await store.reserve("s", "deploy", "h1", 8, 30.0)
+        assert await _counts(store, "s") == {"deploy\x1fh1": 2, "deploy\x1f": 2}
+        await store.settle("s", again, Step("deploy", "h1", "m-ok", False), 8)
+        assert await _counts(store, "s") == {"deploy\x1fh1": 2, "deploy\x1f": 1}
+        # The window moves on: everything leaves the index with its step.
+        for i in range(8):
+            await store.append("s", Step("other", f"o{i}", "m"), 8)
+        assert await _counts(store, "s") == {f"other\x1fo{i}": 1 for i in range(8)}
+    finally:
+        await store.aclose()

@@ -1,0 +1,82 @@
+"""Issue 12 row 1: CPU-heavy work on a large body never runs on the event loop."""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+from typing import Any
+
+from adapters.http_tool import HttpToolAdapter
+from guard.doors.exchange import OFFLOAD_BYTES, Exchange
+from guard.engine.config import Config
+from guard.engine.contract import RequestView
+from guard.engine.core import Engine
+
+
+def _setup(body: bytes) -> tuple[Exchange, list[int]]:
+    config = Config.from_mapping(
+        {"routes": [{"prefix": "/tools", "upstream": "http://tool", "adapter": "http-tool"}]}
+    )
+    engine = Engine(config)
+    adapter = HttpToolAdapter(config.routes[0])
+    threads: list[int] = []
+    parse, marker = adapter.parse, engine.marker
+
+    def watched_parse(request: RequestView) -> Any:
+        threads.append(threading.get_ident())
+        return parse(request)
+
+    def watched_marker(*args: Any) -> str:
+        threads.append(threading.get_ident())
+        return marker(*args)
+
+    adapter.parse = watched_parse  # type: ignore[method-assign]
+    engine.marker = watched_marker  # type: ignore[method-assign]
+    headers = {"content-type": "application/json"}
+    request = RequestView("POST", "/lookup", "", headers, body, "s")
+    return Exchange(engine, config.routes[0], adapter, request), threads
+
+
+async def test_a_large_body_is_parsed_and_marked_off_the_event_loop() -> None:
+    body = json.dumps({"q": "1 " * OFFLOAD_BYTES}).encode()
+    exchange, threads = _setup(body)
+    assert await exchange.admit() == body
+    exchange.response_start(200, [(b"content-type", b"application/json")])
+    await exchange.response_chunk(body, last=True)
+    loop_thread = threading.get_ident()
+    assert len(threads) == 2 and loop_thread not in threads
+
+
+async def test_a_small_body_stays_on_the_event_loop() -> None:
+    exchange, threads = _setup(b'{"q": "a"}')
+    assert await exchange.admit() == b'{"q": "a"}'
+    exchange.response_start(200, [(b"content-type", b"application/json")])
+    await exchange.response_chunk(b"{}", last=True)
+    assert threads == [threading.get_ident()] * 2
+
+
+def test_the_one_pass_card_scan_agrees_with_checking_every_span() -> None:
+    """The scan's Luhn sums come from prefix sums (one pass over the run, not one per
+    candidate span); it must find the same cards as checking each span plainly."""
+    import random
+
+    from guard.engine.redact import _cards_in, luhn_ok
+
+    def reference(run: str) -> str:
+        groups = re.findall(r"\d+", run)
+        for i in range(len(groups)):
+            digits = ""
+            for group in groups[i:]:
+                digits += group
+                if len(digits) > 19:
+                    break
+                if len(digits) >= 13 and luhn_ok(digits):
+                    return f"[CARD:{digits}]"
+        return run
+
+    rng = random.Random(12)
+    for _ in range(20_000):
+        groups = ["".join(rng.choices("0123456789", k=rng.randint(1, 5))) for _ in range(8)]
+        run = "".join(g + rng.choice([" ", "-", ""]) for g in groups).strip(" -")
+        assert _cards_in(run, lambda d: f"[CARD:{d}]", lambda d: d) == reference(run)
