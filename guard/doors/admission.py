@@ -62,44 +62,34 @@ async def admit(
     except BodyRefused as refused:
         return refused.answer
     try:
-        return await _admit(engine, router, route, receive, method, path, query, headers)
+        try:
+            body = await read_body(
+                receive,
+                server.max_body_bytes,
+                declared,
+                server.body_read_timeout,
+            )
+        except BodyRefused as refused:
+            return refused.answer
+        except ClientDisconnected:
+            return None
+        request = RequestView(method, path, query, headers, body, router.session_of(headers))
+        exchange = Exchange(engine, route, router.adapters[route.prefix], request)
+        try:
+            admitted = await exchange.admit()
+        except Exception as exc:
+            # A guard bug must not take the agent's tools down: serve the call
+            # unguarded, recorded (stage "guard") and traced, never silently.
+            log.error("guard_error", route=route.prefix, **exception_fields(exc))
+            await exchange.release_reservations()
+            exchange.fail_open(exc)
+            return Forward(exchange, body)
+        if isinstance(admitted, Answer):
+            return _with_route(admitted, exchange.record.route)
+        return Forward(exchange, admitted)
     finally:
+        # One coroutine, not two: this runs on every guarded call.
         budget.give(min(taken, server.max_body_bytes + 1))
-
-
-async def _admit(
-    engine: Engine,
-    router: Router,
-    route: RouteConfig,
-    receive: Receive,
-    method: str,
-    path: str,
-    query: str,
-    headers: dict[str, str],
-) -> Forward | Answer | None:
-    server = engine.config.server
-    try:
-        body = await read_body(
-            receive, server.max_body_bytes, headers.get("content-length"), server.body_read_timeout
-        )
-    except BodyRefused as refused:
-        return refused.answer
-    except ClientDisconnected:
-        return None
-    request = RequestView(method, path, query, headers, body, router.session_of(headers))
-    exchange = Exchange(engine, route, router.adapters[route.prefix], request)
-    try:
-        admitted = await exchange.admit()
-    except Exception as exc:
-        # A guard bug must not take the agent's tools down: serve the call unguarded,
-        # recorded (stage "guard") and traced, never silently.
-        log.error("guard_error", route=route.prefix, **exception_fields(exc))
-        await exchange.release_reservations()
-        exchange.fail_open(exc)
-        return Forward(exchange, body)
-    if isinstance(admitted, Answer):
-        return _with_route(admitted, exchange.record.route)
-    return Forward(exchange, admitted)
 
 
 def _with_route(answer: Answer, route: Route) -> Answer:
