@@ -522,7 +522,9 @@ def _responses_stop(model: str, text: str, stream: bool, refuse: bool) -> Answer
         }
 
     if not stream:
-        return json_answer(response("completed", [message]))
+        answer = json_answer(response("completed", [message]))
+        answer.response_id = rid
+        return answer
     at = {"item_id": mid, "output_index": 0, "content_index": 0}
     steps: list[dict[str, Any]] = [
         {"type": "response.created", "response": response("in_progress", [])},
@@ -537,9 +539,11 @@ def _responses_stop(model: str, text: str, stream: bool, refuse: bool) -> Answer
         {"type": "response.output_item.done", "output_index": 0, "item": message},
         {"type": "response.completed", "response": response("completed", [message])},
     ]
-    return sse_answer(
+    answer = sse_answer(
         (step["type"], {**step, "sequence_number": n}) for n, step in enumerate(steps)
     )
+    answer.response_id = rid
+    return answer
 
 
 def _responses_deltas(

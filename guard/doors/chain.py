@@ -42,13 +42,18 @@ Stored = list[Any]
 class Chain:
     """What one Responses request knows of the conversation it continues."""
 
-    __slots__ = ("key", "known", "steps")
+    __slots__ = ("key", "known", "steps", "stopped")
 
-    def __init__(self, steps: list[Stored], known: bool, key: str | None = None) -> None:
+    def __init__(
+        self, steps: list[Stored], known: bool, key: str | None = None, stopped: bool = False
+    ) -> None:
         self.steps = steps  # the history, oldest first, as stored
         self.known = known  # False: the request continues a response loopguard never saw
         # Where the next state goes: the conversation's key, or None (the response's id).
         self.key = key
+        # The state ends in loopguard's own stop answer (what a framework's retry after
+        # the stop continues): the request's new turns are read after that answer.
+        self.stopped = stopped
 
 
 async def rebuild(engine: Engine, parsed: ParsedRequest) -> Chain:
@@ -69,6 +74,7 @@ async def rebuild(engine: Engine, parsed: ParsedRequest) -> Chain:
         return Chain(_inline(engine, parsed), False, key)
     state = orjson.loads(raw)
     steps = list(state.get("s") or [])
+    stopped = bool(state.get("x"))
     calls: dict[str, list[str]] = state.get("c") or {}
     for call_id, (outcome, error) in (parsed.open_results or {}).items():
         call = calls.get(str(call_id))
@@ -77,7 +83,7 @@ async def rebuild(engine: Engine, parsed: ParsedRequest) -> Chain:
         tool, params_hash = call
         stopped = is_stop_answer(outcome)
         steps.append([tool, params_hash, engine.marker(tool, outcome), error, stopped])
-    return Chain(steps + _inline(engine, parsed), True, key)
+    return Chain(steps + _inline(engine, parsed), True, key, stopped)
 
 
 def history(chain: Chain) -> list[HistoryStep]:
@@ -110,6 +116,19 @@ async def remember(engine: Engine, chain: Chain, observation: Observation) -> No
     window = engine.config.loop.window
     state = {"s": chain.steps[-window:], "c": calls}
     await put(chain.key or _KEY + response_id, orjson.dumps(state).decode())
+
+
+async def remember_stop(engine: Engine, chain: Chain, response_id: str | None) -> None:
+    """Keep the history under the id of a stop answer loopguard wrote (or under the
+    conversation's key, which the upstream never sees the stop in), marked as ending in
+    that stop: a framework's retry continuing it is then judged as the same stall."""
+    put = getattr(engine.store, "put_state", None)
+    key = chain.key or (_KEY + response_id if response_id else None)
+    if key is None or put is None:
+        return
+    window = engine.config.loop.window
+    state = {"s": chain.steps[-window:], "c": {}, "x": 1}
+    await put(key, orjson.dumps(state).decode())
 
 
 def _inline(engine: Engine, parsed: ParsedRequest) -> list[Stored]:

@@ -53,7 +53,7 @@ from guard.engine.contract import (
     ToolInvocation,
 )
 from guard.engine.conversation import StallDecision, analyze
-from guard.engine.problem import ROUTE_HEADER, problem, stall_problem
+from guard.engine.problem import ROUTE_HEADER, STOP_SIGNATURE, problem, stall_problem
 from guard.engine.timing import MalformedTiming, output_throughput
 
 if TYPE_CHECKING:
@@ -369,6 +369,11 @@ class Exchange:
             return history
         if not kept.known:
             self.record.session_tracked = False  # state loopguard never saw: not guessed
+        if kept.stopped:
+            # The request continues loopguard's own stop answer: its new turns come
+            # after that answer (a framework's retry prompt is then the same stall).
+            stop = HistoryStep("", None, STOP_SIGNATURE, kind="text")
+            return [*chain.history(kept), stop, *history]
         continues_tools = parsed.open_results or (history and history[-1].kind == "tool")
         return chain.history(kept) if continues_tools else history
 
@@ -417,6 +422,11 @@ class Exchange:
         self.record.failure_stage = FailureStage.LOOP_GUARD
         if route is not None:
             self.record.status_code = answer.status
+        if self._chain is not None:
+            try:
+                await chain.remember_stop(self.engine, self._chain, answer.response_id)
+            except Exception as exc:  # the store is down: the retry is judged as it comes
+                self.engine.store_failed(self.record, exc)
         await self.finish(FailureStage.LOOP_GUARD)
         return answer
 

@@ -129,6 +129,9 @@ class Answer:
     headers: list[tuple[str, str]]
     # One bytes object, or several for a synthetic SSE stream.
     chunks: list[bytes]
+    # The id of the response loopguard wrote (a Responses stop): a client may continue
+    # it by ``previous_response_id``, so the conversation's state is kept under it.
+    response_id: str | None = None
 
 
 @dataclass(slots=True)

@@ -468,3 +468,32 @@ def test_pydantic_ai_retry_turn_after_a_stop_is_stopped_again(stack, output: str
     assert len(retries) >= 2  # the stop, then the retry stopped again
     assert {r["repeat_count"] for r in retries} == {4}
     assert len(fake.requests) == 4  # nothing after the nudge reached the model
+
+
+@pytest.mark.parametrize("state", ["previous_response_id", "conversation"])
+def test_a_retry_continuing_loopguards_stop_on_server_side_state_is_stopped_again(
+    stack, state: str
+) -> None:
+    """A framework that retries after a stop continues the stop itself (its id, or the
+    conversation the upstream never saw the stop in) with a retry prompt: loopguard kept
+    the chain under the stop, so the retry is the same stall and never reaches the
+    model; the stop is answered again, with the same count."""
+    fake, _, base, records = stack
+    client = openai.OpenAI(base_url=base, api_key="k", max_retries=0)
+    conversation = client.conversations.create().id if state == "conversation" else None
+    kept = {"conversation": conversation} if conversation else {}
+    first = client.responses.create(model="gpt-test", input="where is A1?", tools=[TOOL], **kept)
+    runs, routes, stop = run_agent(client, first, stream=False, conversation=conversation)
+    assert routes[-1] == "stop_and_review" and runs == 4
+    reached = len(fake.requests)
+    retry = {"role": "user", "content": "Validation feedback:\nFix the errors and try again."}
+    again = client.responses.with_raw_response.create(
+        model="gpt-test",
+        input=[retry],
+        **(kept or {"previous_response_id": stop.id}),
+    )
+    assert again.headers["x-loopguard-route"] == "stop_and_review"
+    answer = again.parse()
+    assert answer.output_text.startswith(STOP_SIGNATURE) and "4 times" in answer.output_text
+    assert len(fake.requests) == reached  # the retry never reached the model
+    assert records[-1]["repeat_count"] == 4
