@@ -9,8 +9,9 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from conversations import LOOP, SEARCH, THINK, Step, chat_messages
+from conversations import LOOP, SEARCH, THINK, Step, anthropic_messages, chat_messages
 
+from adapters.anthropic import AnthropicAdapter
 from adapters.openai import OpenAIAdapter
 from guard.doors.exchange import Exchange
 from guard.engine.calls import Verdict
@@ -21,6 +22,7 @@ from guard.engine.core import Engine
 from guard.engine.problem import stop_text
 
 ROUTE = RouteConfig(prefix="/openai", upstream="http://model", adapter="openai")
+ANTHROPIC_ROUTE = RouteConfig(prefix="/anthropic", upstream="http://model", adapter="anthropic")
 
 
 def engine() -> Engine:
@@ -93,6 +95,44 @@ def test_a_framework_retry_after_a_stop_is_stopped_again_and_a_human_answer_serv
     plain = [*chat_messages(LOOP[:2]), {"role": "assistant", "content": "It is on time."}]
     plain.append({"role": "user", "content": "Fix the errors and try again."})
     assert analyze(e, parse(plain)[1].history or []).action == "serve"
+
+
+def parse_anthropic(messages: list[dict[str, Any]]):
+    body = json.dumps({"model": "m", "max_tokens": 5, "messages": messages}).encode()
+    view = RequestView("POST", "/v1/messages", "", {}, body)
+    return AnthropicAdapter(ANTHROPIC_ROUTE).parse(view)
+
+
+def test_an_anthropic_retry_after_a_stop_is_stopped_again_and_a_human_answer_served() -> None:
+    """The same rule on the Messages API: loopguard's stop as the assistant's text (a
+    string, or the text block the SDK returned), then a retry prompt (a string or text
+    blocks) is the same stall; a human's new words after it are served."""
+    e = engine()
+    stalled = [*LOOP, LOOP[-1]]
+    assert analyze(e, parse_anthropic(anthropic_messages(stalled)).history or []).action == "stop"
+    verdict = analyze(e, history(stalled)).verdict
+    assert verdict is not None
+    text = stop_text(verdict)
+    stops = [
+        {"role": "assistant", "content": text},
+        {"role": "assistant", "content": [{"type": "text", "text": text}]},
+    ]
+    retry = "Validation feedback:\nSay the status.\n\nFix the errors and try again."
+    retries = [retry, [{"type": "text", "text": retry}], "   "]
+    for stop in stops:
+        for prompt in retries:
+            messages = [*anthropic_messages(stalled), stop, {"role": "user", "content": prompt}]
+            decision = analyze(e, parse_anthropic(messages).history or [])
+            assert decision.action == "stop", (stop["content"], prompt)
+            assert decision.verdict is not None and decision.verdict.repeats == verdict.repeats
+        for human in ["try flight AB124 instead", [{"type": "text", "text": "ok, what now?"}]]:
+            messages = [*anthropic_messages(stalled), stop, {"role": "user", "content": human}]
+            parsed = parse_anthropic(messages)
+            assert analyze(e, parsed.history or []).action == "serve", human
+    # A retry prompt with no stop before it is not a stall of loopguard's.
+    plain = [*anthropic_messages(LOOP[:2]), {"role": "assistant", "content": "It is on time."}]
+    plain.append({"role": "user", "content": "Fix the errors and try again."})
+    assert analyze(e, parse_anthropic(plain).history or []).action == "serve"
 
 
 def test_an_old_stall_of_another_call_does_not_skip_the_nudge() -> None:
