@@ -13,13 +13,13 @@ errors rule, and the stalled-repeat rule does not depend on it.
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Callable, Iterator
 from typing import Any
 
 from guard.engine.contract import HistoryStep
 from guard.engine.conversation import retry_after_stop
+from guard.engine.fingerprint import loads_json
 
 _ERROR_TEXT = re.compile(
     r"\s*(?:error\b|exception\b|traceback \(most recent call last\))", re.IGNORECASE
@@ -29,8 +29,8 @@ _ERROR_TEXT = re.compile(
 def _parse_arguments(arguments: Any) -> Any:
     if isinstance(arguments, str):
         try:
-            return json.loads(arguments) if arguments.strip() else {}
-        except ValueError:
+            return loads_json(arguments) if arguments.strip() else {}
+        except ValueError:  # JSONTooDeep too: never a RecursionError
             return arguments  # malformed arguments are still a call, fingerprinted as text
     return arguments if arguments is not None else {}
 
@@ -57,7 +57,7 @@ def looks_like_error(outcome: Any) -> bool:
         head = outcome.lstrip()[:1]
         if head == "{":
             try:
-                parsed = json.loads(outcome)
+                parsed = loads_json(outcome)
             except ValueError:
                 return False
             return isinstance(parsed, dict) and bool(parsed.get("error"))
@@ -68,6 +68,13 @@ def _get(obj: Any, name: str, default: Any = None) -> Any:
     return obj.get(name, default) if isinstance(obj, dict) else default
 
 
+def _call_id(obj: Any, name: str) -> Any:
+    """A call id that can pair a call with its result: an object or array (unhashable,
+    never an id an API sends) counts as missing, so the call is not history."""
+    value = _get(obj, name)
+    return None if isinstance(value, dict | list) else value
+
+
 def history_from_openai_chat(messages: list[Any]) -> list[HistoryStep]:
     """Chat Completions: assistant ``tool_calls`` paired with ``tool`` messages by id."""
     calls: list[tuple[str, str, Any]] = []  # (id, name, params) in call order
@@ -75,15 +82,16 @@ def history_from_openai_chat(messages: list[Any]) -> list[HistoryStep]:
     for message in messages or ():
         role = _get(message, "role")
         if role == "assistant":
-            for call in _get(message, "tool_calls") or ():
+            tool_calls = _get(message, "tool_calls")
+            for call in tool_calls if isinstance(tool_calls, list) else ():
                 function = _get(call, "function") or {}
-                call_id = _get(call, "id")
+                call_id = _call_id(call, "id")
                 name = _get(function, "name")
                 if call_id is None or not isinstance(name, str):
                     continue
                 calls.append((call_id, name, _parse_arguments(_get(function, "arguments"))))
         elif role == "tool":
-            call_id = _get(message, "tool_call_id")
+            call_id = _call_id(message, "tool_call_id")
             if call_id is not None:
                 results[call_id] = _content_text(_get(message, "content"))
     return _paired(calls, results)
@@ -96,14 +104,14 @@ def history_from_openai_responses(input_items: list[Any]) -> list[HistoryStep]:
     for item in input_items or ():
         kind = _get(item, "type")
         if kind in ("function_call", "custom_tool_call"):
-            call_id, name = _get(item, "call_id"), _get(item, "name")
+            call_id, name = _call_id(item, "call_id"), _get(item, "name")
             if call_id is None or not isinstance(name, str):
                 continue
             raw = _get(item, "arguments") if kind == "function_call" else _get(item, "input")
             params = _parse_arguments(raw) if kind == "function_call" else raw
             calls.append((call_id, name, params))
         elif kind in ("function_call_output", "custom_tool_call_output"):
-            call_id = _get(item, "call_id")
+            call_id = _call_id(item, "call_id")
             if call_id is not None:
                 results[call_id] = _content_text(_get(item, "output"))
     return _paired(calls, results)
@@ -120,11 +128,11 @@ def history_from_anthropic(messages: list[Any]) -> list[HistoryStep]:
         for block in content:
             kind = _get(block, "type")
             if kind == "tool_use":
-                call_id, name = _get(block, "id"), _get(block, "name")
+                call_id, name = _call_id(block, "id"), _get(block, "name")
                 if call_id is not None and isinstance(name, str):
                     calls.append((call_id, name, _get(block, "input", {})))
             elif kind == "tool_result":
-                call_id = _get(block, "tool_use_id")
+                call_id = _call_id(block, "tool_use_id")
                 if call_id is not None:
                     outcome = _content_text(_get(block, "content", ""))
                     results[call_id] = (outcome, bool(_get(block, "is_error", False)))
