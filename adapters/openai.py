@@ -45,6 +45,7 @@ from adapters.trajectory import (
     history_from_openai_chat,
     history_from_openai_responses,
     looks_like_error,
+    pairing_id,
     text_tail_openai_chat,
     text_tail_openai_responses,
     with_stopped_tools,
@@ -209,14 +210,14 @@ def _open_results(items: list[Any]) -> dict[Any, tuple[Any, bool]]:
     """Tool results in ``items`` whose call is not there (it is in the response the
     request continues): call id -> (result, looks like an error)."""
     called = {
-        item.get("call_id")
+        pairing_id(item, "call_id")
         for item in items
         if isinstance(item, dict) and item.get("type") == "function_call"
     }
     results: dict[Any, tuple[Any, bool]] = {}
     for item in items:
         if isinstance(item, dict) and item.get("type") == "function_call_output":
-            call_id = item.get("call_id")
+            call_id = pairing_id(item, "call_id")
             if call_id is not None and call_id not in called:
                 output = item.get("output")
                 results[call_id] = (output, looks_like_error(output))

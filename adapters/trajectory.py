@@ -68,7 +68,7 @@ def _get(obj: Any, name: str, default: Any = None) -> Any:
     return obj.get(name, default) if isinstance(obj, dict) else default
 
 
-def _call_id(obj: Any, name: str) -> Any:
+def pairing_id(obj: Any, name: str) -> Any:
     """A call id that can pair a call with its result: an object or array (unhashable,
     never an id an API sends) counts as missing, so the call is not history."""
     value = _get(obj, name)
@@ -85,13 +85,13 @@ def history_from_openai_chat(messages: list[Any]) -> list[HistoryStep]:
             tool_calls = _get(message, "tool_calls")
             for call in tool_calls if isinstance(tool_calls, list) else ():
                 function = _get(call, "function") or {}
-                call_id = _call_id(call, "id")
+                call_id = pairing_id(call, "id")
                 name = _get(function, "name")
                 if call_id is None or not isinstance(name, str):
                     continue
                 calls.append((call_id, name, _parse_arguments(_get(function, "arguments"))))
         elif role == "tool":
-            call_id = _call_id(message, "tool_call_id")
+            call_id = pairing_id(message, "tool_call_id")
             if call_id is not None:
                 results[call_id] = _content_text(_get(message, "content"))
     return _paired(calls, results)
@@ -104,14 +104,14 @@ def history_from_openai_responses(input_items: list[Any]) -> list[HistoryStep]:
     for item in input_items or ():
         kind = _get(item, "type")
         if kind in ("function_call", "custom_tool_call"):
-            call_id, name = _call_id(item, "call_id"), _get(item, "name")
+            call_id, name = pairing_id(item, "call_id"), _get(item, "name")
             if call_id is None or not isinstance(name, str):
                 continue
             raw = _get(item, "arguments") if kind == "function_call" else _get(item, "input")
             params = _parse_arguments(raw) if kind == "function_call" else raw
             calls.append((call_id, name, params))
         elif kind in ("function_call_output", "custom_tool_call_output"):
-            call_id = _call_id(item, "call_id")
+            call_id = pairing_id(item, "call_id")
             if call_id is not None:
                 results[call_id] = _content_text(_get(item, "output"))
     return _paired(calls, results)
@@ -128,11 +128,11 @@ def history_from_anthropic(messages: list[Any]) -> list[HistoryStep]:
         for block in content:
             kind = _get(block, "type")
             if kind == "tool_use":
-                call_id, name = _call_id(block, "id"), _get(block, "name")
+                call_id, name = pairing_id(block, "id"), _get(block, "name")
                 if call_id is not None and isinstance(name, str):
                     calls.append((call_id, name, _get(block, "input", {})))
             elif kind == "tool_result":
-                call_id = _call_id(block, "tool_use_id")
+                call_id = pairing_id(block, "tool_use_id")
                 if call_id is not None:
                     outcome = _content_text(_get(block, "content", ""))
                     results[call_id] = (outcome, bool(_get(block, "is_error", False)))
@@ -246,6 +246,7 @@ __all__ = [
     "history_from_openai_chat",
     "history_from_openai_responses",
     "looks_like_error",
+    "pairing_id",
     "text_tail_anthropic",
     "text_tail_openai_chat",
     "text_tail_openai_responses",

@@ -448,3 +448,24 @@ def test_anthropic_pairing_takes_any_transcript(messages: list[Any]) -> None:
 @pytest.mark.parametrize("transcript", [None, []])
 def test_pairing_takes_a_non_list(reader: Any, transcript: Any) -> None:
     assert reader(transcript) == []
+
+
+def test_an_unhashable_call_id_in_a_continued_responses_request_is_not_a_crash() -> None:
+    """A ``function_call_output`` whose ``call_id`` is an object or array, on a request
+    that continues server-side state: the result pairs with nothing, and the request is
+    parsed (found by reading the code after the readers' bugs above)."""
+    import json
+
+    from adapters.openai import OpenAIAdapter
+    from guard.engine.config import RouteConfig
+    from guard.engine.contract import RequestView
+
+    route = RouteConfig(prefix="/o", upstream="http://m", adapter="openai")
+    body = {
+        "model": "m",
+        "previous_response_id": "resp_1",
+        "input": [{"type": "function_call_output", "call_id": {"a": 1}, "output": "x"}],
+    }
+    view = RequestView("POST", "/v1/responses", "", {}, json.dumps(body).encode())
+    parsed = OpenAIAdapter(route).parse(view)
+    assert parsed.open_results == {}
