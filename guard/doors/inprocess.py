@@ -48,6 +48,7 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
+from guard.doors.engines import door_engine
 from guard.doors.exchange import Exchange, jsonable
 from guard.engine.calls import CallRecord, FailureStage, Step, Verdict
 from guard.engine.config import Config
@@ -62,7 +63,6 @@ from guard.engine.contract import (
 )
 from guard.engine.core import Engine
 from guard.engine.problem import stall_problem, stop_text
-from guard.telemetry import build as build_telemetry
 
 log = structlog.get_logger("loopguard")
 
@@ -149,10 +149,7 @@ class Guard:
             raise TypeError("pass either config or engine, not both")
         self._owns_engine = engine is None
         if engine is None:
-            engine = Engine(
-                config if isinstance(config, Config) else Config.load(config),
-                make_telemetry=build_telemetry,
-            )
+            engine = door_engine(config)
         self.engine = engine
         self._loop = _Loop()
         # The store as guarded calls reach it: from sync code, and from async code.

@@ -37,13 +37,13 @@ import structlog
 
 from guard.doors.admission import admit
 from guard.doors.asgi import byte_pairs, send_answer, str_headers
+from guard.doors.engines import door_engine
 from guard.doors.exchange import Exchange
 from guard.doors.routing import Router
 from guard.engine.calls import FailureStage
 from guard.engine.config import Config, RouteConfig
 from guard.engine.contract import Answer
 from guard.engine.core import Engine
-from guard.telemetry import build as build_telemetry
 
 log = structlog.get_logger("loopguard")
 
@@ -66,10 +66,7 @@ class GuardMiddleware:
         self.app = app
         self._owns_engine = engine is None
         if engine is None:
-            engine = Engine(
-                config if isinstance(config, Config) else Config.load(config),
-                make_telemetry=build_telemetry,
-            )
+            engine = door_engine(config)
         self.engine = engine
         if not engine.config.routes:
             log.warning(

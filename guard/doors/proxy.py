@@ -49,6 +49,7 @@ import structlog
 
 from guard.doors.admission import admit
 from guard.doors.asgi import send_answer
+from guard.doors.engines import door_engine
 from guard.doors.exchange import Exchange, exception_fields
 from guard.doors.routing import Router
 from guard.doors.upstream import Upstream, classify
@@ -57,7 +58,6 @@ from guard.engine.config import Config, RouteConfig
 from guard.engine.contract import Answer
 from guard.engine.core import Engine
 from guard.engine.problem import ROUTE_HEADER, problem
-from guard.telemetry import build as build_telemetry
 
 log = structlog.get_logger("loopguard")
 
@@ -98,7 +98,7 @@ class ProxyApp:
         upstream: Upstream | None = None,
     ) -> None:
         self.config = config
-        self.engine = engine or Engine(config, make_telemetry=build_telemetry)
+        self.engine = engine if engine is not None else door_engine(config)
         self.upstream = upstream or Upstream(config.server)
         self.max_body = config.server.max_body_bytes
         self.total_timeout = config.server.total_timeout
