@@ -105,29 +105,32 @@ async def remember(engine: Engine, chain: Chain, observation: Observation) -> No
     """Keep the history and the calls of a relayed response under its id (or its
     conversation's key)."""
     response_id = observation.response_id
-    put = getattr(engine.store, "put_state", None)
-    if not response_id or put is None:  # no response id: the upstream made no response
+    if not response_id:  # no response id: the upstream made no response
         return
     calls = {
         str(call.call_id): [call.tool, engine.fingerprint(call.params)]
         for call in observation.requested_tools
         if call.call_id is not None
     }
-    window = engine.config.loop.window
-    state = {"s": chain.steps[-window:], "c": calls}
-    await put(chain.key or _KEY + response_id, orjson.dumps(state).decode())
+    await _keep(engine, chain.key or _KEY + response_id, chain, {"c": calls})
 
 
 async def remember_stop(engine: Engine, chain: Chain, response_id: str | None) -> None:
     """Keep the history under the id of a stop answer loopguard wrote (or under the
     conversation's key, which the upstream never sees the stop in), marked as ending in
     that stop: a framework's retry continuing it is then judged as the same stall."""
-    put = getattr(engine.store, "put_state", None)
     key = chain.key or (_KEY + response_id if response_id else None)
-    if key is None or put is None:
+    if key is not None:
+        await _keep(engine, key, chain, {"c": {}, "x": 1})
+
+
+async def _keep(engine: Engine, key: str, chain: Chain, extra: dict[str, Any]) -> None:
+    """The chain's last ``loop.window`` steps and ``extra`` under ``key``, in a store
+    that keeps state (else nothing: such requests stay untracked)."""
+    put = getattr(engine.store, "put_state", None)
+    if put is None:
         return
-    window = engine.config.loop.window
-    state = {"s": chain.steps[-window:], "c": {}, "x": 1}
+    state = {"s": chain.steps[-engine.config.loop.window :], **extra}
     await put(key, orjson.dumps(state).decode())
 
 
