@@ -167,12 +167,8 @@ class ProgressMarkers:
             stripper = self._stripper_for(tool)
         return "h:" + xxhash.xxh3_64_hexdigest(self._normalized(value, stripper))
 
-    def normalized(self, value: Any, tool: str | None = None) -> bytes:
-        """The bytes hashed for a marker: volatile parts out, redacted, canonical."""
-        stripper = self._default if tool is None else self._stripper_for(tool)
-        return self._normalized(value, stripper)
-
     def _normalized(self, value: Any, stripper: _Stripper) -> bytes:
+        """The bytes hashed for a marker: volatile parts out, redacted, canonical."""
         if isinstance(value, bytes | bytearray):
             value = value.decode("utf-8", "replace")
         if isinstance(value, str):
@@ -188,10 +184,6 @@ class ProgressMarkers:
             self._tools.clear()
         self._tools[tool] = stripper
         return stripper
-
-    def _strip(self, value: Any) -> Any:
-        """The outcome with ``[loop]``'s volatile parts out (no profile's)."""
-        return self._default.value(value)
 
 
 __all__ = ["ProgressMarkers", "resolve_pointer"]
