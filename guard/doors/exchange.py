@@ -248,7 +248,7 @@ class Exchange:
                 await self.finish(FailureStage.REQUEST_ADMISSION, prepared.error_type)
                 return answer
 
-        if parsed.history is not None and not self._raw_call:
+        if parsed.history is not None:
             return await self._admit_conversation(parsed, prepared.decision)
         return await self._admit_tool_calls(parsed, prepared.hashes)
 
