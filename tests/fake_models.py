@@ -42,6 +42,14 @@ class Guarded:
     def anthropic_base(self) -> str:
         return self.proxy + "/anthropic"
 
+    def fresh(self) -> Guarded:
+        """The same servers, with the fake model's defaults and no requests or records
+        (module-scoped stacks, per-test state)."""
+        self.fake.reply, self.fake.behaviour = Reply(), Behaviour()
+        self.fake.requests.clear()
+        self.records.clear()
+        return self
+
 
 @contextlib.contextmanager
 def guarded(

@@ -34,10 +34,7 @@ def running() -> Iterator[Guarded]:
 
 @pytest.fixture
 def g(running: Guarded) -> Guarded:
-    running.fake.reply, running.fake.behaviour = Reply(), Behaviour()
-    running.fake.requests.clear()
-    running.records.clear()
-    return running
+    return running.fresh()
 
 
 def client(g: Guarded) -> anthropic.Anthropic:

@@ -26,7 +26,7 @@ from conversations import (
     chat_messages,
     responses_input,
 )
-from fake_models import Behaviour, Guarded, Reply, guarded, wait_records
+from fake_models import Guarded, guarded, wait_records
 
 from adapters.anthropic import AnthropicAdapter
 from guard.engine.calls import StallRule, Verdict
@@ -125,10 +125,7 @@ def running() -> Iterator[Guarded]:
 
 @pytest.fixture
 def g(running: Guarded) -> Guarded:
-    running.fake.reply, running.fake.behaviour = Reply(), Behaviour()
-    running.fake.requests.clear()
-    running.records.clear()
-    return running
+    return running.fresh()
 
 
 # -- nudge, then stop --------------------------------------------------------------------------

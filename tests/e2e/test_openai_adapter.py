@@ -40,10 +40,7 @@ def running() -> Iterator[Guarded]:
 @pytest.fixture
 def g(running: Guarded) -> Guarded:
     """The module's servers, with a fresh fake model and no records."""
-    running.fake.reply, running.fake.behaviour = Reply(), Behaviour()
-    running.fake.requests.clear()
-    running.records.clear()
-    return running
+    return running.fresh()
 
 
 def client(g: Guarded) -> openai.OpenAI:
