@@ -4,12 +4,12 @@
 
 ``bench_proxy.py`` is the benchmark that counts (real sockets, uvicorn, wrk), but on a
 virtual machine its figures move by up to ±10% between runs, more than most single
-changes to the hot path are worth. This one drives the same two apps -- the bare
+changes to the hot path are worth. This one drives the same two apps -- the floor
 passthrough of ``bench_proxy.py`` and ``ProxyApp`` with the same http-tool route, with
 and without durable records -- directly through ASGI, with the upstream answered in
-memory (an ``httpx`` transport returning the same static body), 16 requests in flight,
-on uvloop. It prints the process CPU time per request (best of ``--rounds``) for each,
-and loopguard's overhead over the bare passthrough.
+memory (``MemoryUpstream``: the same static body, in place of the aiohttp call), 16
+requests in flight, on uvloop. It prints the process CPU time per request (best of
+``--rounds``) for each, and loopguard's overhead over the floor.
 
 What it leaves out is what the two share anyway (sockets, uvicorn, aiohttp); what it
 keeps is every step loopguard adds. Inside the real server each step costs more (about
@@ -28,48 +28,32 @@ import time
 from pathlib import Path
 from typing import Any
 
-import httpx
-
 ROOT = Path(__file__).resolve().parent.parent
 for path in (ROOT, ROOT / "benchmarks"):
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))
 
-from bench_proxy import STATIC_BODY, BareProxy, loopguard_app  # noqa: E402
+from bench_proxy import STATIC_BODY, FloorProxy, loopguard_app  # noqa: E402
+
+from guard.devtools.memory_upstream import MemoryUpstream  # noqa: E402
 
 UPSTREAM = "http://127.0.0.1:9"  # never contacted: the transport answers in memory
 IN_FLIGHT = 16
 _RESPONSE_HEADERS = [
     (b"content-type", b"application/json"),
-    (b"content-length", str(len(STATIC_BODY)).encode()),
     (b"date", b"Fri, 27 Nov 2026 15:00:00 GMT"),
     (b"server", b"uvicorn"),
 ]
 
 
-class _OneChunk(httpx.AsyncByteStream):
-    async def __aiter__(self) -> Any:
-        yield STATIC_BODY
-
-    async def aclose(self) -> None:
-        pass
-
-
-class StaticTransport(httpx.AsyncBaseTransport):
-    """The upstream, in memory: reads the request, answers the static body."""
-
-    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        request.read()
-        return httpx.Response(200, headers=_RESPONSE_HEADERS, stream=_OneChunk())
-
-
 def make_app(target: str, records: str) -> Any:
-    if target == "bare":
-        app: Any = BareProxy(UPSTREAM)
-        app.client.transport = StaticTransport()
+    upstream = MemoryUpstream(STATIC_BODY, headers=_RESPONSE_HEADERS)
+    if target == "floor":
+        app: Any = FloorProxy(UPSTREAM)
+        app.open = upstream.open
     else:
         app = loopguard_app(UPSTREAM, records)
-        app.upstream.transport = StaticTransport()
+        app.upstream = upstream
     return app
 
 
@@ -137,7 +121,7 @@ def main() -> int:
 
     records_dir = tempfile.mkdtemp(prefix="loopguard-overhead-")
     targets = {
-        "bare": "",
+        "floor": "",
         "loopguard": str(Path(records_dir) / "records.jsonl"),
         "loopguard-no-records": "",
     }
@@ -149,7 +133,7 @@ def main() -> int:
     print(f"in-process, {IN_FLIGHT} in flight, best of {args.rounds} x {args.requests} requests")
     print(f"{'target':<21} {'cpu us/req':>10} {'overhead':>9}")
     for target, us in best.items():
-        print(f"{target:<21} {us:>10.1f} {us - best['bare']:>+9.1f}")
+        print(f"{target:<21} {us:>10.1f} {us - best['floor']:>+9.1f}")
     return 0
 
 

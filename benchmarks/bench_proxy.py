@@ -1,32 +1,38 @@
-"""Proxy benchmark: loopguard with the guard on against a bare passthrough proxy.
+"""Proxy benchmark: loopguard against the Python floor (and a peer), in one run.
 
-    python benchmarks/bench_proxy.py [--duration 8] [--rounds 1]
+    python benchmarks/bench_proxy.py [--duration 6] [--rounds 1] [--only floor,loopguard]
 
-Three uvicorn processes (uvloop + httptools, one worker each):
+Each target is a uvicorn process (uvloop + httptools, one worker) in front of one fast
+static upstream (raw ASGI: a small JSON tool answer, or a ``chat.completion`` on
+``/v1/chat/completions``); ``TARGETS`` below says what each runs:
 
-- a fast static upstream (raw ASGI, a small JSON answer);
-- ``bare``: a raw-ASGI passthrough proxy with the same upstream client as loopguard
-  (``guard.doors.upstream.Upstream``) and no guard logic;
-- ``loopguard``: ``guard.doors.proxy.ProxyApp`` with an http-tool route, a session header on
-  every request and parameters that vary, so every call is fingerprinted, checked,
-  recorded and served (no blocks), with the default telemetry (spans for trace
-  propagation, metrics) and durable records written to a temp file;
+- ``floor``: a raw-ASGI passthrough over an ``aiohttp.ClientSession``, nothing else:
+  what any Python proxy on this stack costs at least;
+- ``loopguard``: ``guard.doors.proxy.ProxyApp`` with an http-tool route, every call
+  fingerprinted, checked, recorded and served (no blocks), with the default telemetry
+  (spans for trace propagation, metrics) and durable records to a temp file;
 - ``loopguard-no-records``: the same without the durable records file;
-- ``loopguard-redis``: ``loopguard`` with its sessions in Redis (the store replicas
-  share), when ``redis-server`` and the ``redis`` package are installed: a
-  ``redis-server`` on loopback, sharing the upstream's core.
+- ``loopguard-redis``: ``loopguard`` with its sessions in Redis, when ``redis-server``
+  and the ``redis`` package are installed (a ``redis-server`` on loopback, sharing the
+  upstream's core);
+- ``loopguard-openai``: loopguard's openai route, a chat request with a tool call in
+  its history;
+- ``litellm``: the LiteLLM proxy (when ``litellm[proxy]`` is importable) with one
+  model routed to the same static upstream, the same chat request.
 
-Each proxy is driven with the same load by ``wrk`` (a Lua script POSTs the JSON
-bodies) when it is installed, else by a built-in aiohttp load generator, at
-concurrency 1 and 16. The proxies are pinned to one CPU, the upstream and the load
-generator to the others where the machine has more than one.
+The load is ``wrk`` (a Lua script POSTs the bodies) when installed, else a built-in
+aiohttp load generator, at concurrency 1 and 16: a new session per request (its own
+``x-loopguard-session``), a ~1 KB tool call body (the chat body is ~1 KB too), its
+arguments different on every request. The proxies are pinned to one CPU, the
+upstream and the load generator to the others, where the machine has more than one.
 
 It prints requests/s, p50 and p99 latency, and the CPU time the proxy process spent
-per request (from /proc: the figure that shows where the cost is when the machine
-is busy with other work), then the ratios against the bare proxy.
+per request (from /proc: the figure that shows where the cost is when the machine is
+busy with other work), then ratios: every tool target against the floor, and
+loopguard's openai route against LiteLLM on the same chat request.
 
-Targets: loopguard >= 80 % of the bare proxy's requests/s at concurrency 16, and at
-most 0.5 ms added to p50 at concurrency 1.
+Targets: loopguard >= 80 % of the floor's requests/s at concurrency 16, at most
+0.3 ms added to p50 at concurrency 1; >= 50x LiteLLM.
 """
 
 from __future__ import annotations
@@ -42,6 +48,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -50,19 +58,97 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 STATIC_BODY = b'{"order_id":"A10234","status":"in transit","last_scan":"Memphis TN hub"}'
-HOP_BY_HOP = {
-    b"connection",
-    b"keep-alive",
-    b"te",
-    b"trailer",
-    b"transfer-encoding",
-    b"upgrade",
-    b"host",
-    b"content-length",
-}
+CHAT_MODEL = "gpt-4o-mini"
+CHAT_ANSWER = json.dumps(
+    {
+        "id": "chatcmpl-bench",
+        "object": "chat.completion",
+        "created": 1764460800,
+        "model": CHAT_MODEL,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": "Your parcel is in Memphis."},
+                "finish_reason": "stop",
+            }
+        ],
+        "usage": {"prompt_tokens": 212, "completion_tokens": 7, "total_tokens": 219},
+    },
+    separators=(",", ":"),
+).encode()
+
+# The request bodies, "{n}" replaced by a per-request tag (thread and counter), so no
+# two calls carry the same arguments. Both are ~1 KB.
+_ADDRESS = "1600 Amphitheatre Parkway, Mountain View, CA 94043, United States"
+TOOL_TEMPLATE = json.dumps(
+    {
+        "order_id": "A{n}",
+        "detail": True,
+        "customer": {"name": "Ada Lovelace", "email": "ada@example.com", "tier": "gold"},
+        "shipping": {"address": _ADDRESS, "carrier": "UPS", "service": "ground"},
+        "items": [
+            {"sku": f"SKU-{i:04d}", "name": f"Replacement part {i}", "qty": i % 3 + 1}
+            for i in range(1, 9)
+        ],
+        "note": "Customer asked twice about this order; check the last scan and the ETA.",
+        "fields": ["status", "last_scan", "eta", "carrier", "events", "signature"],
+    },
+    separators=(",", ":"),
+)
+CHAT_TEMPLATE = json.dumps(
+    {
+        "model": CHAT_MODEL,
+        "messages": [
+            {"role": "system", "content": "You are a support agent. Use the tools; be brief."},
+            {"role": "user", "content": "Where is my order A{n}? It should have come Monday."},
+            {
+                "role": "assistant",
+                "content": None,
+                "tool_calls": [
+                    {
+                        "id": "call_{n}",
+                        "type": "function",
+                        "function": {
+                            "name": "lookup_tracking",
+                            "arguments": '{"order_id":"A{n}","detail":true}',
+                        },
+                    }
+                ],
+            },
+            {
+                "role": "tool",
+                "tool_call_id": "call_{n}",
+                "content": STATIC_BODY.decode(),
+            },
+        ],
+        "tools": [
+            {
+                "type": "function",
+                "function": {
+                    "name": "lookup_tracking",
+                    "description": "Look up the carrier's tracking events for an order.",
+                    "parameters": {
+                        "type": "object",
+                        "properties": {
+                            "order_id": {"type": "string", "description": "The order id."},
+                            "detail": {"type": "boolean", "description": "Every scan."},
+                        },
+                        "required": ["order_id"],
+                    },
+                },
+            }
+        ],
+    },
+    separators=(",", ":"),
+)
+TOOL_PATH = "/tools/lookup_tracking"
+CHAT_PATH = "/v1/chat/completions"
+LITELLM_KEY = "sk-bench-master-key"
+
 WRK_SCRIPT = """
 local counter = 0
 local n = 0
+local parts = {%(parts)s}
 function setup(thread)
   n = n + 1
   thread:set("id", n)
@@ -70,17 +156,74 @@ end
 function init(args)
   wrk.method = "POST"
   wrk.headers["content-type"] = "application/json"
-  wrk.headers["x-loopguard-session"] = "bench-" .. id
+  %(auth)s
 end
 function request()
   counter = counter + 1
-  local body = '{"order_id":"A' .. id .. '-' .. counter .. '","detail":true}'
-  return wrk.format(nil, "/tools/lookup_tracking", nil, body)
+  local tag = id .. "-" .. counter
+  wrk.headers["x-loopguard-session"] = "bench-" .. tag
+  return wrk.format(nil, "%(path)s", nil, table.concat(parts, tag))
 end
 """
 
 
-# -- the three servers (run as subprocesses: ``--role``) -------------------------------
+# -- the targets ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Target:
+    """One proxy under load: the server role its process runs, the request it gets."""
+
+    name: str
+    role: str  # run_role: "floor" | "loopguard" | "loopguard-openai" | "litellm"
+    path: str  # the request path the load posts to
+    template: str  # the request body, "{n}" made unique per request
+    records: bool = False  # loopguard: durable records on
+    redis: bool = False  # loopguard: sessions in Redis
+    available: Callable[[], str] = lambda: ""  # why it cannot run here, "" when it can
+    headers: tuple[tuple[str, str], ...] = ()
+
+
+def _litellm_missing() -> str:
+    import importlib.util
+
+    if importlib.util.find_spec("litellm") is None:
+        return "needs litellm[proxy]"
+    # Its bundled model cost map, not one fetched from the network at import.
+    os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+    try:
+        # The proxy's own dependencies come with the extra only.
+        import litellm.proxy.proxy_server  # noqa: F401
+    except Exception:
+        return "needs litellm[proxy]"
+    return ""
+
+
+TARGETS = (
+    Target("floor", "floor", TOOL_PATH, TOOL_TEMPLATE),
+    Target("loopguard", "loopguard", TOOL_PATH, TOOL_TEMPLATE, records=True),
+    Target("loopguard-no-records", "loopguard", TOOL_PATH, TOOL_TEMPLATE),
+    Target("loopguard-redis", "loopguard", TOOL_PATH, TOOL_TEMPLATE, records=True, redis=True),
+    Target(
+        "loopguard-openai", "loopguard-openai", "/openai" + CHAT_PATH, CHAT_TEMPLATE, records=True
+    ),
+    Target(
+        "litellm",
+        "litellm",
+        CHAT_PATH,
+        CHAT_TEMPLATE,
+        available=_litellm_missing,
+        headers=(("authorization", f"Bearer {LITELLM_KEY}"),),
+    ),
+)
+# Ratios printed: (target, against), when both ran.
+RATIOS = (
+    *((t.name, "floor") for t in TARGETS if t.template is TOOL_TEMPLATE and t.name != "floor"),
+    ("loopguard-openai", "litellm"),
+)
+
+
+# -- the servers (run as subprocesses: ``--role``) -----------------------------------
 
 
 async def static_upstream(scope: dict[str, Any], receive: Any, send: Any) -> None:
@@ -90,29 +233,70 @@ async def static_upstream(scope: dict[str, Any], receive: Any, send: Any) -> Non
     while more:
         message = await receive()
         more = message.get("more_body", False)
+    body = CHAT_ANSWER if scope["path"].endswith("/chat/completions") else STATIC_BODY
     await send(
         {
             "type": "http.response.start",
             "status": 200,
             "headers": [
                 (b"content-type", b"application/json"),
-                (b"content-length", str(len(STATIC_BODY)).encode()),
+                (b"content-length", str(len(body)).encode()),
             ],
         }
     )
-    await send({"type": "http.response.body", "body": STATIC_BODY})
+    await send({"type": "http.response.body", "body": body})
 
 
-class BareProxy:
-    """The baseline: forward and stream back, the same client, no guard."""
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+        b"host",
+        b"content-length",
+    }
+)
+
+
+class FloorProxy:
+    """The floor: forward with aiohttp and stream back, nothing else.
+
+    No guard, no loopguard code: the ASGI messages, one header filter each way and an
+    ``aiohttp.ClientSession`` called directly (configured as a transparent proxy's
+    must be: no headers, cookies, redirects or decompression of its own).
+    """
 
     def __init__(self, upstream: str, prefix: str = "/tools") -> None:
-        from guard.doors.upstream import Upstream
-        from guard.engine.config import ServerConfig
-
         self.upstream = upstream
         self.prefix = prefix.encode()
-        self.client = Upstream(ServerConfig())
+        self.session: Any = None
+        # The upstream call, replaceable (``bench_overhead.py`` answers it in memory).
+        self.open: Callable[..., Any] = self._open
+
+    async def _open(
+        self, method: str, url: str, headers: list[tuple[str, str]], body: bytes
+    ) -> Any:
+        import aiohttp
+        from yarl import URL
+
+        if self.session is None:
+            self.session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=100, keepalive_timeout=4.0),
+                skip_auto_headers=("Accept", "Accept-Encoding", "Content-Type", "User-Agent"),
+                cookie_jar=aiohttp.DummyCookieJar(),
+                auto_decompress=False,
+                timeout=aiohttp.ClientTimeout(total=None, sock_connect=5, sock_read=60),
+            )
+        return await self.session.request(
+            method,
+            URL(url, encoded=True),
+            headers=headers,
+            data=body or None,
+            allow_redirects=False,
+        )
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "lifespan":
@@ -121,7 +305,8 @@ class BareProxy:
                 if message["type"] == "lifespan.startup":
                     await send({"type": "lifespan.startup.complete"})
                 else:
-                    await self.client.aclose()
+                    if self.session is not None:
+                        await self.session.close()
                     await send({"type": "lifespan.shutdown.complete"})
                     return
         if scope["type"] != "http":
@@ -138,39 +323,72 @@ class BareProxy:
         url = self.upstream + raw_path.decode("latin-1")
         if scope["query_string"]:
             url += "?" + scope["query_string"].decode("latin-1")
-        headers = [(k, v) for k, v in scope["headers"] if k not in HOP_BY_HOP]
-        request = self.client.request(scope["method"], url, headers, body)
-        response = await self.client.send(request)
+        headers = [
+            (k.decode("latin-1"), v.decode("latin-1"))
+            for k, v in scope["headers"]
+            if k not in HOP_BY_HOP
+        ]
+        response = await self.open(scope["method"], url, headers, body)
         try:
             await send(
                 {
                     "type": "http.response.start",
-                    "status": response.status_code,
+                    "status": response.status,
                     "headers": [
                         (k, v)
-                        for k, v in response.headers.raw
+                        for k, v in response.raw_headers
                         if k.lower() not in HOP_BY_HOP or k.lower() == b"content-length"
                     ],
                 }
             )
-            async for chunk in response.aiter_raw():
+            read = response.content.readany
+            while chunk := await read():
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
             await send({"type": "http.response.body", "body": b""})
         finally:
-            await response.aclose()
+            response.release()
 
 
-def loopguard_app(upstream: str, records: str, store: str = "") -> Any:
+def loopguard_app(upstream: str, records: str, store: str = "", adapter: str = "http-tool") -> Any:
     from guard.doors.proxy import ProxyApp
     from guard.engine.config import Config
 
+    prefix = "/tools" if adapter == "http-tool" else "/openai"
     mapping: dict[str, Any] = {
-        "routes": [{"prefix": "/tools", "upstream": upstream, "adapter": "http-tool"}],
+        "routes": [{"prefix": prefix, "upstream": upstream, "adapter": adapter}],
         "telemetry": {"records": records},
     }
     if store:
         mapping["store"] = {"backend": "redis", "url": store}
     return ProxyApp(Config.from_mapping(mapping))
+
+
+def litellm_app(upstream: str) -> Any:
+    """The LiteLLM proxy, one model routed to the static upstream's chat endpoint, a
+    master key, no database, callbacks or logging of its own beyond the defaults."""
+    config = {
+        "model_list": [
+            {
+                "model_name": CHAT_MODEL,
+                "litellm_params": {
+                    "model": f"openai/{CHAT_MODEL}",
+                    "api_base": upstream + "/v1",
+                    "api_key": "sk-fake",
+                },
+            }
+        ],
+        "general_settings": {"master_key": LITELLM_KEY},
+        "litellm_settings": {"drop_params": True},
+    }
+    path = os.path.join(tempfile.mkdtemp(prefix="loopguard-bench-litellm-"), "config.yaml")
+    with open(path, "w") as file:
+        json.dump(config, file)  # JSON is YAML
+    os.environ["CONFIG_FILE_PATH"] = path
+    os.environ.setdefault("LITELLM_LOG", "ERROR")
+    os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+    from litellm.proxy.proxy_server import app
+
+    return app
 
 
 def run_role(
@@ -182,14 +400,20 @@ def run_role(
         os.sched_setaffinity(0, set(cpus))
     if role == "upstream":
         app: Any = static_upstream
-    elif role == "bare":
-        app = BareProxy(upstream)
+    elif role == "floor":
+        app = FloorProxy(upstream)
+    elif role == "litellm":
+        app = litellm_app(upstream)
+    elif role == "loopguard-openai":
+        app = loopguard_app(upstream, records, store, adapter="openai")
     else:
         app = loopguard_app(upstream, records, store)
-    # Process tuning as ``loopguard serve`` does it, for every role alike.
-    from guard.doors.serve import freeze_startup_objects
+    if role != "litellm":
+        # Process tuning as ``loopguard serve`` does it, for every role alike (LiteLLM
+        # does its own start-up work in its lifespan, after this would run).
+        from guard.doors.serve import freeze_startup_objects
 
-    freeze_startup_objects()
+        freeze_startup_objects()
     uvicorn.run(
         app,
         host="127.0.0.1",
@@ -245,7 +469,12 @@ def spawn(
         ",".join(map(str, cpus)),
     ]
     proc = subprocess.Popen(args, cwd=ROOT)
-    wait_listening(port)
+    try:
+        # LiteLLM's start-up (imports, config, cost map) takes seconds.
+        wait_listening(port, timeout=120.0 if role == "litellm" else 15.0)
+    except RuntimeError:
+        stop(proc)
+        raise
     return proc
 
 
@@ -268,9 +497,17 @@ def _ms(text: str) -> float:
     return float(match.group(1)) * _UNITS[match.group(2)]
 
 
-def run_wrk(url: str, concurrency: int, duration: float, cpus: list[int]) -> dict[str, float]:
+def wrk_script(target: Target) -> str:
+    parts = ", ".join(f"[==[{part}]==]" for part in target.template.split("{n}"))
+    auth = "".join(f'wrk.headers["{k}"] = "{v}"\n' for k, v in target.headers)
+    return WRK_SCRIPT % {"parts": parts, "auth": auth, "path": target.path}
+
+
+def run_wrk(
+    url: str, target: Target, concurrency: int, duration: float, cpus: list[int]
+) -> dict[str, float]:
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
-        script.write(WRK_SCRIPT)
+        script.write(wrk_script(target))
     threads = 1 if concurrency == 1 else min(2, concurrency)
     cmd = [
         "wrk",
@@ -295,7 +532,7 @@ def run_wrk(url: str, concurrency: int, duration: float, cpus: list[int]) -> dic
     socket_errors = re.search(r"Socket errors: (.*)", out)
     if errors or socket_errors:
         print(
-            f"  warning: wrk reported errors: {errors and errors.group(0)} "
+            f"  warning: {target.name}: wrk reported errors: {errors and errors.group(0)} "
             f"{socket_errors and socket_errors.group(0)}",
             file=sys.stderr,
         )
@@ -303,23 +540,30 @@ def run_wrk(url: str, concurrency: int, duration: float, cpus: list[int]) -> dic
     return {"rps": rps, "p50_ms": p50, "p99_ms": p99, "requests": requests}
 
 
-async def _aiohttp_load(url: str, concurrency: int, duration: float) -> dict[str, float]:
+async def _aiohttp_load(
+    url: str, target: Target, concurrency: int, duration: float
+) -> dict[str, float]:
     import aiohttp
 
     latencies: list[float] = []
     failures = 0
     stop_at = time.perf_counter() + duration
+    parts = target.template.split("{n}")
 
     async def worker(wid: int, session: aiohttp.ClientSession) -> None:
         nonlocal failures
         n = 0
-        headers = {"content-type": "application/json", "x-loopguard-session": f"bench-{wid}"}
         while time.perf_counter() < stop_at:
             n += 1
-            body = json.dumps({"order_id": f"A{wid}-{n}", "detail": True}).encode()
+            tag = f"{wid}-{n}"
+            headers = {
+                "content-type": "application/json",
+                "x-loopguard-session": f"bench-{tag}",
+                **dict(target.headers),
+            }
             started = time.perf_counter()
             async with session.post(
-                url + "/tools/lookup_tracking", data=body, headers=headers
+                url + target.path, data=tag.join(parts).encode(), headers=headers
             ) as r:
                 await r.read()
                 if r.status != 200:
@@ -332,7 +576,7 @@ async def _aiohttp_load(url: str, concurrency: int, duration: float) -> dict[str
         await asyncio.gather(*(worker(i, session) for i in range(concurrency)))
         elapsed = time.perf_counter() - begun
     if failures:
-        print(f"  warning: {failures} non-200 answers", file=sys.stderr)
+        print(f"  warning: {target.name}: {failures} non-200 answers", file=sys.stderr)
     latencies.sort()
 
     def pct(q: float) -> float:
@@ -346,13 +590,12 @@ async def _aiohttp_load(url: str, concurrency: int, duration: float) -> dict[str
     }
 
 
-def run_load(url: str, concurrency: int, duration: float, cpus: list[int]) -> dict[str, float]:
+def run_load(
+    url: str, target: Target, concurrency: int, duration: float, cpus: list[int]
+) -> dict[str, float]:
     if shutil.which("wrk"):
-        return run_wrk(url, concurrency, duration, cpus)
-    return asyncio.run(_aiohttp_load(url, concurrency, duration))
-
-
-TARGETS = ("bare", "loopguard", "loopguard-no-records")
+        return run_wrk(url, target, concurrency, duration, cpus)
+    return asyncio.run(_aiohttp_load(url, target, concurrency, duration))
 
 
 def start_redis(cpus: list[int]) -> tuple[subprocess.Popen | None, str]:
@@ -383,30 +626,40 @@ def proc_cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def measure(target: str, args: argparse.Namespace, env: dict[str, Any]) -> None:
+def measure(target: Target, args: argparse.Namespace, env: dict[str, Any]) -> None:
     port = free_port()
-    records = env["records"] if target in ("loopguard", "loopguard-redis") else ""
-    role = "bare" if target == "bare" else "loopguard"
-    store = env["redis"] if target == "loopguard-redis" else ""
-    proc = spawn(role, port, env["upstream"], env["proxy_cpus"], records, store)
+    records = env["records"] if target.records else ""
+    store = env["redis"] if target.redis else ""
+    proc = spawn(target.role, port, env["upstream"], env["proxy_cpus"], records, store)
     try:
         url = f"http://127.0.0.1:{port}"
-        run_load(url, 4, 1.0, env["other_cpus"])  # warm-up: connections, caches
+        run_load(url, target, 4, 1.0, env["other_cpus"])  # warm-up: connections, caches
         for concurrency in (1, 16):
             cpu_before = proc_cpu_s(proc.pid)
-            result = run_load(url, concurrency, args.duration, env["other_cpus"])
+            result = run_load(url, target, concurrency, args.duration, env["other_cpus"])
             cpu = proc_cpu_s(proc.pid) - cpu_before
             result["cpu_us_per_req"] = cpu / max(1, result["requests"]) * 1e6
-            env["results"].setdefault((target, concurrency), []).append(result)
+            env["results"].setdefault((target.name, concurrency), []).append(result)
     finally:
         stop(proc)
+
+
+def missing(target: Target, redis_running: bool) -> str:
+    """Why a target cannot run on this machine, "" when it can."""
+    if target.redis and not redis_running:
+        return "needs redis-server and the redis package"
+    return target.available()
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--duration", type=float, default=6.0, help="seconds per measurement")
     parser.add_argument("--rounds", type=int, default=1, help="alternating rounds per target")
-    parser.add_argument("--role", choices=["upstream", "bare", "loopguard"], help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--only", default="", help="comma-separated target names (default: every one)"
+    )
+    roles = sorted({t.role for t in TARGETS} | {"upstream"})
+    parser.add_argument("--role", choices=roles, help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--upstream", default="", help=argparse.SUPPRESS)
     parser.add_argument("--records", default="", help=argparse.SUPPRESS)
@@ -418,6 +671,11 @@ def main() -> int:
         run_role(args.role, args.port, args.upstream, cpus, args.records, args.store)
         return 0
 
+    only = {name for name in args.only.split(",") if name}
+    unknown = only - {t.name for t in TARGETS}
+    if unknown:
+        parser.error(f"unknown targets: {', '.join(sorted(unknown))}")
+    chosen = [t for t in TARGETS if not only or t.name in only]
     available = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
     proxy_cpus = available[:1] if len(available) > 1 else []
     other_cpus = available[1:] if len(available) > 1 else []
@@ -435,11 +693,18 @@ def main() -> int:
         "proxy_cpus": proxy_cpus,
         "other_cpus": other_cpus,
         "results": {},
+        "redis": "",
     }
-    redis_proc, env["redis"] = start_redis(other_cpus)
-    targets = TARGETS + (("loopguard-redis",) if redis_proc is not None else ())
-    if redis_proc is None:
-        print("loopguard-redis: skipped (needs redis-server and the redis package)")
+    redis_proc = None
+    if any(t.redis for t in chosen):
+        redis_proc, env["redis"] = start_redis(other_cpus)
+    targets = []
+    for target in chosen:
+        why = missing(target, redis_proc is not None)
+        if why:
+            print(f"{target.name}: skipped ({why})")
+        else:
+            targets.append(target)
     upstream_proc = spawn("upstream", upstream_port, "", other_cpus, "")
     try:
         for _ in range(args.rounds):
@@ -459,18 +724,20 @@ def main() -> int:
     print(f"{'target':<21} {'conc':>4} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'cpu us/req':>10}")
     for concurrency in (1, 16):
         for target in targets:
-            r = best(target, concurrency)
+            r = best(target.name, concurrency)
             print(
-                f"{target:<21} {concurrency:>4} {r['rps']:>8.0f} {r['p50_ms']:>8.3f} "
+                f"{target.name:<21} {concurrency:>4} {r['rps']:>8.0f} {r['p50_ms']:>8.3f} "
                 f"{r['p99_ms']:>8.3f} {r['cpu_us_per_req']:>10.0f}"
             )
     print()
-    for target in targets[1:]:
-        ratio16 = best(target, 16)["rps"] / best("bare", 16)["rps"]
-        added_p50 = best(target, 1)["p50_ms"] - best("bare", 1)["p50_ms"]
+    ran = {t.name for t in targets}
+    for name, against in RATIOS:
+        if name not in ran or against not in ran:
+            continue
+        ratio16 = best(name, 16)["rps"] / best(against, 16)["rps"]
+        added_p50 = best(name, 1)["p50_ms"] - best(against, 1)["p50_ms"]
         print(
-            f"{target}: {ratio16:.1%} of bare req/s at c=16 (target >= 80%), "
-            f"p50 {added_p50:+.3f} ms at c=1 (target <= +0.5 ms)"
+            f"{name}: {ratio16:.2f}x the req/s of {against} at c=16, p50 {added_p50:+.3f} ms at c=1"
         )
     print(json.dumps({f"{t}@c{c}": v for (t, c), v in results.items()}))
     return 0

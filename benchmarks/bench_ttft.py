@@ -9,8 +9,8 @@ Three uvicorn processes (uvloop + httptools):
   ``--first-delay-ms``;
 - loopguard (``guard.doors.proxy.ProxyApp``) with an ``openai`` route in front of it, durable
   records written to a temp file, no exporter;
-- ``bare``: the passthrough proxy of ``bench_proxy.py`` (same upstream client, no guard),
-  to tell what the guard adds from what any extra hop costs.
+- ``bare``: the floor passthrough of ``bench_proxy.py`` (raw ASGI over aiohttp, no
+  guard), to tell what the guard adds from what any extra hop costs.
 
 The client (this process, aiohttp) sends the same streamed request in turn to the
 upstream directly, through the bare proxy and through loopguard, and times from
@@ -49,9 +49,9 @@ def run_role(role: str, port: int, upstream: str, chunks: int, first_delay: floa
     import uvicorn
 
     if role == "bare":
-        from benchmarks.bench_proxy import BareProxy
+        from benchmarks.bench_proxy import FloorProxy
 
-        app = BareProxy(upstream, prefix="/openai")
+        app = FloorProxy(upstream, prefix="/openai")
     elif role == "upstream":
         from guard.devtools.fakes import Behaviour, FakeModels, Reply
 

@@ -12,7 +12,7 @@ Safety rules it keeps:
   built from the Host header or an absolute-form target (rejected with 400 where the
   server hands it over; uvicorn's httptools parser drops the authority itself, so
   such a request is simply routed by its path);
-- the upstream sees its own Host (httpx sets it from the URL);
+- the upstream sees its own Host (the client sets it from the URL);
 - hop-by-hop headers are dropped both ways; ``content-length`` is recomputed;
 - ``accept-encoding: identity`` is sent upstream so the observers can read outcomes,
   usage and stream events (content-encoding is passed through untouched if an
@@ -42,9 +42,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from typing import Any, cast
+from typing import Any
 
-import httpx
+import aiohttp
 import structlog
 
 from guard.doors.admission import admit
@@ -52,7 +52,7 @@ from guard.doors.asgi import send_answer
 from guard.doors.engines import door_engine
 from guard.doors.exchange import Exchange, exception_fields
 from guard.doors.routing import Router
-from guard.doors.upstream import Upstream, classify
+from guard.doors.upstream import Headers, Upstream, UpstreamResponse, classify
 from guard.engine.calls import FailureStage, Route
 from guard.engine.config import Config, RouteConfig
 from guard.engine.contract import Answer
@@ -80,8 +80,8 @@ _REQUEST_DROP = HOP_BY_HOP | {b"host", b"content-length", b"expect", b"accept-en
 _ROUTE_HEADER_B = ROUTE_HEADER.encode()
 _SERVE_B = Route.SERVE.value.encode()
 _HEALTH_BODY = b'{"status":"ok"}'
-_IDENTITY = (b"accept-encoding", b"identity")
-_TRACE_HEADERS = frozenset({b"traceparent", b"tracestate"})
+_IDENTITY = ("accept-encoding", "identity")
+_TRACE_HEADERS = frozenset({"traceparent", "tracestate"})
 # The sweep period: calls found running on two sweeps get a task watching for the
 # client leaving; total timeouts are checked on every sweep.
 WATCH_AFTER_S = 0.05
@@ -183,13 +183,10 @@ class ProxyApp:
             if "traceparent" in view_headers or "tracestate" in view_headers:
                 # The agent's own trace headers give way to loopguard's span.
                 forward = [h for h in forward if h[0] not in _TRACE_HEADERS]
-            forward.extend((n.encode("latin-1"), v.encode("latin-1")) for n, v in trace.items())
+            forward.extend(trace.items())
         forward.append(_IDENTITY)
-        long_lived = exchange.long_lived
-        request = self.upstream.request(method, url, forward, admitted.body, long_lived=long_lived)
-        total = None if long_lived else self.total_timeout
         relay = _Relay(self.upstream, exchange, route, send, receive)
-        await relay.run(request, total, self._sweeper)
+        await relay.run(method, url, forward, admitted.body, self.total_timeout, self._sweeper)
 
 
 class _Relay:
@@ -215,7 +212,7 @@ class _Relay:
         "send",
         "started",
         "task",
-        "transport",
+        "upstream",
         "watcher",
     )
 
@@ -227,8 +224,7 @@ class _Relay:
         send: Any,
         receive: Any,
     ) -> None:
-        # The transport itself, not Upstream.send: one coroutine level less per resume.
-        self.transport = upstream.transport
+        self.upstream = upstream
         self.exchange = exchange
         self.route = route
         self.send = send
@@ -240,28 +236,31 @@ class _Relay:
         self.seen = False  # a sweep has found it running (the next one starts a watcher)
 
     async def run(
-        self, request: httpx.Request, total_timeout: float | None, sweeper: _Sweeper
+        self,
+        method: str,
+        url: str,
+        headers: Headers,
+        body: bytes,
+        total_timeout: float,
+        sweeper: _Sweeper,
     ) -> None:
-        """Relay; ``total_timeout`` None means none (a long-lived stream)."""
+        """Forward and relay; no total timeout for a long-lived stream."""
         exchange = self.exchange
+        long_lived = exchange.long_lived
         self.task = asyncio.current_task()
         loop = sweeper.add(self)
-        self.deadline = None if total_timeout is None else loop.time() + total_timeout
-        stream: httpx.AsyncByteStream | None = None
+        self.deadline = None if long_lived else loop.time() + total_timeout
+        response: UpstreamResponse | None = None
         send = self.send
         try:
             exchange.mark_sent()
-            response = await self.transport.handle_async_request(request)
-            # An async transport's response streams asynchronously.
-            stream = cast(httpx.AsyncByteStream, response.stream)
-            headers = exchange.response_start(
-                response.status_code, _response_headers(response.headers.raw)
-            )
-            await send(
-                {"type": "http.response.start", "status": response.status_code, "headers": headers}
-            )
+            response = await self.upstream.open(method, url, headers, body, long_lived=long_lived)
+            status = response.status
+            start = exchange.response_start(status, _response_headers(response.raw_headers))
+            await send({"type": "http.response.start", "status": status, "headers": start})
             self.started = True
-            async for chunk in stream:
+            read = response.content.readany
+            while chunk := await read():
                 if exchange.done:
                     continue  # past a declared length: nothing more goes to the client
                 out = await exchange.response_chunk(chunk)
@@ -298,10 +297,10 @@ class _Relay:
             sweeper.discard(self)
             if self.watcher is not None:
                 self.watcher.cancel()
-            if stream is not None:
+            if response is not None:
                 # Closes the upstream connection unless the body was read to the end.
                 with contextlib.suppress(Exception):
-                    await stream.aclose()
+                    response.release()
 
     def tick(self, now: float) -> bool:
         """A sweep: start the disconnect watcher on the second sweep that finds the call
@@ -340,7 +339,7 @@ class _Relay:
         self.done = True  # a late disconnect must not cancel the answer below
         exchange = self.exchange
         stage, error_type = classify(exc, response_started=self.started)
-        if not isinstance(exc, (httpx.HTTPError, OSError, TimeoutError)):
+        if not isinstance(exc, (aiohttp.ClientError, OSError, TimeoutError)):
             log.error("proxy_error", route=self.route.prefix, **exception_fields(exc))
         else:
             log.warning(
@@ -411,15 +410,14 @@ class _Sweeper:
 # -- helpers -------------------------------------------------------------------------
 
 
-def _split_headers(
-    raw: list[tuple[bytes, bytes]],
-) -> tuple[dict[str, str], list[tuple[bytes, bytes]]]:
+def _split_headers(raw: list[tuple[bytes, bytes]]) -> tuple[dict[str, str], Headers]:
     """Request headers as a lower-cased dict for the guard, and the list to forward.
 
-    uvicorn hands header names over lower-cased; forwarded headers stay bytes.
+    uvicorn hands header names over lower-cased; both come out decoded once, as str
+    (what the upstream client takes).
     """
     view: dict[str, str] = {}
-    forward: list[tuple[bytes, bytes]] = []
+    forward: Headers = []
     named: set[bytes] | None = None
     for name_b, value_b in raw:
         name = name_b.decode("latin-1")
@@ -430,13 +428,13 @@ def _split_headers(
             if name_b == b"connection":
                 named = _connection_tokens(value_b, named)
             continue
-        forward.append((name_b, value_b))
+        forward.append((name, value))
     if named:
-        forward = [h for h in forward if h[0] not in named]
+        forward = [h for h in forward if h[0].encode("latin-1") not in named]
     return view, forward
 
 
-def _response_headers(raw: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+def _response_headers(raw: tuple[tuple[bytes, bytes], ...]) -> list[tuple[bytes, bytes]]:
     """The upstream's end-to-end headers."""
     named: set[bytes] | None = None
     passed: list[tuple[bytes, bytes]] = []

@@ -1,23 +1,31 @@
 """The shared upstream HTTP client and the classification of its failures.
 
-httpx is the API; aiohttp (through ``httpx_aiohttp.AiohttpTransport``) is the
-transport, because httpx's own connection pool collapses under concurrency on this
-machine (~590 req/s at 16 concurrent requests against ~3,100 with aiohttp).
+aiohttp, called directly: the proxy forwards bytes it already has (a method, a URL, a
+header list, a body) and relays the bytes it gets back, so it needs no request or
+response objects of its own. Building httpx ``Request``/``Response`` objects over an
+aiohttp transport cost about half of what loopguard lost against a plain aiohttp
+passthrough (``benchmarks/bench_proxy.py``, the ``floor`` target); httpx stays the
+client of the tests and of the users' own code.
 
-One ``Upstream`` per process, shared by every route: the proxy, the benchmark's bare
-passthrough baseline and anything else that forwards requests. Timeouts: connect and
-read come from ``[server]``; neither library has a total timeout that covers a
-streamed body, so the proxy enforces ``total_timeout`` itself: its sweeper cancels a
-relay found past its deadline (``guard.doors.proxy._Relay``; none for long-lived streams).
+One ``Upstream`` per process, shared by every route: the proxy and anything else that
+forwards requests. What a reverse proxy needs of the client, and aiohttp's setting
+for it: no header of its own (``skip_auto_headers``; Host and Content-Length only),
+no cookie jar (one jar would collect every agent's ``Set-Cookie``), no redirects
+followed, no decompression (encoded bytes pass through as the upstream sent them),
+no re-quoting of the path (``URL(..., encoded=True)``), pooled connections dropped
+before the upstream's idle timeout. Timeouts: connect and read come from
+``[server]``; aiohttp's total timeout would not cover a body streamed after the
+headers, so the proxy enforces ``total_timeout`` itself: its sweeper cancels a relay
+found past its deadline (``guard.doors.proxy._Relay``; none for long-lived streams).
 """
 
 from __future__ import annotations
 
-import asyncio
+from typing import Protocol
 
 import aiohttp
 import httpx
-from httpx_aiohttp import AiohttpTransport
+from yarl import URL
 
 from guard.engine.calls import FailureStage
 from guard.engine.config import ServerConfig
@@ -30,108 +38,126 @@ KEEPALIVE_EXPIRY_S = 4.0
 # agent's headers, or none, as it would without loopguard.
 _AUTO_HEADERS = ("Accept", "Accept-Encoding", "Content-Type", "User-Agent")
 
+Headers = list[tuple[str, str]]
+
+
+class Body(Protocol):
+    """A response body as it arrives (aiohttp's ``StreamReader``)."""
+
+    async def readany(self) -> bytes:
+        """The bytes received so far, at least one; b"" at the end of the body."""
+        ...
+
+
+class UpstreamResponse(Protocol):
+    """What the proxy reads of a response (aiohttp's ``ClientResponse``)."""
+
+    @property
+    def status(self) -> int: ...
+
+    @property
+    def raw_headers(self) -> tuple[tuple[bytes, bytes], ...]: ...
+
+    @property
+    def content(self) -> Body: ...
+
+    def release(self) -> object:
+        """Done with it: the connection goes back to the pool if the body was read to
+        its end, else it is closed."""
+        ...
+
+    def close(self) -> None:
+        """Close the connection (an abandoned body)."""
+        ...
+
 
 class Upstream:
-    """The pooled transport the proxy forwards through, in httpx's Request/Response types.
-
-    The proxy calls the transport directly rather than ``AsyncClient.send``: a reverse
-    proxy wants none of the client's per-request work (auth and redirect flows, and a
-    cookie jar that would collect every agent's ``Set-Cookie`` in one place), and
-    skipping it is a measurable share of the proxy's CPU per request.
-    """
+    """The pooled aiohttp session the proxy forwards through."""
 
     def __init__(self, server: ServerConfig | None = None) -> None:
         server = server or ServerConfig()
-        self.limits = httpx.Limits(
-            max_connections=server.max_connections,
-            max_keepalive_connections=server.max_connections,
-            keepalive_expiry=KEEPALIVE_EXPIRY_S,
+        self.max_connections = server.max_connections
+        # aiohttp's "connect" timeout covers waiting for a pooled connection too.
+        self.timeout = aiohttp.ClientTimeout(
+            total=None,
+            connect=server.connect_timeout + server.read_timeout,
+            sock_connect=server.connect_timeout,
+            sock_read=server.read_timeout,
         )
-        self.timeout = httpx.Timeout(
-            connect=server.connect_timeout,
-            read=server.read_timeout,
-            write=server.read_timeout,
-            # aiohttp's "connect" timeout covers waiting for a pooled connection too.
-            pool=server.connect_timeout + server.read_timeout,
+        self.long_lived_timeout = aiohttp.ClientTimeout(
+            total=None,
+            connect=self.timeout.connect,
+            sock_connect=self.timeout.sock_connect,
+            sock_read=None,
         )
-        self._extensions = {"timeout": self.timeout.as_dict()}
-        self._long_lived_extensions = {"timeout": {**self.timeout.as_dict(), "read": None}}
+        # The same trust store as httpx (certifi), read once at start-up.
         self._ssl_context = httpx.create_ssl_context(trust_env=False)
-        # A factory: the transport makes the session on first use, inside the running loop.
-        self.transport = AiohttpTransport(client=self._session, trust_env=False)
+        self._session: aiohttp.ClientSession | None = None
 
-    def _session(self) -> aiohttp.ClientSession:
-        """The aiohttp session under the transport: pooled as ``[server]`` says, and
-        adding no request header of its own (a reverse proxy forwards the agent's)."""
-        connector = aiohttp.TCPConnector(
-            limit=self.limits.max_connections or 0,
-            keepalive_timeout=self.limits.keepalive_expiry,
-            ssl=self._ssl_context,
-        )
-        return aiohttp.ClientSession(
-            connector=connector, skip_auto_headers=_AUTO_HEADERS, trust_env=False
-        )
+    def session(self) -> aiohttp.ClientSession:
+        """The session, made on first use (inside the running loop)."""
+        if self._session is None:
+            connector = aiohttp.TCPConnector(
+                limit=self.max_connections,
+                keepalive_timeout=KEEPALIVE_EXPIRY_S,
+                ssl=self._ssl_context,
+            )
+            self._session = aiohttp.ClientSession(
+                connector=connector,
+                skip_auto_headers=_AUTO_HEADERS,
+                cookie_jar=aiohttp.DummyCookieJar(),
+                auto_decompress=False,
+                trust_env=False,
+                timeout=self.timeout,
+            )
+        return self._session
 
-    def request(
-        self,
-        method: str,
-        url: str,
-        headers: list[tuple[str, str]] | list[tuple[bytes, bytes]],
-        content: bytes,
-        *,
-        long_lived: bool = False,
-    ) -> httpx.Request:
-        """A request exactly as given: httpx adds only Host and Content-Length.
+    async def open(
+        self, method: str, url: str, headers: Headers, body: bytes, *, long_lived: bool = False
+    ) -> UpstreamResponse:
+        """Send the request exactly as given (aiohttp adds only Host and Content-Length);
+        the response with its body not read yet: read ``content``, then ``release`` (or
+        ``close`` it to abandon the body).
 
-        ``long_lived``: a stream that may be idle for as long as the session lasts, so
-        no read timeout applies (connect still does).
+        ``url``: already percent-encoded, sent as it is. ``long_lived``: a stream that
+        may be idle for as long as the session lasts, so no read timeout applies
+        (connect still does).
         """
-        extensions = self._long_lived_extensions if long_lived else self._extensions
-        return httpx.Request(method, url, headers=headers, content=content, extensions=extensions)
-
-    async def send(self, request: httpx.Request) -> httpx.Response:
-        """Send; the response body is not read (``aiter_raw`` it, then ``aclose``)."""
-        response = await self.transport.handle_async_request(request)
-        response.request = request
-        return response
+        session = self._session if self._session is not None else self.session()
+        return await session.request(
+            method,
+            URL(url, encoded=True),
+            headers=headers,
+            data=body or None,
+            allow_redirects=False,
+            timeout=self.long_lived_timeout if long_lived else self.timeout,
+        )
 
     async def aclose(self) -> None:
-        await self.transport.aclose()
+        if self._session is not None:
+            await self._session.close()
 
 
 def classify(exc: BaseException, *, response_started: bool) -> tuple[FailureStage, str]:
-    """The failure stage and ``error.type`` for an exception from the upstream exchange.
-
-    httpx_aiohttp maps every ``aiohttp.ClientConnectionError`` to ``httpx.ConnectTimeout``
-    (a refused connection included), so the original aiohttp error in ``__cause__``
-    decides where there is one.
-    """
-    cause = exc.__cause__ if isinstance(exc, httpx.HTTPError) else None
-    original = cause if cause is not None else exc
-    if isinstance(original, (TimeoutError, asyncio.TimeoutError, aiohttp.ServerTimeoutError)):
-        return FailureStage.UPSTREAM_TIMEOUT, _timeout_type(original, exc)
-    if cause is None and isinstance(exc, httpx.TimeoutException):
-        return FailureStage.UPSTREAM_TIMEOUT, type(exc).__name__
-    if response_started:
-        return FailureStage.STREAM, _error_type(original)
-    return FailureStage.UPSTREAM_CONNECT, _error_type(original)
+    """The failure stage and ``error.type`` for an exception from the upstream exchange."""
+    if isinstance(exc, TimeoutError):  # asyncio's and aiohttp's timeouts included
+        if isinstance(exc, aiohttp.ConnectionTimeoutError):
+            return FailureStage.UPSTREAM_TIMEOUT, "ConnectTimeout"
+        if isinstance(exc, aiohttp.SocketTimeoutError):
+            return FailureStage.UPSTREAM_TIMEOUT, "ReadTimeout"
+        if isinstance(exc, aiohttp.ServerTimeoutError):
+            return FailureStage.UPSTREAM_TIMEOUT, type(exc).__name__
+        # The proxy's own: the relay went past ``total_timeout``.
+        return FailureStage.UPSTREAM_TIMEOUT, "TotalTimeout"
+    stage = FailureStage.STREAM if response_started else FailureStage.UPSTREAM_CONNECT
+    return stage, _error_type(exc)
 
 
-def _timeout_type(original: BaseException, exc: BaseException) -> str:
-    if isinstance(original, aiohttp.ConnectionTimeoutError):
-        return "ConnectTimeout"
-    if isinstance(original, aiohttp.SocketTimeoutError):
-        return "ReadTimeout"
-    if isinstance(exc, httpx.TimeoutException) and exc is not original:
-        return type(exc).__name__
-    return "TotalTimeout" if isinstance(original, TimeoutError) else type(original).__name__
-
-
-def _error_type(original: BaseException) -> str:
-    if isinstance(original, aiohttp.ClientConnectorError):
+def _error_type(exc: BaseException) -> str:
+    if isinstance(exc, aiohttp.ClientConnectorError):
         return "ConnectError"
-    if isinstance(original, aiohttp.ServerDisconnectedError):
+    if isinstance(exc, aiohttp.ServerDisconnectedError):
         return "ServerDisconnected"
-    if isinstance(original, aiohttp.ClientPayloadError):
+    if isinstance(exc, aiohttp.ClientPayloadError):
         return "IncompleteBody"
-    return type(original).__name__
+    return type(exc).__name__

@@ -1,5 +1,5 @@
-"""The in-process overhead benchmark still runs (no figures asserted: speed lives in
-benchmarks, never in tests)."""
+"""The benchmarks still run (no figures asserted: speed lives in benchmarks, never in
+tests)."""
 
 from __future__ import annotations
 
@@ -20,5 +20,40 @@ def test_bench_overhead_runs_every_target_through_the_real_apps() -> None:
     )
     assert result.returncode == 0, result.stderr
     rows = {line.split()[0]: line.split()[1:] for line in result.stdout.splitlines()[2:]}
-    assert set(rows) == {"bare", "loopguard", "loopguard-no-records"}
+    assert set(rows) == {"floor", "loopguard", "loopguard-no-records"}
     assert all(float(cpu) > 0 for cpu, _ in rows.values())
+
+
+def test_bench_proxy_runs_the_floor_loopguard_and_litellm_when_installed() -> None:
+    """Real processes and load, one second each; LiteLLM is a target only where
+    ``litellm[proxy]`` is installed, and says so when it is not."""
+    result = subprocess.run(
+        [
+            sys.executable,
+            "benchmarks/bench_proxy.py",
+            "--duration",
+            "1",
+            "--only",
+            "floor,loopguard-openai,litellm",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "wrk reported errors" not in result.stderr
+    assert "non-200" not in result.stderr
+    rows = {
+        (line.split()[0], line.split()[1]): float(line.split()[2])
+        for line in result.stdout.splitlines()
+        if line.split()[:1] in (["floor"], ["loopguard-openai"], ["litellm"])
+        and len(line.split()) == 6
+    }
+    for target in ("floor", "loopguard-openai"):
+        assert rows[(target, "1")] > 0 and rows[(target, "16")] > 0
+    if "litellm: skipped (needs litellm[proxy])" in result.stdout:
+        assert ("litellm", "16") not in rows
+    else:
+        assert rows[("litellm", "16")] > 0
+        assert "loopguard-openai: " in result.stdout and "of litellm at c=16" in result.stdout

@@ -1,8 +1,8 @@
 """The one admission path of the HTTP doors, and the Exchange rules both doors share.
 
 Driven in-process: the proxy and the middleware through ``httpx.ASGITransport`` (or
-called as ASGI apps with a recording ``send``), the proxy's upstream answered by an
-``httpx.MockTransport``.
+called as ASGI apps with a recording ``send``), the proxy's upstream answered in memory
+(``MemoryUpstream``).
 """
 
 from __future__ import annotations
@@ -14,12 +14,12 @@ import httpx
 import pytest
 
 from adapters.mcp import McpAdapter
+from guard.devtools.memory_upstream import MemoryUpstream
 from guard.doors.admission import Forward, admit
 from guard.doors.exchange import Exchange
 from guard.doors.middleware import GuardMiddleware
 from guard.doors.proxy import ProxyApp
 from guard.doors.routing import Router
-from guard.doors.upstream import Upstream
 from guard.engine.calls import Step
 from guard.engine.config import Config
 from guard.engine.contract import Answer, PassthroughAdapter, RequestView
@@ -62,13 +62,8 @@ def engine_for(cfg: Config, records: list[dict[str, Any]], store: Any = None) ->
     return Engine(cfg, telemetry=telemetry, store=store)
 
 
-def proxy_for(cfg: Config, engine: Engine, hits: list[httpx.Request]) -> ProxyApp:
-    def answer(request: httpx.Request) -> httpx.Response:
-        hits.append(request)
-        return httpx.Response(200, content=TOOL_BODY, headers={"content-type": "application/json"})
-
-    upstream = Upstream(cfg.server)
-    upstream.transport = httpx.MockTransport(answer)  # type: ignore[assignment]
+def proxy_for(cfg: Config, engine: Engine) -> ProxyApp:
+    upstream = MemoryUpstream(TOOL_BODY, headers=[(b"content-type", b"application/json")])
     return ProxyApp(cfg, engine=engine, upstream=upstream)
 
 
@@ -81,9 +76,9 @@ async def tool_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
     await send({"type": "http.response.body", "body": TOOL_BODY, "more_body": False})
 
 
-def door(kind: str, cfg: Config, engine: Engine, hits: list[httpx.Request]) -> Any:
+def door(kind: str, cfg: Config, engine: Engine) -> Any:
     if kind == "proxy":
-        return proxy_for(cfg, engine, hits)
+        return proxy_for(cfg, engine)
     return GuardMiddleware(tool_app, engine=engine)
 
 
@@ -95,7 +90,7 @@ async def test_a_stopped_http_tool_call_names_the_session_of_the_configured_head
     cfg = config(session={"headers": ["x-run-id"]})
     records: list[dict[str, Any]] = []
     engine = engine_for(cfg, records)
-    app = door(kind, cfg, engine, [])
+    app = door(kind, cfg, engine)
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport, base_url="http://guard") as client:
         answers = [
@@ -165,7 +160,7 @@ async def test_proxy_records_the_step_before_the_last_byte_goes_out():
     log: list[str] = []
     cfg = config()
     engine = engine_for(cfg, [], store=Events(log))
-    app = proxy_for(cfg, engine, [])
+    app = proxy_for(cfg, engine)
     sent = await run_asgi(app, "/tools/lookup_tracking", b'{"order_id":"A1"}', log)
     await engine.aclose()
     # The body with its declared length goes out as one final message, after the step.
