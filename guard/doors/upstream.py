@@ -21,6 +21,7 @@ found past its deadline (``guard.doors.proxy._Relay``; none for long-lived strea
 
 from __future__ import annotations
 
+from collections.abc import Awaitable
 from typing import Protocol
 
 import aiohttp
@@ -112,19 +113,20 @@ class Upstream:
             )
         return self._session
 
-    async def open(
+    def open(
         self, method: str, url: str, headers: Headers, body: bytes, *, long_lived: bool = False
-    ) -> UpstreamResponse:
+    ) -> Awaitable[UpstreamResponse]:
         """Send the request exactly as given (aiohttp adds only Host and Content-Length);
-        the response with its body not read yet: read ``content``, then ``release`` (or
-        ``close`` it to abandon the body).
+        await it for the response with its body not read yet: read ``content``, then
+        ``release`` it (or ``close`` it to abandon the body).
 
         ``url``: already percent-encoded, sent as it is. ``long_lived``: a stream that
         may be idle for as long as the session lasts, so no read timeout applies
-        (connect still does).
+        (connect still does). Not a coroutine itself: the caller awaits aiohttp's, one
+        coroutine level less on every resume while the upstream answers.
         """
         session = self._session if self._session is not None else self.session()
-        return await session.request(
+        return session.request(
             method,
             URL(url, encoded=True),
             headers=headers,
