@@ -363,9 +363,10 @@ def loopguard_app(upstream: str, records: str, store: str = "", adapter: str = "
     return ProxyApp(Config.from_mapping(mapping))
 
 
-def litellm_app(upstream: str) -> Any:
+def litellm_app(upstream: str, folder: str) -> Any:
     """The LiteLLM proxy, one model routed to the static upstream's chat endpoint, a
-    master key, no database, callbacks or logging of its own beyond the defaults."""
+    master key, no database, callbacks or logging of its own beyond the defaults. Its
+    config file goes in ``folder`` (the driver's temp folder, removed after the run)."""
     config = {
         "model_list": [
             {
@@ -380,7 +381,7 @@ def litellm_app(upstream: str) -> Any:
         "general_settings": {"master_key": LITELLM_KEY},
         "litellm_settings": {"drop_params": True},
     }
-    path = os.path.join(tempfile.mkdtemp(prefix="loopguard-bench-litellm-"), "config.yaml")
+    path = os.path.join(folder, "litellm.yaml")
     with open(path, "w") as file:
         json.dump(config, file)  # JSON is YAML
     os.environ["CONFIG_FILE_PATH"] = path
@@ -403,7 +404,7 @@ def run_role(
     elif role == "floor":
         app = FloorProxy(upstream)
     elif role == "litellm":
-        app = litellm_app(upstream)
+        app = litellm_app(upstream, os.path.dirname(records))
     elif role == "loopguard-openai":
         app = loopguard_app(upstream, records, store, adapter="openai")
     else:
@@ -628,7 +629,8 @@ def proc_cpu_s(pid: int) -> float:
 
 def measure(target: Target, args: argparse.Namespace, env: dict[str, Any]) -> None:
     port = free_port()
-    records = env["records"] if target.records else ""
+    # LiteLLM gets the path too: its config goes next to it, in the driver's temp folder.
+    records = env["records"] if target.records or target.role == "litellm" else ""
     store = env["redis"] if target.redis else ""
     proc = spawn(target.role, port, env["upstream"], env["proxy_cpus"], records, store)
     try:
