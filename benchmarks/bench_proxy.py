@@ -88,9 +88,10 @@ TOOL_TEMPLATE = json.dumps(
         "shipping": {"address": _ADDRESS, "carrier": "UPS", "service": "ground"},
         "items": [
             {"sku": f"SKU-{i:04d}", "name": f"Replacement part {i}", "qty": i % 3 + 1}
-            for i in range(1, 9)
+            for i in range(1, 11)
         ],
-        "note": "Customer asked twice about this order; check the last scan and the ETA.",
+        "note": "Customer asked twice about this order; check the last scan and the ETA, "
+        "and say whether the parcel left the hub.",
         "fields": ["status", "last_scan", "eta", "carrier", "events", "signature"],
     },
     separators=(",", ":"),
@@ -99,8 +100,16 @@ CHAT_TEMPLATE = json.dumps(
     {
         "model": CHAT_MODEL,
         "messages": [
-            {"role": "system", "content": "You are a support agent. Use the tools; be brief."},
-            {"role": "user", "content": "Where is my order A{n}? It should have come Monday."},
+            {
+                "role": "system",
+                "content": "You are a support agent for an online store. Use the tools to "
+                "look orders up before answering; never guess a date; be brief and polite.",
+            },
+            {
+                "role": "user",
+                "content": "Where is my order A{n}? It should have come on Monday and the "
+                "tracking page has not changed since. Can you check with the carrier?",
+            },
             {
                 "role": "assistant",
                 "content": None,
