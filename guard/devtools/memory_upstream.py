@@ -48,9 +48,6 @@ class MemoryResponse:
     def release(self) -> None:
         pass
 
-    def close(self) -> None:
-        pass
-
 
 class MemoryUpstream(Upstream):
     def __init__(

@@ -64,11 +64,7 @@ class UpstreamResponse(Protocol):
 
     def release(self) -> object:
         """Done with it: the connection goes back to the pool if the body was read to
-        its end, else it is closed."""
-        ...
-
-    def close(self) -> None:
-        """Close the connection (an abandoned body)."""
+        its end, else it is closed (an abandoned body)."""
         ...
 
 
@@ -117,8 +113,8 @@ class Upstream:
         self, method: str, url: str, headers: Headers, body: bytes, *, long_lived: bool = False
     ) -> Awaitable[UpstreamResponse]:
         """Send the request exactly as given (aiohttp adds only Host and Content-Length);
-        await it for the response with its body not read yet: read ``content``, then
-        ``release`` it (or ``close`` it to abandon the body).
+        await it for the response with its body not read yet: read ``content`` (to its
+        end, or not), then ``release`` it.
 
         ``url``: already percent-encoded, sent as it is. ``long_lived``: a stream that
         may be idle for as long as the session lasts, so no read timeout applies
