@@ -112,6 +112,7 @@ class SSEParser:
         buf = self._buf
         buf += chunk
         self._offset += len(chunk)
+        self._skip_blank_lines()
         last = buf.rfind(b"\n\n")
         if last == -1:
             return []
@@ -154,7 +155,21 @@ class SSEParser:
             at = end
         del buf[: last + 2]
         self.boundary = at
+        self._skip_blank_lines()
         return events
+
+    def _skip_blank_lines(self) -> None:
+        # A "\n" at a block boundary is a whole blank line with nothing to dispatch: it
+        # moves the boundary now, as it would have inside a longer run of "\n" (so a
+        # chunk cut inside "\n\n\n" leaves the parser where one chunk would).
+        buf = self._buf
+        if buf[:1] != b"\n":
+            return
+        lead = 1
+        while lead < len(buf) and buf[lead] == _LF:
+            lead += 1
+        del buf[:lead]
+        self.boundary += lead
 
     def _dispatch(self, event: str, data: list[bytes], start: int, end: int) -> SSEEvent:
         text = (data[0] if len(data) == 1 else b"\n".join(data)).decode("utf-8", "replace")

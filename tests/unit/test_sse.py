@@ -136,3 +136,13 @@ def test_extra_blank_lines_and_bare_data_field_at_every_split() -> None:
     for cut in range(len(stream) + 1):
         for second in range(cut, len(stream) + 1):
             assert fields(parse_split(stream, [cut, second])) == expected
+
+
+def test_blank_line_alone_in_a_chunk_after_a_block_is_consumed() -> None:
+    # Found by the fuzzer: a run of three "\n" cut after the second left the third
+    # pending (pending=True, boundary one byte short) where one chunk consumed it.
+    stream = b": ping\n\n\n"
+    for cut in range(len(stream) + 1):
+        parser = SSEParser()
+        assert parser.feed(stream[:cut]) + parser.feed(stream[cut:]) == []
+        assert (parser.pending, parser.boundary) == (False, len(stream))
