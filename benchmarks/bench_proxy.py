@@ -12,6 +12,9 @@ Three uvicorn processes (uvloop + httptools, one worker each):
   recorded and served (no blocks), with the default telemetry (spans for trace
   propagation, metrics) and durable records written to a temp file;
 - ``loopguard-no-records``: the same without the durable records file;
+- ``loopguard-otlp``: ``loopguard`` exporting spans and metrics over OTLP/HTTP to a live
+  collector (a minimal one that reads each export and answers 200, on the upstream's
+  core), named by ``OTEL_EXPORTER_OTLP_ENDPOINT`` as in production;
 - ``loopguard-redis``: ``loopguard`` with its sessions in Redis (the store replicas
   share), when ``redis-server`` and the ``redis`` package are installed: a
   ``redis-server`` on loopback, sharing the upstream's core.
@@ -103,6 +106,20 @@ async def static_upstream(scope: dict[str, Any], receive: Any, send: Any) -> Non
     await send({"type": "http.response.body", "body": STATIC_BODY})
 
 
+async def otlp_collector(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    """An OTLP/HTTP collector that reads each export and acknowledges it (an empty
+    Export*ServiceResponse is an empty protobuf body)."""
+    if scope["type"] != "http":
+        return
+    more = True
+    while more:
+        message = await receive()
+        more = message.get("more_body", False)
+    headers = [(b"content-type", b"application/x-protobuf"), (b"content-length", b"0")]
+    await send({"type": "http.response.start", "status": 200, "headers": headers})
+    await send({"type": "http.response.body", "body": b""})
+
+
 class BareProxy:
     """The baseline: forward and stream back, the same client, no guard."""
 
@@ -170,6 +187,8 @@ def loopguard_app(upstream: str, records: str, store: str = "") -> Any:
     }
     if store:
         mapping["store"] = {"backend": "redis", "url": store}
+    if os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT"):  # the loopguard-otlp target
+        mapping["telemetry"]["exporter"] = "otlp"
     return ProxyApp(Config.from_mapping(mapping))
 
 
@@ -182,6 +201,8 @@ def run_role(
         os.sched_setaffinity(0, set(cpus))
     if role == "upstream":
         app: Any = static_upstream
+    elif role == "collector":
+        app = otlp_collector
     elif role == "bare":
         app = BareProxy(upstream)
     else:
@@ -226,7 +247,13 @@ def wait_listening(port: int, timeout: float = 15.0) -> None:
 
 
 def spawn(
-    role: str, port: int, upstream: str, cpus: list[int], records: str, store: str = ""
+    role: str,
+    port: int,
+    upstream: str,
+    cpus: list[int],
+    records: str,
+    store: str = "",
+    extra_env: dict[str, str] | None = None,
 ) -> subprocess.Popen:
     args = [
         sys.executable,
@@ -244,7 +271,7 @@ def spawn(
         "--cpus",
         ",".join(map(str, cpus)),
     ]
-    proc = subprocess.Popen(args, cwd=ROOT)
+    proc = subprocess.Popen(args, cwd=ROOT, env={**os.environ, **(extra_env or {})})
     wait_listening(port)
     return proc
 
@@ -352,7 +379,11 @@ def run_load(url: str, concurrency: int, duration: float, cpus: list[int]) -> di
     return asyncio.run(_aiohttp_load(url, concurrency, duration))
 
 
-TARGETS = ("bare", "loopguard", "loopguard-no-records")
+TARGETS = ("bare", "loopguard", "loopguard-no-records", "loopguard-otlp")
+# Targets run as another with extra environment: (the target it is, its environment).
+VARIANTS: dict[str, tuple[str, dict[str, str]]] = {
+    "loopguard-otlp": ("loopguard", {"OTEL_EXPORTER_OTLP_ENDPOINT": "{collector}"}),
+}
 
 
 def start_redis(cpus: list[int]) -> tuple[subprocess.Popen | None, str]:
@@ -385,10 +416,12 @@ def proc_cpu_s(pid: int) -> float:
 
 def measure(target: str, args: argparse.Namespace, env: dict[str, Any]) -> None:
     port = free_port()
-    records = env["records"] if target in ("loopguard", "loopguard-redis") else ""
-    role = "bare" if target == "bare" else "loopguard"
-    store = env["redis"] if target == "loopguard-redis" else ""
-    proc = spawn(role, port, env["upstream"], env["proxy_cpus"], records, store)
+    base, extra = VARIANTS.get(target, (target, {}))
+    extra_env = {k: v.format(**env) for k, v in extra.items()}
+    records = env["records"] if base in ("loopguard", "loopguard-redis") else ""
+    role = "bare" if base == "bare" else "loopguard"
+    store = env["redis"] if base == "loopguard-redis" else ""
+    proc = spawn(role, port, env["upstream"], env["proxy_cpus"], records, store, extra_env)
     try:
         url = f"http://127.0.0.1:{port}"
         run_load(url, 4, 1.0, env["other_cpus"])  # warm-up: connections, caches
@@ -406,7 +439,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--duration", type=float, default=6.0, help="seconds per measurement")
     parser.add_argument("--rounds", type=int, default=1, help="alternating rounds per target")
-    parser.add_argument("--role", choices=["upstream", "bare", "loopguard"], help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--role", choices=["upstream", "bare", "loopguard", "collector"], help=argparse.SUPPRESS
+    )
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--upstream", default="", help=argparse.SUPPRESS)
     parser.add_argument("--records", default="", help=argparse.SUPPRESS)
@@ -441,12 +476,16 @@ def main() -> int:
     if redis_proc is None:
         print("loopguard-redis: skipped (needs redis-server and the redis package)")
     upstream_proc = spawn("upstream", upstream_port, "", other_cpus, "")
+    collector_port = free_port()
+    env["collector"] = f"http://127.0.0.1:{collector_port}"
+    collector_proc = spawn("collector", collector_port, "", other_cpus, "")
     try:
         for _ in range(args.rounds):
             for target in targets:
                 measure(target, args, env)
     finally:
         stop(upstream_proc)
+        stop(collector_proc)
         if redis_proc is not None:
             stop(redis_proc)
         shutil.rmtree(records_dir, ignore_errors=True)
