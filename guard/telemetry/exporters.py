@@ -202,16 +202,44 @@ class Pipeline(Generic[P]):
     def force_flush(self, timeout_millis: int) -> None:
         self.provider.force_flush(timeout_millis)
 
-    def shutdown(self) -> None:
-        """Owned: shut down (flushes); given: only flushed. Never raises."""
+    def shutdown(self, timeout_millis: int) -> None:
+        """Owned: shut down (flushes); given: only flushed. Never raises. The SDK
+        bounds some of this by ``timeout_millis``, not all of it: callers bound it
+        themselves (``shutdown_all``)."""
         provider: _Provider = self.provider
         try:
-            if self.owned:
-                provider.shutdown()
+            if not self.owned:
+                provider.force_flush(timeout_millis)
+            elif isinstance(provider, MeterProvider):
+                provider.shutdown(timeout_millis=timeout_millis)
             else:
-                provider.force_flush()
+                provider.shutdown()
         except Exception:
             _log.warning("telemetry shutdown failed", provider=type(provider).__name__)
+
+
+def shutdown_all(pipelines: Sequence[Pipeline[Any]], timeout_s: float) -> bool:
+    """Shut the pipelines down side by side (a silent traces endpoint does not cost
+    the metrics their flush), waiting ``timeout_s`` in all. False when one was still
+    at it: it is left behind on a daemon thread, which the process does not wait for.
+    """
+    deadline = time.monotonic() + timeout_s
+    for pipeline in pipelines:
+        pipeline.closing()
+    threads = [
+        threading.Thread(
+            target=pipeline.shutdown,
+            args=(int(timeout_s * 1000),),
+            name="loopguard-telemetry-shutdown",
+            daemon=True,
+        )
+        for pipeline in pipelines
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(max(0.0, deadline - time.monotonic()))
+    return not any(thread.is_alive() for thread in threads)
 
 
 def trace_pipeline(

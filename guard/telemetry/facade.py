@@ -150,17 +150,17 @@ class Telemetry:
             sink.force_flush(timeout_millis)
 
     def shutdown(self) -> None:
-        """Flush and stop exporters (owned providers) and the sinks (the record file).
-        Idempotent."""
+        """Flush and stop exporters (owned providers) and the sinks (the record file),
+        in at most ``cfg.shutdown_timeout_seconds``: a collector that never answers
+        costs that wait and the spans and metrics not yet taken, nothing more. Records
+        are written as calls finish, so the file is complete. Idempotent."""
         with self._shutdown_lock:
             if self._shut:
                 return
             self._shut = True
-        pipelines = (self._traces, self._metrics)
-        for pipeline in pipelines:
-            pipeline.closing()
-        for pipeline in pipelines:
-            pipeline.shutdown()
+        timeout_s = self.cfg.shutdown_timeout_seconds
+        if not exporters.shutdown_all((self._traces, self._metrics), timeout_s):
+            _log.warning("telemetry flush timed out", timeout_s=timeout_s)
         for sink in self._sinks:
             try:
                 sink.shutdown()
