@@ -189,10 +189,13 @@ class Pipeline(Generic[P]):
         provider: P,
         owned: bool,
         guarded: GuardedSpanExporter | GuardedMetricExporter | None = None,
+        processor: BatchSpanProcessor | None = None,
     ) -> None:
         self.provider: P = provider
         self.owned = owned
         self._guarded = guarded
+        # The span pipeline's batch processor, when this telemetry built it.
+        self.processor = processor
 
     def closing(self) -> None:
         """From now on a failing collector is not retried batch after batch."""
@@ -256,15 +259,16 @@ def trace_pipeline(
         # sys.stdout as it is now (the SDK's default is bound at its import).
         exporter = ConsoleSpanExporter(out=sys.stdout)
     elif cfg.exporter == "otlp":
-        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+        from guard.telemetry.otlp_wire import WireSpanExporter
 
         traces, _ = otlp_endpoints(cfg.otlp_endpoint)
-        exporter = OTLPSpanExporter(endpoint=traces, timeout=_otlp_timeout("TRACES"))
+        exporter = WireSpanExporter(endpoint=traces, timeout=_otlp_timeout("TRACES"))
     if exporter is None:
         return Pipeline(provider, owned=True)
     guarded = GuardedSpanExporter(exporter, warnings)
-    provider.add_span_processor(BatchSpanProcessor(guarded))
-    return Pipeline(provider, owned=True, guarded=guarded)
+    processor = BatchSpanProcessor(guarded)
+    provider.add_span_processor(processor)
+    return Pipeline(provider, owned=True, guarded=guarded, processor=processor)
 
 
 def metric_pipeline(

@@ -17,6 +17,7 @@ import structlog
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import MetricReader
 from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import SpanKind
 
 from guard.engine.calls import CallRecord
@@ -86,13 +87,19 @@ class Telemetry:
             INSTRUMENTATION_NAME, version, schema_url=SCHEMA_URL
         )
         meter = self.meter_provider.get_meter(INSTRUMENTATION_NAME, version, schema_url=SCHEMA_URL)
-        self._tracing = spans.Tracing(tracer, recording_spans)
+        direct = None
+        processor = self._traces.processor
+        if processor is not None and spans.DirectSpans.usable(self.tracer_provider):
+            scope = InstrumentationScope(INSTRUMENTATION_NAME, version, SCHEMA_URL)
+            direct = spans.DirectSpans(processor, self.tracer_provider.resource, scope)
+        self._tracing = spans.Tracing(tracer, recording_spans, direct)
         setup = SinkSetup(
             cfg=cfg,
             recording_spans=recording_spans,
             meter=meter if recording_metrics else None,
             record_callback=record_sink,
             session_hasher=session_hasher or keyed_session_hasher(),
+            direct_spans=direct,
         )
         built = (factory(setup) for factory in sinks)
         self._sinks: tuple[Sink, ...] = tuple(s for s in built if s is not None)
