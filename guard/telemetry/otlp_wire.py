@@ -45,9 +45,12 @@ class NotCovered(Exception):
     """A span this encoder does not write (the SDK's encoder does)."""
 
 
+_ONE_BYTE = tuple(bytes((i,)) for i in range(0x80))
+
+
 def _varint(value: int) -> bytes:
     if value < 0x80:
-        return bytes((value,))
+        return _ONE_BYTE[value]
     out = bytearray()
     while value >= 0x80:
         out.append((value & 0x7F) | 0x80)
@@ -58,7 +61,10 @@ def _varint(value: int) -> bytes:
 
 def _field(tag: int, payload: bytes) -> bytes:
     """A length-delimited field (tag already holds field number and wire type 2)."""
-    return bytes((tag,)) + _varint(len(payload)) + payload
+    size = len(payload)
+    if size < 0x80:
+        return _ONE_BYTE[tag] + _ONE_BYTE[size] + payload
+    return _ONE_BYTE[tag] + _varint(size) + payload
 
 
 def _any_value(value: Any) -> bytes:
@@ -76,17 +82,26 @@ def _any_value(value: Any) -> bytes:
     raise NotCovered(type(value).__name__)
 
 
-class _Keys(dict[str, bytes]):
-    """KeyValue.key fields by attribute name: the same few dozen names every span."""
-
-    def __missing__(self, key: str) -> bytes:
-        encoded = _field(0x0A, key.encode("utf-8"))
-        if len(self) < 4096:  # app attribute names come from headers: bounded
-            self[key] = encoded
-        return encoded
+# Span.attributes fields (KeyValue) by (key, value, type): most attributes repeat
+# (operation, route, stage, status, server). Values that do not (hashes, ids) fill it:
+# full, it starts over, and the repeating ones are back after a span or two.
+_ATTRIBUTE_CACHE_MAX = 2048
+_attribute_cache: dict[tuple[str, Any, type], bytes] = {}
 
 
-_keys = _Keys()
+def _attribute(key: str, value: Any) -> bytes:
+    cache_key = (key, value, type(value))  # the type: True and 1 are equal keys
+    try:
+        return _attribute_cache[cache_key]
+    except KeyError:
+        pass
+    except TypeError:  # a list: not hashable, not cached
+        return _field(0x4A, _field(0x0A, key.encode()) + _field(0x12, _any_value(value)))
+    encoded = _field(0x4A, _field(0x0A, key.encode()) + _field(0x12, _any_value(value)))
+    if len(_attribute_cache) >= _ATTRIBUTE_CACHE_MAX:
+        _attribute_cache.clear()
+    _attribute_cache[cache_key] = encoded
+    return encoded
 
 
 def _span(span: ReadableSpan) -> bytes:
@@ -110,11 +125,10 @@ def _span(span: ReadableSpan) -> bytes:
     parts.append(_KIND[span.kind])
     parts.append(b"\x39" + _pack_fixed64(span.start_time))
     parts.append(b"\x41" + _pack_fixed64(span.end_time))
-    keys = _keys
     for key, value in (span.attributes or {}).items():
         if value is None:
             raise NotCovered("None value")
-        parts.append(_field(0x4A, keys[key] + _field(0x12, _any_value(value))))
+        parts.append(_attribute(key, value))
     if span.dropped_attributes:
         parts.append(b"\x50" + _varint(span.dropped_attributes))
     status = span.status
