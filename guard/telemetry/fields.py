@@ -202,20 +202,46 @@ def _record_function(recorded: Sequence[Field]) -> Callable[..., dict[str, Any]]
     env: dict[str, Any] = {}
     items = [f"{key!r}: {key}" for key in CALL_FIELDS]
     for i, f in enumerate(recorded):
-        if f.get is not None:
-            env[f"_get{i}"] = f.get
-            value = f"_get{i}(r)"
-        elif f.attr is not None and f.attr.isidentifier():
-            value = f"r.{f.attr}"
-        else:
-            raise ValueError(f"field {f.record}: attr must be an attribute name")
+        value = _read_expr(f, i, env)
         if f.pseudonym:
             value = f"(hasher(_v) if (_v := {value}) else None)"
         items.append(f"{f.record!r}: {value}")
     params = ", ".join(CALL_FIELDS)
     source = f"def record(r, hasher, {params}):\n    return {{{', '.join(items)}}}\n"
-    exec(compile(source, "<loopguard record projection>", "exec"), env)
-    function: Callable[..., dict[str, Any]] = env["record"]
+    return _compile(source, "record", env)
+
+
+def _span_function(spans: Sequence[Field]) -> Callable[[CallRecord], dict[str, Any]]:
+    """The span projection as one generated function: per field a read, the
+    conversion when there is one, and the attribute set unless the value is None."""
+    env: dict[str, Any] = {}
+    lines = ["def span(r):", "    a = {}"]
+    for i, f in enumerate(spans):
+        lines.append(f"    v = {_read_expr(f, i, env)}")
+        if f.span_as is not None:
+            env[f"_as{i}"] = f.span_as
+            lines.append("    if v is not None:")
+            lines.append(f"        v = _as{i}(v)")
+        lines.append("    if v is not None:")
+        lines.append(f"        a[{f.span!r}] = v")
+    lines.append("    return a")
+    return _compile("\n".join(lines) + "\n", "span", env)
+
+
+def _read_expr(f: Field, i: int, env: dict[str, Any]) -> str:
+    """The source reading field ``f`` of the record ``r``: an attribute (checked to be
+    an identifier) or its reader, passed in ``env`` by name."""
+    if f.get is not None:
+        env[f"_get{i}"] = f.get
+        return f"_get{i}(r)"
+    if f.attr is not None and f.attr.isidentifier():
+        return f"r.{f.attr}"
+    raise ValueError(f"field {f.record or f.span}: attr must be an attribute name")
+
+
+def _compile(source: str, name: str, env: dict[str, Any]) -> Callable[..., dict[str, Any]]:
+    exec(compile(source, f"<loopguard {name} projection>", "exec"), env)
+    function: Callable[..., dict[str, Any]] = env[name]
     return function
 
 
@@ -234,8 +260,8 @@ class Projections:
         spans = [f for f in fields if f.span is not None]
         # Semconv attributes first, then the guard's own (as they read in a backend).
         spans.sort(key=lambda f: (f.span or "").startswith("loopguard."))
-        self._span = tuple((f.span, f.reader(), f.span_as) for f in spans if f.span)
-        self.span_keys: tuple[str, ...] = tuple(key for key, _, _ in self._span)
+        self._span = _span_function(spans)
+        self.span_keys: tuple[str, ...] = tuple(f.span for f in spans if f.span)
         self._metric = tuple(
             (f.span, f.reader(), f.span_as, f.metric_with) for f in spans if f.metric and f.span
         )
@@ -251,14 +277,7 @@ class Projections:
 
     def span(self, record: CallRecord) -> dict[str, Any]:
         """The span's attributes from the table (semconv, then loopguard.*)."""
-        attrs: dict[str, Any] = {}
-        for key, read, convert in self._span:
-            value = read(record)
-            if value is not None and convert is not None:
-                value = convert(value)
-            if value is not None:
-                attrs[key] = value
-        return attrs
+        return self._span(record)
 
     def metric(self, record: CallRecord) -> dict[str, Any]:
         """Low-cardinality attributes only: never session, hashes, markers or ids."""
