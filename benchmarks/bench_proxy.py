@@ -189,6 +189,7 @@ class Target:
     template: str  # the request body, "{n}" made unique per request
     records: bool = False  # loopguard: durable records on
     redis: bool = False  # loopguard: sessions in Redis
+    otlp: bool = False  # loopguard: spans and metrics exported to a live OTLP collector
     available: Callable[[], str] = lambda: ""  # why it cannot run here, "" when it can
     headers: tuple[tuple[str, str], ...] = ()
 
@@ -213,6 +214,7 @@ TARGETS = (
     Target("loopguard", "loopguard", TOOL_PATH, TOOL_TEMPLATE, records=True),
     Target("loopguard-no-records", "loopguard", TOOL_PATH, TOOL_TEMPLATE),
     Target("loopguard-redis", "loopguard", TOOL_PATH, TOOL_TEMPLATE, records=True, redis=True),
+    Target("loopguard-otlp", "loopguard", TOOL_PATH, TOOL_TEMPLATE, records=True, otlp=True),
     Target(
         "loopguard-openai", "loopguard-openai", "/openai" + CHAT_PATH, CHAT_TEMPLATE, records=True
     ),
@@ -229,10 +231,25 @@ TARGETS = (
 RATIOS = (
     *((t.name, "floor") for t in TARGETS if t.template is TOOL_TEMPLATE and t.name != "floor"),
     ("loopguard-openai", "litellm"),
+    ("loopguard-otlp", "loopguard"),
 )
 
 
 # -- the servers (run as subprocesses: ``--role``) -----------------------------------
+
+
+async def otlp_collector(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    """An OTLP/HTTP collector that reads each export and acknowledges it (an empty
+    Export*ServiceResponse is an empty protobuf body)."""
+    if scope["type"] != "http":
+        return
+    more = True
+    while more:
+        message = await receive()
+        more = message.get("more_body", False)
+    headers = [(b"content-type", b"application/x-protobuf"), (b"content-length", b"0")]
+    await send({"type": "http.response.start", "status": 200, "headers": headers})
+    await send({"type": "http.response.body", "body": b""})
 
 
 async def static_upstream(scope: dict[str, Any], receive: Any, send: Any) -> None:
@@ -369,6 +386,8 @@ def loopguard_app(upstream: str, records: str, store: str = "", adapter: str = "
     }
     if store:
         mapping["store"] = {"backend": "redis", "url": store}
+    if os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT"):  # the loopguard-otlp target
+        mapping["telemetry"]["exporter"] = "otlp"
     return ProxyApp(Config.from_mapping(mapping))
 
 
@@ -410,6 +429,8 @@ def run_role(
         os.sched_setaffinity(0, set(cpus))
     if role == "upstream":
         app: Any = static_upstream
+    elif role == "collector":
+        app = otlp_collector
     elif role == "floor":
         app = FloorProxy(upstream)
     elif role == "litellm":
@@ -430,7 +451,7 @@ def run_role(
         port=port,
         loop="uvloop",
         http="httptools",
-        lifespan="auto" if role != "upstream" else "off",
+        lifespan="auto" if role not in ("upstream", "collector") else "off",
         access_log=False,
         log_level="warning",
         server_header=False,
@@ -460,7 +481,13 @@ def wait_listening(port: int, timeout: float = 15.0) -> None:
 
 
 def spawn(
-    role: str, port: int, upstream: str, cpus: list[int], records: str, store: str = ""
+    role: str,
+    port: int,
+    upstream: str,
+    cpus: list[int],
+    records: str,
+    store: str = "",
+    extra_env: dict[str, str] | None = None,
 ) -> subprocess.Popen:
     args = [
         sys.executable,
@@ -478,7 +505,7 @@ def spawn(
         "--cpus",
         ",".join(map(str, cpus)),
     ]
-    proc = subprocess.Popen(args, cwd=ROOT)
+    proc = subprocess.Popen(args, cwd=ROOT, env={**os.environ, **(extra_env or {})})
     try:
         # LiteLLM's start-up (imports, config, cost map) takes seconds.
         wait_listening(port, timeout=120.0 if role == "litellm" else 15.0)
@@ -641,7 +668,9 @@ def measure(target: Target, args: argparse.Namespace, env: dict[str, Any]) -> No
     # LiteLLM gets the path too: its config goes next to it, in the driver's temp folder.
     records = env["records"] if target.records or target.role == "litellm" else ""
     store = env["redis"] if target.redis else ""
-    proc = spawn(target.role, port, env["upstream"], env["proxy_cpus"], records, store)
+    # The collector named as in production, by the standard variable.
+    extra_env = {"OTEL_EXPORTER_OTLP_ENDPOINT": env["collector"]} if target.otlp else None
+    proc = spawn(target.role, port, env["upstream"], env["proxy_cpus"], records, store, extra_env)
     try:
         url = f"http://127.0.0.1:{port}"
         run_load(url, target, 4, 1.0, env["other_cpus"])  # warm-up: connections, caches
@@ -669,7 +698,7 @@ def main() -> int:
     parser.add_argument(
         "--only", default="", help="comma-separated target names (default: every one)"
     )
-    roles = sorted({t.role for t in TARGETS} | {"upstream"})
+    roles = sorted({t.role for t in TARGETS} | {"upstream", "collector"})
     parser.add_argument("--role", choices=roles, help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--upstream", default="", help=argparse.SUPPRESS)
@@ -717,12 +746,19 @@ def main() -> int:
         else:
             targets.append(target)
     upstream_proc = spawn("upstream", upstream_port, "", other_cpus, "")
+    collector_proc = None
+    if any(t.otlp for t in targets):  # a live OTLP collector, on the upstream's cores
+        collector_port = free_port()
+        env["collector"] = f"http://127.0.0.1:{collector_port}"
+        collector_proc = spawn("collector", collector_port, "", other_cpus, "")
     try:
         for _ in range(args.rounds):
             for target in targets:
                 measure(target, args, env)
     finally:
         stop(upstream_proc)
+        if collector_proc is not None:
+            stop(collector_proc)
         if redis_proc is not None:
             stop(redis_proc)
         shutil.rmtree(records_dir, ignore_errors=True)

@@ -320,6 +320,9 @@ class TelemetryConfig(_Section):
     records: str = "loopguard-records.jsonl"
     # Namespace for the app's own decision attributes taken from x-loopguard-app-* headers.
     app_namespace: str = "app."
+    # At shutdown, the most time spent flushing spans, metrics and records (all three
+    # together): what a collector has not taken by then is dropped.
+    shutdown_timeout_seconds: float = Field(default=5.0, gt=0, le=300)
 
 
 class RouteConfig(_Section):

@@ -189,10 +189,13 @@ class Pipeline(Generic[P]):
         provider: P,
         owned: bool,
         guarded: GuardedSpanExporter | GuardedMetricExporter | None = None,
+        processor: BatchSpanProcessor | None = None,
     ) -> None:
         self.provider: P = provider
         self.owned = owned
         self._guarded = guarded
+        # The span pipeline's batch processor, when this telemetry built it.
+        self.processor = processor
 
     def closing(self) -> None:
         """From now on a failing collector is not retried batch after batch."""
@@ -202,16 +205,44 @@ class Pipeline(Generic[P]):
     def force_flush(self, timeout_millis: int) -> None:
         self.provider.force_flush(timeout_millis)
 
-    def shutdown(self) -> None:
-        """Owned: shut down (flushes); given: only flushed. Never raises."""
+    def shutdown(self, timeout_millis: int) -> None:
+        """Owned: shut down (flushes); given: only flushed. Never raises. The SDK
+        bounds some of this by ``timeout_millis``, not all of it: callers bound it
+        themselves (``shutdown_all``)."""
         provider: _Provider = self.provider
         try:
-            if self.owned:
-                provider.shutdown()
+            if not self.owned:
+                provider.force_flush(timeout_millis)
+            elif isinstance(provider, MeterProvider):
+                provider.shutdown(timeout_millis=timeout_millis)
             else:
-                provider.force_flush()
+                provider.shutdown()
         except Exception:
             _log.warning("telemetry shutdown failed", provider=type(provider).__name__)
+
+
+def shutdown_all(pipelines: Sequence[Pipeline[Any]], timeout_s: float) -> bool:
+    """Shut the pipelines down side by side (a silent traces endpoint does not cost
+    the metrics their flush), waiting ``timeout_s`` in all. False when one was still
+    at it: it is left behind on a daemon thread, which the process does not wait for.
+    """
+    deadline = time.monotonic() + timeout_s
+    for pipeline in pipelines:
+        pipeline.closing()
+    threads = [
+        threading.Thread(
+            target=pipeline.shutdown,
+            args=(int(timeout_s * 1000),),
+            name="loopguard-telemetry-shutdown",
+            daemon=True,
+        )
+        for pipeline in pipelines
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(max(0.0, deadline - time.monotonic()))
+    return not any(thread.is_alive() for thread in threads)
 
 
 def trace_pipeline(
@@ -228,15 +259,16 @@ def trace_pipeline(
         # sys.stdout as it is now (the SDK's default is bound at its import).
         exporter = ConsoleSpanExporter(out=sys.stdout)
     elif cfg.exporter == "otlp":
-        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+        from guard.telemetry.otlp_wire import WireSpanExporter
 
         traces, _ = otlp_endpoints(cfg.otlp_endpoint)
-        exporter = OTLPSpanExporter(endpoint=traces, timeout=_otlp_timeout("TRACES"))
+        exporter = WireSpanExporter(endpoint=traces, timeout=_otlp_timeout("TRACES"))
     if exporter is None:
         return Pipeline(provider, owned=True)
     guarded = GuardedSpanExporter(exporter, warnings)
-    provider.add_span_processor(BatchSpanProcessor(guarded))
-    return Pipeline(provider, owned=True, guarded=guarded)
+    processor = BatchSpanProcessor(guarded)
+    provider.add_span_processor(processor)
+    return Pipeline(provider, owned=True, guarded=guarded, processor=processor)
 
 
 def metric_pipeline(

@@ -17,6 +17,7 @@ import structlog
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import MetricReader
 from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import SpanKind
 
 from guard.engine.calls import CallRecord
@@ -86,13 +87,19 @@ class Telemetry:
             INSTRUMENTATION_NAME, version, schema_url=SCHEMA_URL
         )
         meter = self.meter_provider.get_meter(INSTRUMENTATION_NAME, version, schema_url=SCHEMA_URL)
-        self._tracing = spans.Tracing(tracer, recording_spans)
+        direct = None
+        processor = self._traces.processor
+        if processor is not None and spans.DirectSpans.usable(self.tracer_provider):
+            scope = InstrumentationScope(INSTRUMENTATION_NAME, version, SCHEMA_URL)
+            direct = spans.DirectSpans(processor, self.tracer_provider.resource, scope)
+        self._tracing = spans.Tracing(tracer, recording_spans, direct)
         setup = SinkSetup(
             cfg=cfg,
             recording_spans=recording_spans,
             meter=meter if recording_metrics else None,
             record_callback=record_sink,
             session_hasher=session_hasher or keyed_session_hasher(),
+            direct_spans=direct,
         )
         built = (factory(setup) for factory in sinks)
         self._sinks: tuple[Sink, ...] = tuple(s for s in built if s is not None)
@@ -150,17 +157,17 @@ class Telemetry:
             sink.force_flush(timeout_millis)
 
     def shutdown(self) -> None:
-        """Flush and stop exporters (owned providers) and the sinks (the record file).
-        Idempotent."""
+        """Flush and stop exporters (owned providers) and the sinks (the record file),
+        in at most ``cfg.shutdown_timeout_seconds``: a collector that never answers
+        costs that wait and the spans and metrics not yet taken, nothing more. Records
+        are written as calls finish, so the file is complete. Idempotent."""
         with self._shutdown_lock:
             if self._shut:
                 return
             self._shut = True
-        pipelines = (self._traces, self._metrics)
-        for pipeline in pipelines:
-            pipeline.closing()
-        for pipeline in pipelines:
-            pipeline.shutdown()
+        timeout_s = self.cfg.shutdown_timeout_seconds
+        if not exporters.shutdown_all((self._traces, self._metrics), timeout_s):
+            _log.warning("telemetry flush timed out", timeout_s=timeout_s)
         for sink in self._sinks:
             try:
                 sink.shutdown()

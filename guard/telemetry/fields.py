@@ -20,7 +20,7 @@ Rules the table keeps:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from operator import attrgetter
 from typing import Any
@@ -189,14 +189,60 @@ FIELDS: tuple[Field, ...] = (
 # fmt: on
 
 
-def _tuple_reader(names: tuple[str, ...]) -> Callable[[Any], tuple[Any, ...]]:
-    """One C-level read of several attributes, always as a tuple."""
-    if not names:
-        return lambda _: ()
-    if len(names) == 1:
-        one = attrgetter(names[0])
-        return lambda obj: (one(obj),)
-    return attrgetter(*names)
+_NO_CALL = (None,) * len(CALL_FIELDS)
+
+
+def _record_function(recorded: Sequence[Field]) -> Callable[..., dict[str, Any]]:
+    """The record projection as one generated function: a single dict display in the
+    record's order, each value read as the table says (an attribute, a reader, the
+    keyed pseudonym of either). Per call no template copy, no loop over the table.
+
+    Only names from the table go into the source: record keys as string literals,
+    attributes checked to be identifiers, readers passed in by name."""
+    env: dict[str, Any] = {}
+    items = [f"{key!r}: {key}" for key in CALL_FIELDS]
+    for i, f in enumerate(recorded):
+        value = _read_expr(f, i, env)
+        if f.pseudonym:
+            value = f"(hasher(_v) if (_v := {value}) else None)"
+        items.append(f"{f.record!r}: {value}")
+    params = ", ".join(CALL_FIELDS)
+    source = f"def record(r, hasher, {params}):\n    return {{{', '.join(items)}}}\n"
+    return _compile(source, "record", env)
+
+
+def _span_function(spans: Sequence[Field]) -> Callable[[CallRecord], dict[str, Any]]:
+    """The span projection as one generated function: per field a read, the
+    conversion when there is one, and the attribute set unless the value is None."""
+    env: dict[str, Any] = {}
+    lines = ["def span(r):", "    a = {}"]
+    for i, f in enumerate(spans):
+        lines.append(f"    v = {_read_expr(f, i, env)}")
+        if f.span_as is not None:
+            env[f"_as{i}"] = f.span_as
+            lines.append("    if v is not None:")
+            lines.append(f"        v = _as{i}(v)")
+        lines.append("    if v is not None:")
+        lines.append(f"        a[{f.span!r}] = v")
+    lines.append("    return a")
+    return _compile("\n".join(lines) + "\n", "span", env)
+
+
+def _read_expr(f: Field, i: int, env: dict[str, Any]) -> str:
+    """The source reading field ``f`` of the record ``r``: an attribute (checked to be
+    an identifier) or its reader, passed in ``env`` by name."""
+    if f.get is not None:
+        env[f"_get{i}"] = f.get
+        return f"_get{i}(r)"
+    if f.attr is not None and f.attr.isidentifier():
+        return f"r.{f.attr}"
+    raise ValueError(f"field {f.record or f.span}: attr must be an attribute name")
+
+
+def _compile(source: str, name: str, env: dict[str, Any]) -> Callable[..., dict[str, Any]]:
+    exec(compile(source, f"<loopguard {name} projection>", "exec"), env)
+    function: Callable[..., dict[str, Any]] = env[name]
+    return function
 
 
 class Projections:
@@ -209,51 +255,29 @@ class Projections:
         self.record_fields: tuple[str, ...] = (*CALL_FIELDS, *names)
         if len(set(self.record_fields)) != len(self.record_fields):
             raise ValueError("a record key is declared twice")
-        # The record in its final order, values filled per call into a copy.
-        self._template: dict[str, Any] = dict.fromkeys(self.record_fields)
-        plain = [f for f in recorded if f.get is None and not f.pseudonym]
-        self._plain_keys = tuple(f.record for f in plain if f.record is not None)
-        self._plain_read = _tuple_reader(tuple(f.attr for f in plain if f.attr is not None))
-        self._derived = tuple(
-            (f.record, f.reader())
-            for f in recorded
-            if f.record is not None and (f.get is not None or f.pseudonym)
-        )
-        self._pseudonyms = tuple(f.record for f in recorded if f.pseudonym and f.record)
+        self._record = _record_function(recorded)
 
         spans = [f for f in fields if f.span is not None]
         # Semconv attributes first, then the guard's own (as they read in a backend).
         spans.sort(key=lambda f: (f.span or "").startswith("loopguard."))
-        self._span = tuple((f.span, f.reader(), f.span_as) for f in spans if f.span)
-        self.span_keys: tuple[str, ...] = tuple(key for key, _, _ in self._span)
+        self._span = _span_function(spans)
+        self.span_keys: tuple[str, ...] = tuple(f.span for f in spans if f.span)
         self._metric = tuple(
             (f.span, f.reader(), f.span_as, f.metric_with) for f in spans if f.metric and f.span
         )
         self.metric_keys: tuple[str, ...] = tuple(key for key, _, _, _ in self._metric)
 
-    def record(self, record: CallRecord, session_hasher: SessionHasher) -> dict[str, Any]:
-        """The durable record's fields in ``record_fields`` order; ``CALL_FIELDS`` are
-        left None for the records sink. No content, ever."""
-        fields = self._template.copy()
-        # Same length by construction (both from `plain`): no per-call length check.
-        fields.update(zip(self._plain_keys, self._plain_read(record), strict=False))
-        for key, read in self._derived:
-            fields[key] = read(record)
-        for key in self._pseudonyms:
-            value = fields[key]
-            fields[key] = session_hasher(value) if value else None
-        return fields
+    def record(
+        self, record: CallRecord, session_hasher: SessionHasher, *call: Any
+    ) -> dict[str, Any]:
+        """The durable record's fields in ``record_fields`` order. ``call``: the values
+        of ``CALL_FIELDS`` (the records sink's); left out, they are None. No content,
+        ever."""
+        return self._record(record, session_hasher, *(call or _NO_CALL))
 
     def span(self, record: CallRecord) -> dict[str, Any]:
         """The span's attributes from the table (semconv, then loopguard.*)."""
-        attrs: dict[str, Any] = {}
-        for key, read, convert in self._span:
-            value = read(record)
-            if value is not None and convert is not None:
-                value = convert(value)
-            if value is not None:
-                attrs[key] = value
-        return attrs
+        return self._span(record)
 
     def metric(self, record: CallRecord) -> dict[str, Any]:
         """Low-cardinality attributes only: never session, hashes, markers or ids."""

@@ -52,12 +52,10 @@ class RecordsSink:
     def emit(self, record: CallRecord, call: CallSpan) -> None:
         # Built once, in its final order (``ts`` first): the writer passes this very
         # dict down the chain, no merged copies.
-        fields = PROJECTIONS.record(record, self._session_hasher)
-        fields["ts"] = _now_iso()
-        fields["event"] = "call"
-        fields["request_id"] = call.request_id
-        fields["trace_id"] = call.trace_id
-        fields["span_id"] = call.span_id
+        fields = PROJECTIONS.record(
+            record, self._session_hasher,
+            _now_iso(), "call", call.request_id, call.trace_id, call.span_id,
+        )  # fmt: skip
         self._writer.write(fields)
 
     def force_flush(self, timeout_millis: int) -> None:

@@ -24,7 +24,7 @@ from guard.engine.pseudonym import SessionHasher
 if TYPE_CHECKING:
     from opentelemetry.metrics import Meter
 
-    from guard.telemetry.spans import CallSpan
+    from guard.telemetry.spans import CallSpan, DirectSpans
 
 # Receives each durable record as a dict (tests, in-process users).
 RecordCallback = Callable[[dict[str, Any]], None]
@@ -43,13 +43,15 @@ class Sink(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class SinkSetup:
-    """What a sink factory may use. ``meter`` is None when metrics are not recorded."""
+    """What a sink factory may use. ``meter`` is None when metrics are not recorded;
+    ``direct_spans`` ends spans of a pipeline telemetry built itself (else None)."""
 
     cfg: TelemetryConfig
     recording_spans: bool
     meter: Meter | None
     record_callback: RecordCallback | None
     session_hasher: SessionHasher
+    direct_spans: DirectSpans | None = None
 
 
 SinkFactory = Callable[[SinkSetup], "Sink | None"]

@@ -6,6 +6,12 @@ and the span sink that attributes and ends it.
   ``loop_guard``). A stop by the guard is the guard working, not the call failing.
 * With exporter "none" (and no provider given) spans are non-recording but carry real
   ids, so ``traceparent`` propagation and the records' trace ids work.
+* With a pipeline telemetry built itself (exporter "console" or "otlp", the default
+  sampler) no SDK span lives through the call either: the call keeps its ids and start
+  time, and its finished span is handed to the batch processor whole, as the SDK's
+  ``Span.end`` would hand it (``DirectSpans``). What the SDK does per span besides
+  (sampler, context, lock, per-attribute validation of values the field table already
+  typed) was most of what export cost a call.
 * Content (messages, arguments, results) is on a span only when ``capture_content`` is
   on, and then only what the caller already redacted.
 """
@@ -15,11 +21,16 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Mapping, Sequence
+from itertools import islice
 from typing import Any
 
 from opentelemetry import trace
 from opentelemetry.context import Context
-from opentelemetry.trace import SpanKind, Status, StatusCode, TraceFlags
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import ReadableSpan, SpanLimits, SpanProcessor, TracerProvider
+from opentelemetry.sdk.trace.sampling import DEFAULT_ON
+from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, TraceFlags
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from guard.engine.calls import CallRecord
@@ -29,6 +40,8 @@ from guard.telemetry.semconv import CAPTURE_ATTRIBUTES
 from guard.telemetry.sink import SinkSetup
 
 _SAMPLED_INT = int(TraceFlags.SAMPLED)
+# A new trace's flags as the SDK's tracer sets them (its ids are random: W3C level 2).
+_SDK_ROOT_FLAGS = int(TraceFlags.SAMPLED | TraceFlags.RANDOM_TRACE_ID)
 _APP_VALUE_MAX = 256
 
 
@@ -96,12 +109,93 @@ class CallSpan:
         return headers
 
 
-class Tracing:
-    """Starts calls: an SDK span when spans are recorded, else ids only."""
+class DirectCallSpan(CallSpan):
+    """A call whose span is built whole when it finishes (``DirectSpans``): its name,
+    kind, parent and wall-clock start are kept until then."""
 
-    def __init__(self, tracer: trace.Tracer, recording: bool) -> None:
+    __slots__ = ("kind", "name", "parent", "start_ns")
+
+    def __init__(
+        self,
+        name: str,
+        kind: SpanKind,
+        parent: SpanContext | None,
+        ids: tuple[int, int, int, trace.TraceState | None],
+    ) -> None:
+        super().__init__(None, *ids)
+        self.name = name
+        self.kind = kind
+        self.parent = parent
+        self.start_ns = time.time_ns()
+
+    @property
+    def span(self) -> trace.Span:
+        """A non-recording stand-in with this call's ids, made when asked: a caller that
+        makes it the current span (the in-process guard) gets children in this trace."""
+        context = SpanContext(
+            self.trace_int, self.span_int, False, TraceFlags(self.flags), self.state
+        )
+        return trace.NonRecordingSpan(context)
+
+    @span.setter
+    def span(self, _value: object) -> None:
+        pass  # the span is made at the end, never held
+
+
+class DirectSpans:
+    """Ends calls of an owned pipeline: the finished span, built once, to the batch
+    processor (which only queues it; encoding and export are on its worker thread)."""
+
+    def __init__(
+        self, processor: SpanProcessor, resource: Resource, scope: InstrumentationScope
+    ) -> None:
+        self._processor = processor
+        self._resource = resource
+        self._scope = scope
+        self._max_attributes = SpanLimits().max_span_attributes
+
+    @staticmethod
+    def usable(provider: TracerProvider) -> bool:
+        """The SDK would make the same span: its default sampler (parent-based, else
+        always on, as ``_call_ids`` decides) and no attribute length limit."""
+        return provider.sampler is DEFAULT_ON and SpanLimits().max_attribute_length is None
+
+    def end(
+        self, call: DirectCallSpan, name: str, attributes: dict[str, Any], status: Status
+    ) -> None:
+        if not call.flags & _SAMPLED_INT:
+            return  # the SDK would not have recorded it
+        if self._max_attributes is not None and len(attributes) > self._max_attributes:
+            attributes = dict(islice(attributes.items(), self._max_attributes))
+        context = SpanContext(
+            call.trace_int, call.span_int, False, TraceFlags(call.flags), call.state
+        )
+        span = ReadableSpan(
+            name=name,
+            context=context,
+            parent=call.parent,
+            resource=self._resource,
+            attributes=attributes,
+            kind=call.kind,
+            status=status,
+            start_time=call.start_ns,
+            end_time=time.time_ns(),
+            instrumentation_scope=self._scope,
+        )
+        self._processor.on_end(span)
+
+
+class Tracing:
+    """Starts calls: an SDK span when spans are recorded by a pipeline this telemetry
+    was given, the ids and start for ``DirectSpans`` when by one it built, else ids
+    only."""
+
+    def __init__(
+        self, tracer: trace.Tracer, recording: bool, direct: DirectSpans | None = None
+    ) -> None:
         self._tracer = tracer
         self._recording = recording
+        self._direct = direct
         self._propagator = TraceContextTextMapPropagator()
 
     def start(
@@ -113,8 +207,12 @@ class Tracing:
         lowercase: bool = False,
     ) -> CallSpan:
         parent = self._parent_context(incoming_headers, lowercase)
+        if self._direct is not None:
+            parent_ctx = _valid_parent(parent)
+            ids = _call_ids(parent_ctx, _SDK_ROOT_FLAGS)
+            return DirectCallSpan(span_name, kind, parent_ctx, ids)
         if not self._recording:
-            return _unrecorded_call(parent)
+            return CallSpan(None, *_call_ids(_valid_parent(parent), _SAMPLED_INT))
         span = self._tracer.start_span(span_name, context=parent, kind=kind)
         ctx = span.get_span_context()
         return CallSpan(span, ctx.trace_id, ctx.span_id, ctx.trace_flags, ctx.trace_state)
@@ -128,24 +226,26 @@ class Tracing:
         return self._propagator.extract(headers)
 
 
-def _unrecorded_call(parent: Context | None) -> CallSpan:
-    """A call without an SDK span, with the ids a recording one would get.
+def _valid_parent(parent: Context | None) -> SpanContext | None:
+    if parent is None:
+        return None
+    parent_ctx = trace.get_current_span(parent).get_span_context()
+    return parent_ctx if parent_ctx.is_valid else None
+
+
+def _call_ids(
+    parent: SpanContext | None, root_flags: int
+) -> tuple[int, int, int, trace.TraceState | None]:
+    """(trace id, span id, flags, trace state) of a call made without the SDK's span,
+    as a recording one would get them; ``root_flags`` those of a new trace.
 
     The SDK's default sampler (parent-based, else always on) decides the sampled flag
     the same way: the agent's flag when a ``traceparent`` came in, else sampled. Ids
     come from ``random.getrandbits`` as the SDK's ``RandomIdGenerator`` makes them.
     """
     if parent is not None:
-        parent_ctx = trace.get_current_span(parent).get_span_context()
-        if parent_ctx.is_valid:
-            return CallSpan(
-                None,
-                parent_ctx.trace_id,
-                _random_id(64),
-                parent_ctx.trace_flags,
-                parent_ctx.trace_state,
-            )
-    return CallSpan(None, _random_id(128), _random_id(64), _SAMPLED_INT, None)
+        return parent.trace_id, _random_id(64), parent.trace_flags, parent.trace_state
+    return _random_id(128), _random_id(64), root_flags, None
 
 
 def _random_id(bits: int) -> int:
@@ -172,14 +272,21 @@ def span_attributes(record: CallRecord, cfg: TelemetryConfig) -> dict[str, Any]:
 
 
 class SpanSink:
-    """Names, attributes and ends the call's SDK span."""
+    """Names, attributes and ends the call's span."""
 
     failure_event = "span attributes failed"
 
-    def __init__(self, cfg: TelemetryConfig) -> None:
+    def __init__(self, cfg: TelemetryConfig, direct: DirectSpans | None = None) -> None:
         self._cfg = cfg
+        self._direct = direct
 
     def emit(self, record: CallRecord, call: CallSpan) -> None:
+        if self._direct is not None and isinstance(call, DirectCallSpan):
+            self._direct.end(
+                call, record.span_name or call.name, span_attributes(record, self._cfg),
+                _status(record),
+            )  # fmt: skip
+            return
         span = call.span
         if span is None:
             return
@@ -188,7 +295,7 @@ class SpanSink:
                 span.update_name(record.span_name)
             span.set_attributes(span_attributes(record, self._cfg))
             if record.failure_stage not in NOT_ERRORS:
-                span.set_status(Status(StatusCode.ERROR, str(record.failure_stage)))
+                span.set_status(_status(record))
         finally:
             span.end()  # attributes or not, the span ends
 
@@ -199,6 +306,15 @@ class SpanSink:
         pass
 
 
+_UNSET = Status(StatusCode.UNSET)
+
+
+def _status(record: CallRecord) -> Status:
+    if record.failure_stage in NOT_ERRORS:
+        return _UNSET
+    return Status(StatusCode.ERROR, str(record.failure_stage))
+
+
 def sink(setup: SinkSetup) -> SpanSink | None:
     """Only when spans are recorded (otherwise calls carry no SDK span)."""
-    return SpanSink(setup.cfg) if setup.recording_spans else None
+    return SpanSink(setup.cfg, setup.direct_spans) if setup.recording_spans else None

@@ -1,0 +1,163 @@
+"""The export path of an owned pipeline: spans built whole at the end of a call
+(``DirectSpans``) are the spans the SDK would have made, and the wire encoder writes
+the very message the SDK's OTLP encoder builds."""
+
+from __future__ import annotations
+
+from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+from opentelemetry.trace import NonRecordingSpan, SpanKind, Status, StatusCode
+
+from guard.engine.calls import CallRecord, FailureStage, Route, StallRule, Usage
+from guard.engine.config import TelemetryConfig
+from guard.telemetry.otlp_wire import SpanEncoder
+from guard.telemetry.semconv import INSTRUMENTATION_NAME, SCHEMA_URL
+from guard.telemetry.spans import DirectCallSpan, DirectSpans, SpanSink, Tracing
+
+TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+UNSAMPLED = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00"
+
+
+def records() -> list[CallRecord]:
+    return [
+        CallRecord(
+            operation="chat", span_name="chat gpt-4o", provider="openai", model="gpt-4o",
+            finish_reasons=("stop", "length"), stream=True, ttft_s=0.2, total_s=0.9,
+            output_chunks=8, usage=Usage(input_tokens=30, output_tokens=0, source="response"),
+            session="s-1", session_tracked=True, server_address="api.example", server_port=443,
+            app={"route": "refund_flow"},
+        ),
+        CallRecord(
+            operation="mcp", span_name="tools/call search", tool="search",
+            mcp_method="tools/call", jsonrpc_request_id="3", route=Route.STOP_AND_REVIEW,
+            failure_stage=FailureStage.LOOP_GUARD, stall_rule=StallRule.IDENTICAL_ERRORS,
+            repeat_count=3, params_hash="ee" * 16,
+        ),
+        CallRecord(
+            operation="execute_tool", span_name="execute_tool lookup", tool="lookup",
+            failure_stage=FailureStage.UPSTREAM_TIMEOUT, error_type="timeout", status_code=504,
+        ),
+    ]  # fmt: skip
+
+
+class Spans:
+    """A provider with an in-memory exporter, its tracer and the pieces of both paths."""
+
+    def __init__(self) -> None:
+        self.resource = Resource.create({"service.name": "t"})
+        self.provider = TracerProvider(resource=self.resource)
+        self.exported = InMemorySpanExporter()
+        self.processor = SimpleSpanProcessor(self.exported)
+        self.provider.add_span_processor(self.processor)
+        self.tracer = self.provider.get_tracer(INSTRUMENTATION_NAME, "1", schema_url=SCHEMA_URL)
+        self.cfg = TelemetryConfig()
+
+    def sdk(self, record: CallRecord, headers: dict[str, str]) -> ReadableSpan | None:
+        call = Tracing(self.tracer, True).start(record.span_name, headers)
+        SpanSink(self.cfg).emit(record, call)
+        finished = self.exported.get_finished_spans()
+        return finished[-1] if finished else None
+
+    def direct(self, record: CallRecord, headers: dict[str, str]) -> DirectCallSpan:
+        scope = InstrumentationScope(INSTRUMENTATION_NAME, "1", SCHEMA_URL)
+        direct = DirectSpans(self.processor, self.resource, scope)
+        call = Tracing(self.tracer, True, direct).start(record.span_name, headers)
+        assert isinstance(call, DirectCallSpan)
+        SpanSink(self.cfg, direct).emit(record, call)
+        return call
+
+
+def test_direct_spans_are_the_spans_the_sdk_would_make() -> None:
+    spans = Spans()
+    assert DirectSpans.usable(spans.provider)
+    for record in records():
+        for headers in ({"traceparent": TRACEPARENT}, {}):
+            made = spans.sdk(record, headers)
+            assert made is not None
+            call = spans.direct(record, headers)
+            direct = spans.exported.get_finished_spans()[-1]
+            assert direct.context is not None and made.context is not None
+            assert (direct.context.span_id, direct.context.trace_id) == (
+                call.span_int,
+                call.trace_int,
+            )
+            assert direct.context.trace_flags == made.context.trace_flags
+            if headers:
+                assert direct.context.trace_id == made.context.trace_id
+            assert direct.parent == made.parent
+            assert direct.name == made.name
+            assert direct.kind == made.kind == SpanKind.CLIENT
+            assert dict(direct.attributes or {}) == dict(made.attributes or {})
+            assert direct.status.status_code == made.status.status_code
+            assert direct.status.description == made.status.description
+            assert direct.resource == made.resource
+            assert direct.instrumentation_scope == made.instrumentation_scope
+            assert direct.start_time is not None and direct.end_time is not None
+            assert direct.start_time <= direct.end_time
+
+
+def test_an_unsampled_parent_gets_no_direct_span_as_with_the_sdk() -> None:
+    spans = Spans()
+    spans.sdk(records()[0], {"traceparent": UNSAMPLED})
+    spans.direct(records()[0], {"traceparent": UNSAMPLED})
+    assert spans.exported.get_finished_spans() == ()
+
+
+def test_a_direct_call_offers_a_stand_in_span_with_its_ids() -> None:
+    # The in-process guard makes the call's span current, so the tool's spans are
+    # its children: the stand-in carries the call's ids.
+    call = Spans().direct(records()[2], {"traceparent": TRACEPARENT})
+    stand_in = call.span
+    assert isinstance(stand_in, NonRecordingSpan)
+    ctx = stand_in.get_span_context()
+    assert (ctx.trace_id, ctx.span_id, int(ctx.trace_flags)) == (
+        call.trace_int,
+        call.span_int,
+        call.flags,
+    )
+
+
+def sample_spans() -> list[ReadableSpan]:
+    spans = Spans()
+    for record in records():
+        spans.sdk(record, {"traceparent": TRACEPARENT})
+        spans.direct(record, {})
+    tracer = spans.tracer
+    odd = tracer.start_span("odd", kind=SpanKind.SERVER)
+    odd.set_attributes(
+        {
+            "neg": -5,
+            "zero": 0,
+            "big": 2**62,
+            "no": False,
+            "pi": 3.25,
+            "empty": "",
+            "ints": [1, -2, 3],
+            "flags": (True, False),
+            "utf": "é✓",
+        }
+    )
+    odd.set_status(Status(StatusCode.OK))
+    odd.end()
+    return list(spans.exported.get_finished_spans())
+
+
+def test_the_wire_encoder_writes_the_sdks_message() -> None:
+    batch = sample_spans()
+    encoded = ExportTraceServiceRequest.FromString(SpanEncoder()(batch))
+    assert encoded == encode_spans(batch)
+
+
+def test_a_batch_the_wire_encoder_does_not_cover_goes_to_the_sdks_encoder() -> None:
+    spans = Spans()
+    with_event = spans.tracer.start_span("with event")
+    with_event.add_event("e", {"k": "v"})
+    with_event.end()
+    batch = [*sample_spans(), *spans.exported.get_finished_spans()]
+    encoded = ExportTraceServiceRequest.FromString(SpanEncoder()(batch))
+    assert encoded == encode_spans(batch)
