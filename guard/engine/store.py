@@ -22,14 +22,15 @@ reservation nobody settles (client gone, process crashed) expires after
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import itertools
-import json
 import math
 import os
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 import orjson
 
@@ -342,12 +343,13 @@ class MemoryStore:
         self._states.clear()
 
 
+def _encoded(step: Step) -> bytes:
+    """A step as the scripts store it: a compact JSON array, UTF-8."""
+    return orjson.dumps([step.tool, step.params_hash, step.marker, 1 if step.error else 0])
+
+
 def encode_step(step: Step) -> str:
-    return json.dumps(
-        [step.tool, step.params_hash, step.marker, 1 if step.error else 0],
-        separators=(",", ":"),
-        ensure_ascii=False,
-    )
+    return _encoded(step).decode()
 
 
 def decode_step(raw: bytes | str) -> Step:
@@ -357,11 +359,7 @@ def decode_step(raw: bytes | str) -> Step:
 
 
 # A call's field in the session's count hash: tool and params hash, joined by a unit
-# separator (the Lua script below builds the same field from a dropped step).
-def _call_field(tool: str, params_hash: str) -> str:
-    return f"{tool}\x1f{params_hash}"
-
-
+# separator (\x1f, '\31' in Lua); a tool's failures: the tool and the separator.
 # Every script that changes the window keeps the counts hash in step with it through
 # this one function: a step counts under its call's field, and a failed step under its
 # tool's failures field too (the memory store's index, ``TOOL_ERRORS``). ``s`` is a
@@ -377,12 +375,12 @@ local function count(s, delta)
 end
 """
 
-# KEYS: steps list, counts hash. ARGV: the call's field, its tool's failures field. The
-# window, or nil when neither the call nor a failure of its tool is in it (the
-# detector's verdict is then "allow" without it).
+# KEYS: steps list, counts hash. ARGV: tool, params hash. The window, or nil when
+# neither the call nor a failure of its tool is in it (the detector's verdict is then
+# "allow" without it).
 _HISTORY_FOR_CALL = r"""
-if redis.call('HEXISTS', KEYS[2], ARGV[1]) == 0
-  and redis.call('HEXISTS', KEYS[2], ARGV[2]) == 0 then return false end
+if redis.call('HEXISTS', KEYS[2], ARGV[1] .. '\31' .. ARGV[2]) == 0
+  and redis.call('HEXISTS', KEYS[2], ARGV[1] .. '\31') == 0 then return false end
 return redis.call('LRANGE', KEYS[1], 0, -1)
 """
 
@@ -420,8 +418,8 @@ end
 if #stale > 0 then redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now) end
 """
 
-# KEYS: steps, counts, reservations. ARGV: call field, tool, params hash, token,
-# window, ttl, hold (ms), in-flight marker, the tool's failures field. Returns {the
+# KEYS: steps, counts, reservations. ARGV: tool, params hash, token, window, ttl, hold
+# (ms), in-flight marker. Returns {the
 # in-flight step as stored, the window before it (or false when neither the call nor
 # a failure of its tool had a step in it)}.
 _RESERVE = (
@@ -433,26 +431,27 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
     + _EXPIRE
     + r"""
 local before = false
-local marker, err = ARGV[8], 0
-if redis.call('HEXISTS', KEYS[2], ARGV[1]) == 1 or redis.call('HEXISTS', KEYS[2], ARGV[9]) == 1 then
+local marker, err = ARGV[7], 0
+if redis.call('HEXISTS', KEYS[2], ARGV[1] .. '\31' .. ARGV[2]) == 1
+  or redis.call('HEXISTS', KEYS[2], ARGV[1] .. '\31') == 1 then
   before = redis.call('LRANGE', KEYS[1], 0, -1)
   for i = #before, 1, -1 do
     local s = cjson.decode(before[i])
-    if s[1] == ARGV[2] and s[2] == ARGV[3] then marker, err = s[3], s[4]; break end
+    if s[1] == ARGV[1] and s[2] == ARGV[2] then marker, err = s[3], s[4]; break end
   end
 end
-local step = {ARGV[2], ARGV[3], marker, err, ARGV[4]}
+local step = {ARGV[1], ARGV[2], marker, err, ARGV[3]}
 local held = cjson.encode(step)
 redis.call('RPUSH', KEYS[1], held)
 count(step, 1)
-local window = tonumber(ARGV[5])
+local window = tonumber(ARGV[4])
 """
     + _TRIM
     + r"""
-redis.call('ZADD', KEYS[3], now + tonumber(ARGV[7]), held)
-redis.call('EXPIRE', KEYS[1], ARGV[6])
-redis.call('EXPIRE', KEYS[2], ARGV[6])
-redis.call('EXPIRE', KEYS[3], ARGV[6])
+redis.call('ZADD', KEYS[3], now + tonumber(ARGV[6]), held)
+redis.call('EXPIRE', KEYS[1], ARGV[5])
+redis.call('EXPIRE', KEYS[2], ARGV[5])
+redis.call('EXPIRE', KEYS[3], ARGV[5])
 return {held, before}
 """
 )
@@ -492,6 +491,28 @@ if redis.call('LREM', KEYS[1], 1, ARGV[1]) > 0 then count(cjson.decode(ARGV[1]),
 )
 
 
+# What a reply not awaited is reported to: None (done) or the failure.
+Done = Callable[[BaseException | None], None]
+
+
+def _failure(future: asyncio.Future[Any]) -> BaseException | None:
+    if future.cancelled():
+        return StoreError("redis store: the command was cancelled")
+    exc = future.exception()
+    return None if exc is None else StoreError(f"redis store: {exc}")
+
+
+class _Script:
+    """A Lua script run by its SHA1 (EVALSHA), sent whole once when the server does not
+    know it yet (first use, or after a restart or SCRIPT FLUSH)."""
+
+    __slots__ = ("sha", "source")
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self.sha = hashlib.sha1(source.encode()).hexdigest()
+
+
 class RedisStore:
     def __init__(
         self,
@@ -501,28 +522,39 @@ class RedisStore:
         *,
         connect_timeout: float = 2.0,
     ) -> None:
-        try:
-            import redis.asyncio as aioredis
-        except ImportError as exc:  # optional dependency
-            raise StoreError(
-                "store.backend = 'redis' needs the redis package: pip install 'loopguard[redis]'"
-            ) from exc
+        from guard.engine.resp import RedisReplyError, RespClient
+
         self.url = url
         self.key_prefix = key_prefix
         self.ttl = max(1, math.ceil(ttl_seconds))
-        self._client = aioredis.from_url(
-            url, socket_connect_timeout=connect_timeout, socket_timeout=connect_timeout
-        )
-        self._errors = (aioredis.RedisError, OSError)
+        try:
+            self._client = RespClient(
+                url,
+                connect_timeout=connect_timeout,
+                timeout=connect_timeout,
+                scripts=(_HISTORY_FOR_CALL, _APPEND, _RESERVE, _SETTLE, _RELEASE),
+            )
+        except ValueError as exc:
+            raise StoreError(f"redis store {url}: {exc}") from exc
+        self._reply_error = RedisReplyError
+        # OSError covers refused and lost connections, and timeouts.
+        self._errors = (RedisReplyError, OSError, ValueError)
         # Reservation tokens: unique per process (the instance) and per call.
         self._tokens = itertools.count()
         self._instance = os.urandom(6).hex()
-        # EVALSHA, loading the script on first use (and after a server restart).
-        self._history_for_call = self._client.register_script(_HISTORY_FOR_CALL)
-        self._append = self._client.register_script(_APPEND)
-        self._reserve = self._client.register_script(_RESERVE)
-        self._settle = self._client.register_script(_SETTLE)
-        self._release = self._client.register_script(_RELEASE)
+        self._history_for_call = _Script(_HISTORY_FOR_CALL)
+        self._append = _Script(_APPEND)
+        self._reserve = _Script(_RESERVE)
+        self._settle = _Script(_SETTLE)
+        self._release = _Script(_RELEASE)
+
+    async def _eval(self, script: _Script, keys: list[str], *args: str | bytes | int) -> Any:
+        try:
+            return await self._client.call("EVALSHA", script.sha, len(keys), *keys, *args)
+        except self._reply_error as exc:
+            if not str(exc).startswith("NOSCRIPT"):
+                raise
+        return await self._client.call("EVAL", script.source, len(keys), *keys, *args)
 
     def _keys(self, session: str) -> list[str]:
         """The session's steps and counts. The ``{session}`` hash tag keeps both in one
@@ -532,12 +564,12 @@ class RedisStore:
 
     def _reservation_keys(self, session: str) -> list[str]:
         """The session's two keys and its reservations (a sorted set by deadline)."""
-        steps, calls = self._keys(session)
-        return [steps, calls, f"{self.key_prefix}{{{session}}}:held"]
+        base = f"{self.key_prefix}{{{session}}}"
+        return [f"{base}:steps", f"{base}:calls", f"{base}:held"]
 
     async def history(self, session: str) -> list[Step]:
         try:
-            raw = await self._client.lrange(self._keys(session)[0], 0, -1)
+            raw = await self._client.call("LRANGE", self._keys(session)[0], 0, -1)
         except self._errors as exc:
             raise StoreError(f"redis store {self.url}: cannot read session: {exc}") from exc
         return self._decoded(raw)
@@ -545,10 +577,7 @@ class RedisStore:
     async def history_for_call(self, session: str, tool: str, params_hash: str) -> list[Step]:
         """One round trip; the window crosses the network only when it holds the call."""
         try:
-            raw = await self._history_for_call(
-                keys=self._keys(session),
-                args=[_call_field(tool, params_hash), _call_field(tool, TOOL_ERRORS)],
-            )
+            raw = await self._eval(self._history_for_call, self._keys(session), tool, params_hash)
         except self._errors as exc:
             raise StoreError(f"redis store {self.url}: cannot read session: {exc}") from exc
         return self._decoded(raw) if raw else []
@@ -560,9 +589,8 @@ class RedisStore:
             raise StoreError(f"redis store {self.url}: malformed step in session: {exc}") from exc
 
     async def append(self, session: str, step: Step, window: int) -> None:
-        args: list[str | int] = [encode_step(step), window, self.ttl]
         try:
-            await self._append(keys=self._keys(session), args=args)
+            await self._eval(self._append, self._keys(session), _encoded(step), window, self.ttl)
         except self._errors as exc:
             raise StoreError(f"redis store {self.url}: cannot append step: {exc}") from exc
 
@@ -570,46 +598,76 @@ class RedisStore:
         self, session: str, tool: str, params_hash: str, window: int, hold_seconds: float
     ) -> tuple[list[Step], str]:
         """One round trip: the check and the in-flight step, atomically."""
-        args: list[str | int] = [
-            _call_field(tool, params_hash),
-            tool,
-            params_hash,
-            f"r{next(self._tokens)}:{self._instance}",
-            window,
-            self.ttl,
-            max(1, int(hold_seconds * 1000)),
-            IN_FLIGHT,
-            _call_field(tool, TOOL_ERRORS),
-        ]
         try:
-            held, before = await self._reserve(keys=self._reservation_keys(session), args=args)
+            held, before = await self._eval(
+                self._reserve,
+                self._reservation_keys(session),
+                tool,
+                params_hash,
+                f"r{next(self._tokens)}:{self._instance}",
+                window,
+                self.ttl,
+                max(1, int(hold_seconds * 1000)),
+                IN_FLIGHT,
+            )
         except self._errors as exc:
             raise StoreError(f"redis store {self.url}: cannot reserve call: {exc}") from exc
         token = held.decode() if isinstance(held, bytes) else str(held)
         return (self._decoded(before) if before else []), token
 
     async def settle(self, session: str, token: str, step: Step, window: int) -> None:
-        args: list[str | int] = [token, encode_step(step), window, self.ttl]
         try:
-            await self._settle(keys=self._reservation_keys(session), args=args)
+            keys = self._reservation_keys(session)
+            await self._eval(self._settle, keys, token, _encoded(step), window, self.ttl)
         except self._errors as exc:
             raise StoreError(f"redis store {self.url}: cannot settle call: {exc}") from exc
 
+    def settle_nowait(self, session: str, token: str, step: Step, window: int, done: Done) -> bool:
+        """``settle`` written to the connection now, its reply not awaited: ``done`` is
+        called with None or the failure when it comes. False when not connected (then
+        ``settle``). Redis runs a connection's commands in order, so whatever this
+        process sends next sees the settled step."""
+        keys = self._reservation_keys(session)
+        return self._send_script(
+            self._settle, done, 3, *keys, token, _encoded(step), window, self.ttl
+        )
+
+    def release_nowait(self, session: str, token: str, done: Done) -> bool:
+        """``release`` written now, as ``settle_nowait``."""
+        return self._send_script(self._release, done, 3, *self._reservation_keys(session), token)
+
+    def _send_script(self, script: _Script, done: Done, *args: str | bytes | int) -> bool:
+        sent = self._client.send("EVALSHA", script.sha, *args)
+        if sent is None:
+            return False
+
+        def replied(future: asyncio.Future[Any]) -> None:
+            exc = future.exception()
+            if isinstance(exc, self._reply_error) and str(exc).startswith("NOSCRIPT"):
+                again = self._client.send("EVAL", script.source, *args)  # flushed scripts
+                if again is not None:
+                    again.add_done_callback(lambda retried: done(_failure(retried)))
+                    return
+            done(_failure(future) if exc is None else StoreError(f"redis store: {exc}"))
+
+        sent.add_done_callback(replied)
+        return True
+
     async def release(self, session: str, token: str) -> None:
         try:
-            await self._release(keys=self._reservation_keys(session), args=[token])
+            await self._eval(self._release, self._reservation_keys(session), token)
         except self._errors as exc:
             raise StoreError(f"redis store {self.url}: cannot release call: {exc}") from exc
 
     async def put_state(self, key: str, value: str) -> None:
         try:
-            await self._client.set(f"{self.key_prefix}state:{key}", value, ex=self.ttl)
+            await self._client.call("SET", f"{self.key_prefix}state:{key}", value, "EX", self.ttl)
         except self._errors as exc:
             raise StoreError(f"redis store {self.url}: cannot write state: {exc}") from exc
 
     async def get_state(self, key: str) -> str | None:
         try:
-            raw = await self._client.get(f"{self.key_prefix}state:{key}")
+            raw = await self._client.call("GET", f"{self.key_prefix}state:{key}")
         except self._errors as exc:
             raise StoreError(f"redis store {self.url}: cannot read state: {exc}") from exc
         return raw.decode() if isinstance(raw, bytes) else raw
