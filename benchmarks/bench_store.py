@@ -3,7 +3,9 @@
     python benchmarks/bench_store.py [--sessions 20000] [--calls 20000] [--redis URL]
 
 - ``memory bytes/session``: ``tracemalloc`` over ``--sessions`` sessions, each with one
-  call admitted and settled (what an idle session holds), divided by their number.
+  call admitted and settled (what an idle session holds), divided by their number:
+  everything the store keeps, the session id, params hash and marker strings included
+  (each session's own, as the proxy makes them).
 - ``calls/s`` and ``CPU us/call``: ``--calls`` calls, 16 at a time, each admitted
   (``reserve``) then settled with its outcome, as the exchange drives a store; a new
   session every 8 calls. For Redis, a throwaway ``redis-server`` on loopback unless
@@ -44,9 +46,9 @@ def memory_bytes_per_session(sessions: int) -> float:
 
     async def fill() -> None:
         for n in range(sessions):
-            session = f"session-{n:08d}"
-            _, token = await store.reserve(session, TOOL, _hash(n), 64, 630.0)
-            await store.settle(session, token, Step(TOOL, _hash(n), MARKER), 64)
+            session, params_hash = f"session-{n:08d}", _hash(n)
+            _, token = await store.reserve(session, TOOL, params_hash, 64, 630.0)
+            await store.settle(session, token, Step(TOOL, params_hash, f"ptr:{n:012x}"), 64)
 
     gc.collect()
     tracemalloc.start()
@@ -64,9 +66,9 @@ async def _drive(store: Any, calls: int, concurrency: int = 16) -> tuple[float, 
 
     async def worker() -> None:
         for n in counter:
-            session = f"bench-{n // 8}"
-            _, token = await store.reserve(session, TOOL, _hash(n), 64, 630.0)
-            await store.settle(session, token, Step(TOOL, _hash(n), MARKER), 64)
+            session, params_hash = f"bench-{n // 8}", _hash(n)
+            _, token = await store.reserve(session, TOOL, params_hash, 64, 630.0)
+            await store.settle(session, token, Step(TOOL, params_hash, MARKER), 64)
 
     wall, cpu = time.perf_counter(), time.process_time()
     await asyncio.gather(*(worker() for _ in range(concurrency)))

@@ -28,7 +28,7 @@ import itertools
 import math
 import os
 import time
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
@@ -91,59 +91,80 @@ class StateStore(Protocol):
     async def get_state(self, key: str) -> str | None: ...
 
 
-class _Entry:
-    __slots__ = ("calls", "pending", "seen", "steps")
+# A session's window gets its per-call index once it holds more steps than this: below,
+# scanning the window is as quick as a lookup, and an idle session keeps no dict.
+INDEX_FROM = 8
 
-    def __init__(self, steps: deque[Step], seen: float) -> None:
-        self.steps = steps
+
+class _Entry(list[Step]):
+    """One session: its window of steps, oldest first (the list itself, so a session
+    costs one object), when it was last used, its reservations and its per-call index.
+
+    Kept small for the many idle sessions a proxy holds: ``pending`` and ``calls`` are
+    None until needed.
+    """
+
+    __slots__ = ("calls", "pending", "seen")
+
+    def __init__(self, seen: float) -> None:
+        super().__init__()
         self.seen = seen
-        # Reservations: token -> (deadline, the in-flight Step object in ``steps``).
-        self.pending: dict[str, tuple[float, Step]] = {}
-        # How many of the window's steps each (tool, params_hash) has: lets a call that
-        # is not in the window be answered without copying and scanning the window.
-        self.calls: dict[tuple[str, str], int] = {}
-        for step in steps:
-            self._count(step, 1)
+        # Reservations: token -> (deadline, the in-flight Step object in the window).
+        self.pending: dict[str, tuple[float, Step]] | None = None
+        # How many of the window's steps each (tool, params_hash) has, and under
+        # (tool, TOOL_ERRORS) each tool's failures: answers "is the call (or a failure
+        # of its tool) in the window?" without a scan. Built past INDEX_FROM steps.
+        self.calls: dict[tuple[str, str], int] | None = None
 
-    def _count(self, step: Step, delta: int) -> None:
-        self._add((step.tool, step.params_hash), delta)
-        if step.error:  # the tool's failures, whatever the params (tool-wide rules)
-            self._add((step.tool, TOOL_ERRORS), delta)
-
-    def _add(self, key: tuple[str, str], delta: int) -> None:
-        left = self.calls.get(key, 0) + delta
-        if left:
-            self.calls[key] = left
-        else:
-            del self.calls[key]
-
-    def append(self, step: Step) -> None:
-        steps = self.steps
-        if len(steps) == steps.maxlen:
-            self._count(steps[0], -1)  # the deque drops its oldest step
-        steps.append(step)
-        # _count(step, 1) inlined: one method call less on every call's path.
+    def holds(self, tool: str, params_hash: str) -> bool:
+        """The call, or a failure of its tool, has a step in the window: the stall
+        rules can fire only then."""
         calls = self.calls
-        key = (step.tool, step.params_hash)
-        calls[key] = calls.get(key, 0) + 1
-        if step.error:
-            key = (step.tool, TOOL_ERRORS)
-            calls[key] = calls.get(key, 0) + 1
+        if calls is not None:
+            return (tool, params_hash) in calls or (tool, TOOL_ERRORS) in calls
+        for step in self:
+            if step.tool == tool and (step.params_hash == params_hash or step.error):
+                return True
+        return False
+
+    def counts(self) -> dict[tuple[str, str], int]:
+        """The index as it is, or (not built yet) as it would be."""
+        if self.calls is not None:
+            return dict(self.calls)
+        calls: dict[tuple[str, str], int] = {}
+        for step in self:
+            _count(calls, step, 1)
+        return calls
+
+    def push(self, step: Step, window: int) -> None:
+        """Append, dropping the oldest steps past ``window``."""
+        calls = self.calls
+        excess = len(self) + 1 - window
+        if excess > 0:
+            if calls is not None:
+                for dropped in self[:excess]:
+                    _count(calls, dropped, -1)
+            del self[:excess]
+        self.append(step)
+        if calls is not None:
+            _count(calls, step, 1)
+        elif len(self) > INDEX_FROM:
+            self.calls = self.counts()
 
     def _index(self, step: Step) -> int:
         """Where this very step object is in the window, or -1. Searched from the
         newest end: an in-flight step was appended moments ago."""
-        steps = self.steps
-        for index in range(len(steps) - 1, -1, -1):
-            if steps[index] is step:
+        for index in range(len(self) - 1, -1, -1):
+            if self[index] is step:
                 return index
         return -1
 
-    def remove(self, step: Step) -> None:
+    def remove_step(self, step: Step) -> None:
         index = self._index(step)
         if index >= 0:
-            del self.steps[index]
-            self._count(step, -1)
+            del self[index]
+            if self.calls is not None:
+                _count(self.calls, step, -1)
 
     def replace(self, old: Step, new: Step) -> bool:
         """Put ``new`` where the very object ``old`` is (the same call: only the tool's
@@ -151,10 +172,25 @@ class _Entry:
         index = self._index(old)
         if index < 0:
             return False
-        self.steps[index] = new
-        if old.error != new.error:
-            self._add((new.tool, TOOL_ERRORS), 1 if new.error else -1)
+        self[index] = new
+        if self.calls is not None and old.error != new.error:
+            _add(self.calls, (new.tool, TOOL_ERRORS), 1 if new.error else -1)
         return True
+
+    def hold(self, token: str, deadline: float, step: Step) -> None:
+        if self.pending is None:
+            self.pending = {}
+        self.pending[token] = (deadline, step)
+
+    def unhold(self, token: str) -> Step | None:
+        """The reservation's in-flight step, no longer pending (None: unknown token)."""
+        pending = self.pending
+        if pending is None:
+            return None
+        reserved = pending.pop(token, None)
+        if not pending:
+            self.pending = None
+        return None if reserved is None else reserved[1]
 
     def expire(self, now: float) -> None:
         """Reservations past their deadline stop counting. The dict is in the order the
@@ -165,7 +201,22 @@ class _Entry:
             if deadline > now:
                 return
             del pending[token]
-            self.remove(step)
+            self.remove_step(step)
+        self.pending = None
+
+
+def _count(calls: dict[tuple[str, str], int], step: Step, delta: int) -> None:
+    _add(calls, (step.tool, step.params_hash), delta)
+    if step.error:  # the tool's failures, whatever the params (tool-wide rules)
+        _add(calls, (step.tool, TOOL_ERRORS), delta)
+
+
+def _add(calls: dict[tuple[str, str], int], key: tuple[str, str], delta: int) -> None:
+    left = calls.get(key, 0) + delta
+    if left:
+        calls[key] = left
+    else:
+        del calls[key]
 
 
 def _latest(steps: Sequence[Step], tool: str, params_hash: str) -> Step | None:
@@ -195,17 +246,22 @@ class MemoryStore:
     def __len__(self) -> int:
         return len(self._sessions)
 
-    async def history(self, session: str) -> list[Step]:
+    def _live(self, session: str, now: float) -> _Entry | None:
+        """The session's entry, touched (most recently used); None when unknown or
+        idle past the TTL (then dropped)."""
         entry = self._sessions.get(session)
         if entry is None:
-            return []
-        now = self._clock()
+            return None
         if now - entry.seen > self.ttl:
             del self._sessions[session]
-            return []
+            return None
         entry.seen = now
         self._sessions.move_to_end(session)
-        return list(entry.steps)
+        return entry
+
+    async def history(self, session: str) -> list[Step]:
+        entry = self._live(session, self._clock())
+        return [] if entry is None else list(entry)
 
     async def history_for_call(self, session: str, tool: str, params_hash: str) -> list[Step]:
         """``history(session)``, or ``[]`` when the call has no step in the window and
@@ -215,92 +271,56 @@ class MemoryStore:
         failures, so otherwise an empty history gives the same verdict -- without
         copying and scanning the window (the common case: most calls are new).
         """
-        entry = self._sessions.get(session)
-        if (
-            entry is not None
-            and (tool, params_hash) not in entry.calls
-            and (tool, TOOL_ERRORS) not in entry.calls
-        ):
-            now = self._clock()
-            if now - entry.seen > self.ttl:
-                del self._sessions[session]
-            else:  # touched as history() touches it
-                entry.seen = now
-                self._sessions.move_to_end(session)
+        entry = self._live(session, self._clock())
+        if entry is None or not entry.holds(tool, params_hash):
             return []
-        return await self.history(session)
+        return list(entry)
 
     async def append(self, session: str, step: Step, window: int) -> None:
         self._push(session, step, window)
 
-    def _push(self, session: str, step: Step, window: int) -> None:
+    def _push(self, session: str, step: Step, window: int) -> _Entry:
         now = self._clock()
         sessions = self._sessions
-        entry = sessions.get(session)
-        if entry is not None and now - entry.seen > self.ttl:
-            entry = None  # expired: start afresh
-        if entry is None:
-            entry = sessions[session] = _Entry(deque(maxlen=window), now)
-        elif entry.steps.maxlen != window:
-            pending = entry.pending
-            entry = sessions[session] = _Entry(deque(entry.steps, maxlen=window), now)
-            entry.pending = pending
-        entry.append(step)
-        entry.seen = now
-        sessions.move_to_end(session)
+        entry = self._live(session, now)
+        if entry is None:  # new, or expired: start afresh
+            entry = sessions[session] = _Entry(now)
+        entry.push(step, window)
         if len(sessions) > self.max_sessions or now - next(iter(sessions.values())).seen > self.ttl:
             self._evict(now)
+        return entry
 
     async def reserve(
         self, session: str, tool: str, params_hash: str, window: int, hold_seconds: float
     ) -> tuple[list[Step], str]:
-        # No await until the in-flight step is in: atomic on the event loop.
+        # No await here: atomic on the event loop.
         now = self._clock()
-        sessions = self._sessions
-        entry = sessions.get(session)
+        entry = self._live(session, now)
         history: list[Step] = []
-        if entry is None or now - entry.seen > self.ttl or entry.steps.maxlen != window:
-            # New, expired or resized: what append does, then the same as below.
-            held = Step(tool, params_hash, IN_FLIGHT)
-            if entry is not None and now - entry.seen <= self.ttl:
-                history = await self.history_for_call(session, tool, params_hash)
-                latest = _latest(history, tool, params_hash)
-                if latest is not None:
-                    held = Step(tool, params_hash, latest.marker, latest.error)
-            self._push(session, held, window)
-            entry = sessions[session]
-        else:
-            # The hot path: a live session, inlined (this runs on every guarded call).
+        latest = None
+        if entry is not None:
             if entry.pending:
                 entry.expire(now)
-            key = (tool, params_hash)
-            calls = entry.calls
-            latest = None
-            if key in calls or (tool, TOOL_ERRORS) in calls:
-                history = list(entry.steps)
+            if entry.holds(tool, params_hash):
+                history = list(entry)
                 latest = _latest(history, tool, params_hash)
-            held = (
-                Step(tool, params_hash, IN_FLIGHT)
-                if latest is None
-                else Step(tool, params_hash, latest.marker, latest.error)
-            )
-            steps = entry.steps
-            if len(steps) == window:
-                entry._count(steps[0], -1)  # the deque drops its oldest step
-            steps.append(held)
-            calls[key] = calls.get(key, 0) + 1
-            if held.error:
-                calls[(tool, TOOL_ERRORS)] = calls.get((tool, TOOL_ERRORS), 0) + 1
-            entry.seen = now
-            sessions.move_to_end(session)
+        held = (
+            Step(tool, params_hash, IN_FLIGHT)
+            if latest is None
+            else Step(tool, params_hash, latest.marker, latest.error)
+        )
+        if entry is None:
+            entry = self._push(session, held, window)
+        else:
+            entry.push(held, window)
         token = f"r{next(self._tokens)}"
-        entry.pending[token] = (now + hold_seconds, held)
+        entry.hold(token, now + hold_seconds, held)
         return history, token
 
     async def settle(self, session: str, token: str, step: Step, window: int) -> None:
         entry = self._sessions.get(session)
-        reserved = entry.pending.pop(token, None) if entry is not None else None
-        if entry is not None and reserved is not None and entry.replace(reserved[1], step):
+        held = entry.unhold(token) if entry is not None else None
+        if entry is not None and held is not None and entry.replace(held, step):
             entry.seen = self._clock()
             self._sessions.move_to_end(session)
             return
@@ -308,9 +328,9 @@ class MemoryStore:
 
     async def release(self, session: str, token: str) -> None:
         entry = self._sessions.get(session)
-        reserved = entry.pending.pop(token, None) if entry is not None else None
-        if entry is not None and reserved is not None:
-            entry.remove(reserved[1])
+        held = entry.unhold(token) if entry is not None else None
+        if entry is not None and held is not None:
+            entry.remove_step(held)
 
     def _evict(self, now: float) -> None:
         sessions = self._sessions
