@@ -106,9 +106,32 @@ class _Connection(asyncio.Protocol):
         self.waiting: deque[asyncio.Future[Any]] = deque()
         self.reader = _reader()
         self.lost: BaseException | None = None
+        # Commands not written yet: the calls made in one turn of the event loop go out
+        # in one write (a send is most of a command's CPU cost here).
+        self.out: list[bytes] = []
+        self.loop = asyncio.get_running_loop()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+
+    def queue(self, args: tuple[str | bytes | int, ...], now: bool) -> asyncio.Future[Any]:
+        """The command's reply future; the command written at once (``now``) or at the
+        end of this turn of the event loop, with the others queued meanwhile."""
+        future = self.loop.create_future()
+        self.waiting.append(future)
+        out = self.out
+        out.append(encode_command(args))
+        if now:
+            self.flush()
+        elif len(out) == 1:
+            self.loop.call_soon(self.flush)
+        return future
+
+    def flush(self) -> None:
+        out = self.out
+        if out and self.transport is not None and self.lost is None:
+            self.transport.write(out[0] if len(out) == 1 else b"".join(out))
+        out.clear()
 
     def data_received(self, data: bytes) -> None:
         reader = self.reader
@@ -125,6 +148,7 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self.lost = exc or ConnectionResetError("redis closed the connection")
+        self.out.clear()
         while self.waiting:
             future = self.waiting.popleft()
             if not future.done():
@@ -178,10 +202,10 @@ class RespClient:
             handshake = []
             if self._password is not None:
                 auth = (self._username, self._password) if self._username else (self._password,)
-                handshake.append(self._send(conn, ("AUTH", *auth)))
+                handshake.append(conn.queue(("AUTH", *auth), True))
             if self._db:
-                handshake.append(self._send(conn, ("SELECT", self._db)))
-            handshake.extend(self._send(conn, ("SCRIPT", "LOAD", s)) for s in self._scripts)
+                handshake.append(conn.queue(("SELECT", self._db), True))
+            handshake.extend(conn.queue(("SCRIPT", "LOAD", s), True) for s in self._scripts)
             for reply in handshake:
                 await reply
         return conn
@@ -199,26 +223,22 @@ class RespClient:
         self._conn = conn
         return conn
 
-    @staticmethod
-    def _send(conn: _Connection, args: tuple[str | bytes | int, ...]) -> asyncio.Future[Any]:
-        future = asyncio.get_running_loop().create_future()
-        conn.waiting.append(future)
-        assert conn.transport is not None
-        conn.transport.write(encode_command(args))
-        return future
-
     def send(self, *args: str | bytes | int) -> asyncio.Future[Any] | None:
-        """Write the command now when connected (None when not: use ``call``)."""
+        """Write the command now, with any queued before it, when connected (None when
+        not: use ``call``). For a command whose reply is not awaited (a settle): it
+        leaves before the response it follows does."""
         conn = self._conn
         if conn is None or conn.lost is not None:
             return None
-        return self._send(conn, args)
+        return conn.queue(args, True)
 
     async def call(self, *args: str | bytes | int) -> Any:
+        """The command's reply; the command written at the end of this turn of the event
+        loop, with the others made meanwhile."""
         conn = self._conn
         if conn is None or conn.lost is not None:
             conn = await self._connection()
-        future = self._send(conn, args)
+        future = conn.queue(args, False)
         async with asyncio.timeout(self.timeout):
             return await future
 
