@@ -9,7 +9,8 @@
 - ``calls/s`` and ``CPU us/call``: ``--calls`` calls, 16 at a time, each admitted
   (``reserve``) then settled with its outcome, as the exchange drives a store; a new
   session every 8 calls. For Redis, a throwaway ``redis-server`` on loopback unless
-  ``--redis`` names one. CPU is this process's (the client side, what a proxy pays).
+  ``--redis`` names one. CPU: this process's (the client side, what a proxy pays) and
+  the redis-server's (what the scripts cost the server).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
+import os
 import shutil
 import socket
 import subprocess
@@ -76,6 +78,16 @@ async def _drive(store: Any, calls: int, concurrency: int = 16) -> tuple[float, 
     return calls / (time.perf_counter() - wall), (time.process_time() - cpu) / calls * 1e6
 
 
+def _cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process, from /proc (nan elsewhere)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return float("nan")
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -126,8 +138,14 @@ def main() -> int:
         from guard.engine.breaker import BreakerStore
         from guard.engine.store import RedisStore
 
-        rate, cpu = asyncio.run(_drive(BreakerStore(RedisStore(url)), args.calls))
-        print(f"redis store:  {rate:.0f} calls/s, {cpu:.1f} CPU us/call (client side)")
+        server_before = _cpu_s(proc.pid) if proc is not None else float("nan")
+        store = BreakerStore(RedisStore(url, reply_timeout=None))  # as the engine builds it
+        rate, cpu = asyncio.run(_drive(store, args.calls))
+        server = (_cpu_s(proc.pid) - server_before) / args.calls * 1e6 if proc else float("nan")
+        print(
+            f"redis store:  {rate:.0f} calls/s, {cpu:.1f} CPU us/call client side, "
+            f"{server:.1f} in redis-server"
+        )
     finally:
         if proc is not None:
             proc.terminate()

@@ -154,7 +154,13 @@ def _store_from_config(config: Config) -> SessionStore:
         from guard.engine.store import RedisStore
 
         store = config.store
-        redis = RedisStore(store.url, key_prefix=store.key_prefix, ttl_seconds=store.ttl_seconds)
+        # The breaker bounds every operation: no second timer per command.
+        redis = RedisStore(
+            store.url,
+            key_prefix=store.key_prefix,
+            ttl_seconds=store.ttl_seconds,
+            reply_timeout=None,
+        )
         return BreakerStore(
             redis,
             timeout=store.timeout_seconds,

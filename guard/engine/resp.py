@@ -163,7 +163,7 @@ class RespClient:
         url: str,
         *,
         connect_timeout: float = 2.0,
-        timeout: float = 2.0,
+        timeout: float | None = 2.0,
         scripts: tuple[str, ...] = (),
     ) -> None:
         """``scripts``: Lua sources loaded on every new connection (SCRIPT LOAD), so
@@ -239,17 +239,19 @@ class RespClient:
         if conn is None or conn.lost is not None:
             conn = await self._connection()
         future = conn.queue(args, False)
+        if self.timeout is None:
+            return await future
         async with asyncio.timeout(self.timeout):
             return await future
 
     async def aclose(self) -> None:
         """Close once the replies still due have come (commands sent without waiting,
-        such as settles), for at most ``timeout`` seconds."""
+        such as settles), for at most ``timeout`` seconds (or the connect timeout)."""
         conn, self._conn = self._conn, None
         if conn is None or conn.transport is None:
             return
         if conn.waiting and conn.lost is None:
-            await asyncio.wait(list(conn.waiting), timeout=self.timeout)
+            await asyncio.wait(list(conn.waiting), timeout=self.timeout or self.connect_timeout)
         conn.transport.close()
 
 

@@ -406,9 +406,11 @@ return redis.call('LRANGE', KEYS[1], 0, -1)
 
 # Steps pushed past the window are dropped and uncounted (the same lines in every
 # script that pushes). KEYS[1] steps list, KEYS[2] counts hash; ``window`` a number.
+# ``len``: the list's length after the push (RPUSH returns it).
 _TRIM = r"""
-while redis.call('LLEN', KEYS[1]) > window do
+while len > window do
   count(cjson.decode(redis.call('LPOP', KEYS[1])), -1)
+  len = len - 1
 end
 """
 
@@ -417,7 +419,7 @@ end
 _APPEND = (
     _COUNT
     + r"""
-redis.call('RPUSH', KEYS[1], ARGV[1])
+local len = redis.call('RPUSH', KEYS[1], ARGV[1])
 count(cjson.decode(ARGV[1]), 1)
 local window = tonumber(ARGV[2])
 """
@@ -462,7 +464,7 @@ if redis.call('HEXISTS', KEYS[2], ARGV[1] .. '\31' .. ARGV[2]) == 1
 end
 local step = {ARGV[1], ARGV[2], marker, err, ARGV[3]}
 local held = cjson.encode(step)
-redis.call('RPUSH', KEYS[1], held)
+local len = redis.call('RPUSH', KEYS[1], held)
 count(step, 1)
 local window = tonumber(ARGV[4])
 """
@@ -484,13 +486,19 @@ _SETTLE = (
     + r"""
 redis.call('ZREM', KEYS[3], ARGV[1])
 local pos = redis.call('LPOS', KEYS[1], ARGV[1], 'RANK', -1)  -- from the newest end
+local step = cjson.decode(ARGV[2])
 if pos then
   redis.call('LSET', KEYS[1], pos, ARGV[2])
-  count(cjson.decode(ARGV[1]), -1)
-  count(cjson.decode(ARGV[2]), 1)
+  local held = cjson.decode(ARGV[1])
+  if held[4] ~= step[4] then  -- the same call: only its tool's failures can change
+    local field = step[1] .. '\31'
+    if redis.call('HINCRBY', KEYS[2], field, step[4] - held[4]) <= 0 then
+      redis.call('HDEL', KEYS[2], field)
+    end
+  end
 else
-  redis.call('RPUSH', KEYS[1], ARGV[2])
-  count(cjson.decode(ARGV[2]), 1)
+  local len = redis.call('RPUSH', KEYS[1], ARGV[2])
+  count(step, 1)
   local window = tonumber(ARGV[3])
 """
     + _TRIM
@@ -541,7 +549,10 @@ class RedisStore:
         ttl_seconds: float = 3600.0,
         *,
         connect_timeout: float = 2.0,
+        reply_timeout: float | None = 2.0,
     ) -> None:
+        """``reply_timeout``: how long a command waits for its reply; None leaves it to
+        the caller (a ``BreakerStore`` in front bounds every operation already)."""
         from guard.engine.resp import RedisReplyError, RespClient
 
         self.url = url
@@ -551,7 +562,7 @@ class RedisStore:
             self._client = RespClient(
                 url,
                 connect_timeout=connect_timeout,
-                timeout=connect_timeout,
+                timeout=reply_timeout,
                 scripts=(_HISTORY_FOR_CALL, _APPEND, _RESERVE, _SETTLE, _RELEASE),
             )
         except ValueError as exc:
