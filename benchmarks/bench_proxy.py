@@ -13,8 +13,12 @@ Three uvicorn processes (uvloop + httptools, one worker each):
   propagation, metrics) and durable records written to a temp file;
 - ``loopguard-no-records``: the same without the durable records file;
 - ``loopguard-redis``: ``loopguard`` with its sessions in Redis (the store replicas
-  share), when ``redis-server`` and the ``redis`` package are installed: a
-  ``redis-server`` on loopback, sharing the upstream's core.
+  share), when ``redis-server`` is installed: a ``redis-server`` on loopback, sharing
+  the upstream's core;
+- ``loopguard-redis-2w``: the same through ``loopguard serve --workers 2`` (the serve
+  path's uvicorn options), its two workers free to run on every core, upstream, load
+  generator and Redis included: scale-out on this machine. CPU per request sums the
+  workers.
 
 Each proxy is driven with the same load by ``wrk`` (a Lua script POSTs the JSON
 bodies) when it is installed, else by a built-in aiohttp load generator, at
@@ -160,17 +164,23 @@ class BareProxy:
             await response.aclose()
 
 
-def loopguard_app(upstream: str, records: str, store: str = "") -> Any:
-    from guard.doors.proxy import ProxyApp
+def loopguard_config(upstream: str, records: str, store: str = "", **server: Any) -> Any:
     from guard.engine.config import Config
 
     mapping: dict[str, Any] = {
         "routes": [{"prefix": "/tools", "upstream": upstream, "adapter": "http-tool"}],
         "telemetry": {"records": records},
+        "server": server,
     }
     if store:
         mapping["store"] = {"backend": "redis", "url": store}
-    return ProxyApp(Config.from_mapping(mapping))
+    return Config.from_mapping(mapping)
+
+
+def loopguard_app(upstream: str, records: str, store: str = "") -> Any:
+    from guard.doors.proxy import ProxyApp
+
+    return ProxyApp(loopguard_config(upstream, records, store))
 
 
 def run_role(
@@ -180,6 +190,15 @@ def run_role(
 
     if cpus and hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, set(cpus))
+    if role.startswith("loopguard-") and role.endswith("w"):  # loopguard-<N>w: serve
+        from guard.doors.serve import serve
+
+        workers = int(role.removeprefix("loopguard-").removesuffix("w"))
+        config = loopguard_config(
+            upstream, records, store, listen=f"127.0.0.1:{port}", workers=workers
+        )
+        serve(config, log_level="warning")
+        return
     if role == "upstream":
         app: Any = static_upstream
     elif role == "bare":
@@ -357,10 +376,6 @@ TARGETS = ("bare", "loopguard", "loopguard-no-records")
 
 def start_redis(cpus: list[int]) -> tuple[subprocess.Popen | None, str]:
     """A throwaway redis-server on loopback (no persistence), or (None, "") without one."""
-    try:
-        import redis  # noqa: F401  (RedisStore needs it)
-    except ImportError:
-        return None, ""
     binary = shutil.which("redis-server")
     if binary is None:
         return None, ""
@@ -380,15 +395,24 @@ def proc_cpu_s(pid: int) -> float:
             fields = stat.read().rsplit(")", 1)[1].split()
     except OSError:
         return float("nan")
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    own = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    try:  # and its children's (the workers of ``loopguard serve --workers N``)
+        with open(f"/proc/{pid}/task/{pid}/children") as children:
+            return own + sum(proc_cpu_s(int(child)) for child in children.read().split())
+    except OSError:
+        return own
 
 
 def measure(target: str, args: argparse.Namespace, env: dict[str, Any]) -> None:
     port = free_port()
-    records = env["records"] if target in ("loopguard", "loopguard-redis") else ""
+    redis = target.startswith("loopguard-redis")
+    records = env["records"] if target == "loopguard" or redis else ""
     role = "bare" if target == "bare" else "loopguard"
-    store = env["redis"] if target == "loopguard-redis" else ""
-    proc = spawn(role, port, env["upstream"], env["proxy_cpus"], records, store)
+    cpus = env["proxy_cpus"]
+    if target.endswith("-2w"):  # loopguard serve --workers 2, on every core
+        role, cpus = "loopguard-2w", env["proxy_cpus"] + env["other_cpus"]
+    store = env["redis"] if redis else ""
+    proc = spawn(role, port, env["upstream"], cpus, records, store)
     try:
         url = f"http://127.0.0.1:{port}"
         run_load(url, 4, 1.0, env["other_cpus"])  # warm-up: connections, caches
@@ -406,7 +430,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--duration", type=float, default=6.0, help="seconds per measurement")
     parser.add_argument("--rounds", type=int, default=1, help="alternating rounds per target")
-    parser.add_argument("--role", choices=["upstream", "bare", "loopguard"], help=argparse.SUPPRESS)
+    roles = ["upstream", "bare", "loopguard", "loopguard-2w"]
+    parser.add_argument("--role", choices=roles, help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--upstream", default="", help=argparse.SUPPRESS)
     parser.add_argument("--records", default="", help=argparse.SUPPRESS)
@@ -437,9 +462,9 @@ def main() -> int:
         "results": {},
     }
     redis_proc, env["redis"] = start_redis(other_cpus)
-    targets = TARGETS + (("loopguard-redis",) if redis_proc is not None else ())
+    targets = TARGETS + (("loopguard-redis", "loopguard-redis-2w") if redis_proc else ())
     if redis_proc is None:
-        print("loopguard-redis: skipped (needs redis-server and the redis package)")
+        print("loopguard-redis: skipped (needs redis-server)")
     upstream_proc = spawn("upstream", upstream_port, "", other_cpus, "")
     try:
         for _ in range(args.rounds):
