@@ -1,14 +1,22 @@
 """Session history stores behind one async protocol.
 
 ``MemoryStore`` keeps sessions in this process: bounded (at most ``max_sessions``, the
-least recently used evicted) and idle sessions expire after ``ttl_seconds``.
+least recently used evicted) and idle sessions expire after ``ttl_seconds``. A session
+is one small object (about 0.5 KB idle with one call, its strings included).
 
 ``RedisStore`` shares sessions between replicas: per session a list of steps and a hash
 counting each call's steps in the window (the memory store's index), both changed by
 one Lua script per append, so the window bound, the index and the idle expiry hold
 whichever replica writes. A check is one script too: the window comes back only when
 the call is in it. Any Redis failure surfaces as ``StoreError`` (the exchange reports
-it as failure stage ``store``).
+it as failure stage ``store``). It talks to Redis through ``guard.engine.resp``: one
+pipelined connection per process, scripts by EVALSHA.
+
+One round trip per call on the request path: ``reserve`` is awaited; ``settle`` (and
+``release``) can be sent without waiting (``settle_nowait``, which the breaker uses).
+Redis runs one connection's commands in order, so within a process the next call sees
+the settled step; another replica's call that reaches Redis before the settle does is
+judged as a concurrent duplicate is (the call still in flight).
 
 Admission is atomic: ``reserve`` answers the check *and* puts an in-flight step of the
 call into the window in one step (one Lua script for Redis), so a concurrent
