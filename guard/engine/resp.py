@@ -224,13 +224,15 @@ class RespClient:
         return conn
 
     def send(self, *args: str | bytes | int) -> asyncio.Future[Any] | None:
-        """Write the command now, with any queued before it, when connected (None when
-        not: use ``call``). For a command whose reply is not awaited (a settle): it
-        leaves before the response it follows does."""
+        """Queue the command as ``call`` does, for a caller that does not await the reply
+        (a settle): its future, or None when not connected (then use ``call``). It goes
+        out with the commands made in the same turn, the next call's check among them,
+        in one write: measured in the proxy bench, a third less CPU in redis-server
+        per call and a few percent less in the proxy than writing it at once."""
         conn = self._conn
         if conn is None or conn.lost is not None:
             return None
-        return conn.queue(args, True)
+        return conn.queue(args, False)
 
     async def call(self, *args: str | bytes | int) -> Any:
         """The command's reply; the command written at the end of this turn of the event

@@ -13,10 +13,12 @@ it as failure stage ``store``). It talks to Redis through ``guard.engine.resp``:
 pipelined connection per process, scripts by EVALSHA.
 
 One round trip per call on the request path: ``reserve`` is awaited; ``settle`` (and
-``release``) can be sent without waiting (``settle_nowait``, which the breaker uses).
-Redis runs one connection's commands in order, so within a process the next call sees
-the settled step; another replica's call that reaches Redis before the settle does is
-judged as a concurrent duplicate is (the call still in flight).
+``release``) can be sent without waiting (``settle_nowait``, which the breaker uses):
+queued on the connection, it goes out with the next commands of the same turn of the
+event loop. Redis runs one connection's commands in order, so within a process the
+next call sees the settled step; another replica's call that reaches Redis before the
+settle does (a turn of the event loop after the response) is judged as a concurrent
+duplicate is (the call still in flight).
 
 Admission is atomic: ``reserve`` answers the check *and* puts an in-flight step of the
 call into the window in one step (one Lua script for Redis), so a concurrent
@@ -662,7 +664,7 @@ class RedisStore:
             raise StoreError(f"redis store {self.url}: cannot settle call: {exc}") from exc
 
     def settle_nowait(self, session: str, token: str, step: Step, window: int, done: Done) -> bool:
-        """``settle`` written to the connection now, its reply not awaited: ``done`` is
+        """``settle`` queued on the connection, its reply not awaited: ``done`` is
         called with None or the failure when it comes. False when not connected (then
         ``settle``). Redis runs a connection's commands in order, so whatever this
         process sends next sees the settled step."""
@@ -672,7 +674,7 @@ class RedisStore:
         )
 
     def release_nowait(self, session: str, token: str, done: Done) -> bool:
-        """``release`` written now, as ``settle_nowait``."""
+        """``release`` queued, as ``settle_nowait``."""
         return self._send_script(self._release, done, 3, *self._reservation_keys(session), token)
 
     def _send_script(self, script: _Script, done: Done, *args: str | bytes | int) -> bool:
