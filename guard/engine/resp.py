@@ -199,15 +199,20 @@ class RespClient:
                 _, conn = await loop.create_connection(
                     _Connection, self._host, self._port, ssl=context
                 )
-            handshake = []
-            if self._password is not None:
-                auth = (self._username, self._password) if self._username else (self._password,)
-                handshake.append(conn.queue(("AUTH", *auth), True))
-            if self._db:
-                handshake.append(conn.queue(("SELECT", self._db), True))
-            handshake.extend(conn.queue(("SCRIPT", "LOAD", s), True) for s in self._scripts)
-            for reply in handshake:
-                await reply
+            try:
+                handshake = []
+                if self._password is not None:
+                    user = (self._username,) if self._username else ()
+                    handshake.append(conn.queue(("AUTH", *user, self._password), True))
+                if self._db:
+                    handshake.append(conn.queue(("SELECT", self._db), True))
+                handshake.extend(conn.queue(("SCRIPT", "LOAD", s), True) for s in self._scripts)
+                for reply in handshake:
+                    await reply
+            except BaseException:  # refused (AUTH, SELECT) or timed out: not kept open
+                assert conn.transport is not None
+                conn.transport.close()
+                raise
         return conn
 
     async def _connection(self) -> _Connection:

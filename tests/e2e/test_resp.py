@@ -124,3 +124,21 @@ async def test_a_failed_settle_not_awaited_counts_towards_the_breaker_and_warns(
     inner.replies[3](StoreError("lost"))
     assert breaker.is_open  # three failures in a row
     assert warnings.noted == ["StoreError"] * 3
+
+
+def test_urls_name_host_port_credentials_and_database() -> None:
+    client = resp.RespClient("redis://user:p%40ss@cache.internal:6380/3")
+    assert (client._host, client._port, client._db) == ("cache.internal", 6380, 3)
+    assert (client._username, client._password) == ("user", "p@ss")
+    assert resp.RespClient("unix:///run/redis.sock?db=2")._path == "/run/redis.sock"
+    with pytest.raises(StoreError, match="unsupported redis URL scheme"):
+        RedisStore("http://127.0.0.1:6379/0")
+
+
+async def test_a_refused_password_is_a_store_error(redis_url: str) -> None:
+    store = RedisStore(redis_url.replace("redis://", "redis://:wrong@"))
+    try:
+        with pytest.raises(StoreError, match=r"(?i)auth|password"):
+            await store.reserve("s", "t", "h", 8, 60)
+    finally:
+        await store.aclose()
