@@ -13,8 +13,11 @@ static upstream (raw ASGI: a small JSON tool answer, or a ``chat.completion`` on
   (spans for trace propagation, metrics) and durable records to a temp file;
 - ``loopguard-no-records``: the same without the durable records file;
 - ``loopguard-redis``: ``loopguard`` with its sessions in Redis, when ``redis-server``
-  and the ``redis`` package are installed (a ``redis-server`` on loopback, sharing the
-  upstream's core);
+  is installed (a ``redis-server`` on loopback, sharing the upstream's core);
+- ``loopguard-redis-2w``: the same through ``loopguard serve --workers 2`` (the serve
+  path's uvicorn options), its workers free to run on every core, the upstream's, the
+  load generator's and Redis's included: scale-out on this machine. Its CPU per
+  request sums the workers;
 - ``loopguard-openai``: loopguard's openai route, a chat request with a tool call in
   its history;
 - ``litellm``: the LiteLLM proxy (when ``litellm[proxy]`` is importable) with one
@@ -190,6 +193,7 @@ class Target:
     records: bool = False  # loopguard: durable records on
     redis: bool = False  # loopguard: sessions in Redis
     otlp: bool = False  # loopguard: spans and metrics exported to a live OTLP collector
+    workers: int = 1  # above 1: ``loopguard serve --workers N`` (role "loopguard-serve")
     available: Callable[[], str] = lambda: ""  # why it cannot run here, "" when it can
     headers: tuple[tuple[str, str], ...] = ()
 
@@ -214,6 +218,15 @@ TARGETS = (
     Target("loopguard", "loopguard", TOOL_PATH, TOOL_TEMPLATE, records=True),
     Target("loopguard-no-records", "loopguard", TOOL_PATH, TOOL_TEMPLATE),
     Target("loopguard-redis", "loopguard", TOOL_PATH, TOOL_TEMPLATE, records=True, redis=True),
+    Target(
+        "loopguard-redis-2w",
+        "loopguard-serve",
+        TOOL_PATH,
+        TOOL_TEMPLATE,
+        records=True,
+        redis=True,
+        workers=2,
+    ),
     Target("loopguard-otlp", "loopguard", TOOL_PATH, TOOL_TEMPLATE, records=True, otlp=True),
     Target(
         "loopguard-openai", "loopguard-openai", "/openai" + CHAT_PATH, CHAT_TEMPLATE, records=True
@@ -375,20 +388,36 @@ class FloorProxy:
             response.release()
 
 
-def loopguard_app(upstream: str, records: str, store: str = "", adapter: str = "http-tool") -> Any:
-    from guard.doors.proxy import ProxyApp
+def loopguard_config(
+    upstream: str, records: str, store: str = "", adapter: str = "http-tool", **server: Any
+) -> Any:
     from guard.engine.config import Config
 
     prefix = "/tools" if adapter == "http-tool" else "/openai"
     mapping: dict[str, Any] = {
         "routes": [{"prefix": prefix, "upstream": upstream, "adapter": adapter}],
         "telemetry": {"records": records},
+        "server": server,
     }
     if store:
         mapping["store"] = {"backend": "redis", "url": store}
     if os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT"):  # the loopguard-otlp target
         mapping["telemetry"]["exporter"] = "otlp"
-    return ProxyApp(Config.from_mapping(mapping))
+    return Config.from_mapping(mapping)
+
+
+def loopguard_app(upstream: str, records: str, store: str = "", adapter: str = "http-tool") -> Any:
+    from guard.doors.proxy import ProxyApp
+
+    return ProxyApp(loopguard_config(upstream, records, store, adapter))
+
+
+def loopguard_serve(upstream: str, records: str, store: str, port: int, workers: int) -> None:
+    """``loopguard serve --workers N``: the supervisor and its worker processes."""
+    from guard.doors.serve import serve
+
+    server = {"listen": f"127.0.0.1:{port}", "workers": workers}
+    serve(loopguard_config(upstream, records, store, **server), log_level="warning")
 
 
 def litellm_app(upstream: str, folder: str) -> Any:
@@ -427,6 +456,10 @@ def run_role(
 
     if cpus and hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, set(cpus))
+    if role == "loopguard-serve":  # its workers inherit the CPUs
+        workers = max(t.workers for t in TARGETS if t.role == role)
+        loopguard_serve(upstream, records, store, port, workers)
+        return
     if role == "upstream":
         app: Any = static_upstream
     elif role == "collector":
@@ -637,10 +670,6 @@ def run_load(
 
 def start_redis(cpus: list[int]) -> tuple[subprocess.Popen | None, str]:
     """A throwaway redis-server on loopback (no persistence), or (None, "") without one."""
-    try:
-        import redis  # noqa: F401  (RedisStore needs it)
-    except ImportError:
-        return None, ""
     binary = shutil.which("redis-server")
     if binary is None:
         return None, ""
@@ -660,7 +689,12 @@ def proc_cpu_s(pid: int) -> float:
             fields = stat.read().rsplit(")", 1)[1].split()
     except OSError:
         return float("nan")
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    own = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    try:  # and its children's (the workers of ``loopguard serve --workers N``)
+        with open(f"/proc/{pid}/task/{pid}/children") as children:
+            return own + sum(proc_cpu_s(int(child)) for child in children.read().split())
+    except OSError:
+        return own
 
 
 def measure(target: Target, args: argparse.Namespace, env: dict[str, Any]) -> None:
@@ -670,7 +704,9 @@ def measure(target: Target, args: argparse.Namespace, env: dict[str, Any]) -> No
     store = env["redis"] if target.redis else ""
     # The collector named as in production, by the standard variable.
     extra_env = {"OTEL_EXPORTER_OTLP_ENDPOINT": env["collector"]} if target.otlp else None
-    proc = spawn(target.role, port, env["upstream"], env["proxy_cpus"], records, store, extra_env)
+    # Several workers may use every core (scale-out); one proxy process gets its own.
+    cpus = env["proxy_cpus"] + env["other_cpus"] if target.workers > 1 else env["proxy_cpus"]
+    proc = spawn(target.role, port, env["upstream"], cpus, records, store, extra_env)
     try:
         url = f"http://127.0.0.1:{port}"
         run_load(url, target, 4, 1.0, env["other_cpus"])  # warm-up: connections, caches
@@ -687,7 +723,7 @@ def measure(target: Target, args: argparse.Namespace, env: dict[str, Any]) -> No
 def missing(target: Target, redis_running: bool) -> str:
     """Why a target cannot run on this machine, "" when it can."""
     if target.redis and not redis_running:
-        return "needs redis-server and the redis package"
+        return "needs redis-server"
     return target.available()
 
 

@@ -9,6 +9,13 @@ After ``backoff`` seconds one operation is let through as a probe (half-open): i
 closes the breaker when it succeeds, or opens it again for twice as long (up to
 ``max_backoff``) when it fails. As Envoy's outlier detection and nginx's
 ``max_fails``/``fail_timeout`` do, in one place.
+
+A settle or release the store can send without waiting (``settle_nowait``) is sent so
+while the breaker is closed: the response goes out without a round trip, and the
+reply, when it comes, counts as any operation does -- a failure towards opening the
+breaker, and a rate-limited warning (``warnings``), since no call is left to record
+stage ``store`` on. A reply that never comes is not timed here: the admissions that
+follow on the same connection are, and they open the breaker.
 """
 
 from __future__ import annotations
@@ -18,10 +25,33 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar, cast
 
+import structlog
+
 from guard.engine.calls import Step
 from guard.engine.store import SessionStore, StateStore, StoreError
 
 T = TypeVar("T")
+_log = structlog.get_logger("loopguard")
+
+
+class RateLimitedWarning:
+    """One warning per ``every`` seconds at most, saying how many were held back: a
+    store that is down must not write a line per call."""
+
+    def __init__(self, event: str, every: float = 10.0) -> None:
+        self.event = event
+        self.every = every
+        self._last: float | None = None
+        self._held = 0
+
+    def note(self, error: str) -> None:
+        now = time.monotonic()
+        if self._last is not None and now - self._last < self.every:
+            self._held += 1
+            return
+        _log.warning(self.event, error=error, suppressed_since_last=self._held)
+        self._last = now
+        self._held = 0
 
 
 class CircuitOpen(StoreError):
@@ -51,6 +81,10 @@ class BreakerStore:
         self._open_until: float | None = None  # None: closed
         self._open_for = backoff
         self._probing = False
+        # Where the failure of an operation not awaited is told (the engine shares its own).
+        self.warnings = RateLimitedWarning("session_store_unavailable")
+        self._settle_nowait = getattr(store, "settle_nowait", None)
+        self._release_nowait = getattr(store, "release_nowait", None)
 
     @property
     def is_open(self) -> bool:
@@ -73,10 +107,21 @@ class BreakerStore:
         finally:
             if probe:
                 self._probing = False
+        self._succeeded()
+        return result
+
+    def _succeeded(self) -> None:
         self._failed = 0
         self._open_until = None
         self._open_for = self.backoff
-        return result
+
+    def _replied(self, exc: BaseException | None) -> None:
+        """The reply to an operation sent without waiting."""
+        if exc is None:
+            self._succeeded()
+        else:
+            self._failure(False)
+            self.warnings.note(type(exc).__name__)
 
     def _failure(self, probe: bool) -> None:
         self._failed += 1
@@ -102,9 +147,19 @@ class BreakerStore:
         )
 
     async def settle(self, session: str, token: str, step: Step, window: int) -> None:
+        send = self._settle_nowait
+        if (
+            send is not None
+            and self._open_until is None
+            and send(session, token, step, window, self._replied)
+        ):
+            return
         await self._call(lambda: self.store.settle(session, token, step, window))
 
     async def release(self, session: str, token: str) -> None:
+        send = self._release_nowait
+        if send is not None and self._open_until is None and send(session, token, self._replied):
+            return
         await self._call(lambda: self.store.release(session, token))
 
     async def put_state(self, key: str, value: str) -> None:
@@ -119,4 +174,4 @@ class BreakerStore:
         await self.store.aclose()
 
 
-__all__ = ["BreakerStore", "CircuitOpen"]
+__all__ = ["BreakerStore", "CircuitOpen", "RateLimitedWarning"]

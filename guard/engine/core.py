@@ -8,12 +8,10 @@ telemetry through its own ``TelemetryPort``; the doors build the real one.
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import structlog
-
+from guard.engine.breaker import BreakerStore, RateLimitedWarning
 from guard.engine.calls import CallRecord, FailureStage, Step, Verdict
 from guard.engine.config import Config
 from guard.engine.detector import Detector
@@ -24,8 +22,6 @@ from guard.engine.pseudonym import keyed_pseudonym, keyed_session_hasher
 from guard.engine.redact import Redactor, load_key
 from guard.engine.store import MemoryStore, SessionStore
 from guard.engine.telemetry_port import NullTelemetry, TelemetryFactory, TelemetryPort
-
-_log = structlog.get_logger("loopguard")
 
 
 class Engine:
@@ -43,7 +39,7 @@ class Engine:
         self.config = config or Config()
         # The config is frozen: what is read on every call is built once.
         self._scrub_policy = self.config.redaction.policy_id
-        self._store_warnings = _RateLimitedWarning("session_store_unavailable")
+        self._store_warnings = RateLimitedWarning("session_store_unavailable")
         self._window = self.config.loop.window
         self._in_flight_s = self.config.loop.in_flight_seconds
         # One key for parameter pseudonyms and session pseudonyms in records.
@@ -63,6 +59,9 @@ class Engine:
         self.markers = ProgressMarkers(self.config.loop, self.redactor)
         # "is None": an empty MemoryStore is falsy (len 0) and must still be the one used.
         self.store = store if store is not None else _store_from_config(self.config)
+        if isinstance(self.store, BreakerStore):
+            # A failed settle sent without waiting warns in the engine's own stream.
+            self.store.warnings = self._store_warnings
         # Session ids leave in records only as keyed pseudonyms, under the same key.
         self.session_hasher = keyed_session_hasher(key)
         if telemetry is None:
@@ -150,33 +149,18 @@ class Engine:
         self.telemetry.shutdown()
 
 
-class _RateLimitedWarning:
-    """One warning per ``every`` seconds at most, saying how many were held back: a
-    store that is down must not write a line per call."""
-
-    def __init__(self, event: str, every: float = 10.0) -> None:
-        self.event = event
-        self.every = every
-        self._last: float | None = None
-        self._held = 0
-
-    def note(self, error: str) -> None:
-        now = time.monotonic()
-        if self._last is not None and now - self._last < self.every:
-            self._held += 1
-            return
-        _log.warning(self.event, error=error, suppressed_since_last=self._held)
-        self._last = now
-        self._held = 0
-
-
 def _store_from_config(config: Config) -> SessionStore:
     if config.store.backend == "redis":
-        from guard.engine.breaker import BreakerStore
         from guard.engine.store import RedisStore
 
         store = config.store
-        redis = RedisStore(store.url, key_prefix=store.key_prefix, ttl_seconds=store.ttl_seconds)
+        # The breaker bounds every operation: no second timer per command.
+        redis = RedisStore(
+            store.url,
+            key_prefix=store.key_prefix,
+            ttl_seconds=store.ttl_seconds,
+            reply_timeout=None,
+        )
         return BreakerStore(
             redis,
             timeout=store.timeout_seconds,

@@ -1,14 +1,24 @@
 """Session history stores behind one async protocol.
 
 ``MemoryStore`` keeps sessions in this process: bounded (at most ``max_sessions``, the
-least recently used evicted) and idle sessions expire after ``ttl_seconds``.
+least recently used evicted) and idle sessions expire after ``ttl_seconds``. A session
+is one small object (about 0.5 KB idle with one call, its strings included).
 
 ``RedisStore`` shares sessions between replicas: per session a list of steps and a hash
 counting each call's steps in the window (the memory store's index), both changed by
 one Lua script per append, so the window bound, the index and the idle expiry hold
 whichever replica writes. A check is one script too: the window comes back only when
 the call is in it. Any Redis failure surfaces as ``StoreError`` (the exchange reports
-it as failure stage ``store``).
+it as failure stage ``store``). It talks to Redis through ``guard.engine.resp``: one
+pipelined connection per process, scripts by EVALSHA.
+
+One round trip per call on the request path: ``reserve`` is awaited; ``settle`` (and
+``release``) can be sent without waiting (``settle_nowait``, which the breaker uses):
+queued on the connection, it goes out with the next commands of the same turn of the
+event loop. Redis runs one connection's commands in order, so within a process the
+next call sees the settled step; another replica's call that reaches Redis before the
+settle does (a turn of the event loop after the response) is judged as a concurrent
+duplicate is (the call still in flight).
 
 Admission is atomic: ``reserve`` answers the check *and* puts an in-flight step of the
 call into the window in one step (one Lua script for Redis), so a concurrent
@@ -22,14 +32,15 @@ reservation nobody settles (client gone, process crashed) expires after
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import itertools
-import json
 import math
 import os
 import time
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 import orjson
 
@@ -90,59 +101,80 @@ class StateStore(Protocol):
     async def get_state(self, key: str) -> str | None: ...
 
 
-class _Entry:
-    __slots__ = ("calls", "pending", "seen", "steps")
+# A session's window gets its per-call index once it holds more steps than this: below,
+# scanning the window is as quick as a lookup, and an idle session keeps no dict.
+INDEX_FROM = 8
 
-    def __init__(self, steps: deque[Step], seen: float) -> None:
-        self.steps = steps
+
+class _Entry(list[Step]):
+    """One session: its window of steps, oldest first (the list itself, so a session
+    costs one object), when it was last used, its reservations and its per-call index.
+
+    Kept small for the many idle sessions a proxy holds: ``pending`` and ``calls`` are
+    None until needed.
+    """
+
+    __slots__ = ("calls", "pending", "seen")
+
+    def __init__(self, seen: float) -> None:
+        super().__init__()
         self.seen = seen
-        # Reservations: token -> (deadline, the in-flight Step object in ``steps``).
-        self.pending: dict[str, tuple[float, Step]] = {}
-        # How many of the window's steps each (tool, params_hash) has: lets a call that
-        # is not in the window be answered without copying and scanning the window.
-        self.calls: dict[tuple[str, str], int] = {}
-        for step in steps:
-            self._count(step, 1)
+        # Reservations: token -> (deadline, the in-flight Step object in the window).
+        self.pending: dict[str, tuple[float, Step]] | None = None
+        # How many of the window's steps each (tool, params_hash) has, and under
+        # (tool, TOOL_ERRORS) each tool's failures: answers "is the call (or a failure
+        # of its tool) in the window?" without a scan. Built past INDEX_FROM steps.
+        self.calls: dict[tuple[str, str], int] | None = None
 
-    def _count(self, step: Step, delta: int) -> None:
-        self._add((step.tool, step.params_hash), delta)
-        if step.error:  # the tool's failures, whatever the params (tool-wide rules)
-            self._add((step.tool, TOOL_ERRORS), delta)
-
-    def _add(self, key: tuple[str, str], delta: int) -> None:
-        left = self.calls.get(key, 0) + delta
-        if left:
-            self.calls[key] = left
-        else:
-            del self.calls[key]
-
-    def append(self, step: Step) -> None:
-        steps = self.steps
-        if len(steps) == steps.maxlen:
-            self._count(steps[0], -1)  # the deque drops its oldest step
-        steps.append(step)
-        # _count(step, 1) inlined: one method call less on every call's path.
+    def holds(self, tool: str, params_hash: str) -> bool:
+        """The call, or a failure of its tool, has a step in the window: the stall
+        rules can fire only then."""
         calls = self.calls
-        key = (step.tool, step.params_hash)
-        calls[key] = calls.get(key, 0) + 1
-        if step.error:
-            key = (step.tool, TOOL_ERRORS)
-            calls[key] = calls.get(key, 0) + 1
+        if calls is not None:
+            return (tool, params_hash) in calls or (tool, TOOL_ERRORS) in calls
+        for step in self:
+            if step.tool == tool and (step.params_hash == params_hash or step.error):
+                return True
+        return False
+
+    def counts(self) -> dict[tuple[str, str], int]:
+        """The index as it is, or (not built yet) as it would be."""
+        if self.calls is not None:
+            return dict(self.calls)
+        calls: dict[tuple[str, str], int] = {}
+        for step in self:
+            _count(calls, step, 1)
+        return calls
+
+    def push(self, step: Step, window: int) -> None:
+        """Append, dropping the oldest steps past ``window``."""
+        calls = self.calls
+        excess = len(self) + 1 - window
+        if excess > 0:
+            if calls is not None:
+                for dropped in self[:excess]:
+                    _count(calls, dropped, -1)
+            del self[:excess]
+        self.append(step)
+        if calls is not None:
+            _count(calls, step, 1)
+        elif len(self) > INDEX_FROM:
+            self.calls = self.counts()
 
     def _index(self, step: Step) -> int:
         """Where this very step object is in the window, or -1. Searched from the
         newest end: an in-flight step was appended moments ago."""
-        steps = self.steps
-        for index in range(len(steps) - 1, -1, -1):
-            if steps[index] is step:
+        for index in range(len(self) - 1, -1, -1):
+            if self[index] is step:
                 return index
         return -1
 
-    def remove(self, step: Step) -> None:
+    def remove_step(self, step: Step) -> None:
         index = self._index(step)
         if index >= 0:
-            del self.steps[index]
-            self._count(step, -1)
+            del self[index]
+            if self.calls is not None:
+                _count(self.calls, step, -1)
 
     def replace(self, old: Step, new: Step) -> bool:
         """Put ``new`` where the very object ``old`` is (the same call: only the tool's
@@ -150,10 +182,25 @@ class _Entry:
         index = self._index(old)
         if index < 0:
             return False
-        self.steps[index] = new
-        if old.error != new.error:
-            self._add((new.tool, TOOL_ERRORS), 1 if new.error else -1)
+        self[index] = new
+        if self.calls is not None and old.error != new.error:
+            _add(self.calls, (new.tool, TOOL_ERRORS), 1 if new.error else -1)
         return True
+
+    def hold(self, token: str, deadline: float, step: Step) -> None:
+        if self.pending is None:
+            self.pending = {}
+        self.pending[token] = (deadline, step)
+
+    def unhold(self, token: str) -> Step | None:
+        """The reservation's in-flight step, no longer pending (None: unknown token)."""
+        pending = self.pending
+        if pending is None:
+            return None
+        reserved = pending.pop(token, None)
+        if not pending:
+            self.pending = None
+        return None if reserved is None else reserved[1]
 
     def expire(self, now: float) -> None:
         """Reservations past their deadline stop counting. The dict is in the order the
@@ -164,7 +211,22 @@ class _Entry:
             if deadline > now:
                 return
             del pending[token]
-            self.remove(step)
+            self.remove_step(step)
+        self.pending = None
+
+
+def _count(calls: dict[tuple[str, str], int], step: Step, delta: int) -> None:
+    _add(calls, (step.tool, step.params_hash), delta)
+    if step.error:  # the tool's failures, whatever the params (tool-wide rules)
+        _add(calls, (step.tool, TOOL_ERRORS), delta)
+
+
+def _add(calls: dict[tuple[str, str], int], key: tuple[str, str], delta: int) -> None:
+    left = calls.get(key, 0) + delta
+    if left:
+        calls[key] = left
+    else:
+        del calls[key]
 
 
 def _latest(steps: Sequence[Step], tool: str, params_hash: str) -> Step | None:
@@ -194,17 +256,22 @@ class MemoryStore:
     def __len__(self) -> int:
         return len(self._sessions)
 
-    async def history(self, session: str) -> list[Step]:
+    def _live(self, session: str, now: float) -> _Entry | None:
+        """The session's entry, touched (most recently used); None when unknown or
+        idle past the TTL (then dropped)."""
         entry = self._sessions.get(session)
         if entry is None:
-            return []
-        now = self._clock()
+            return None
         if now - entry.seen > self.ttl:
             del self._sessions[session]
-            return []
+            return None
         entry.seen = now
         self._sessions.move_to_end(session)
-        return list(entry.steps)
+        return entry
+
+    async def history(self, session: str) -> list[Step]:
+        entry = self._live(session, self._clock())
+        return [] if entry is None else list(entry)
 
     async def history_for_call(self, session: str, tool: str, params_hash: str) -> list[Step]:
         """``history(session)``, or ``[]`` when the call has no step in the window and
@@ -214,92 +281,56 @@ class MemoryStore:
         failures, so otherwise an empty history gives the same verdict -- without
         copying and scanning the window (the common case: most calls are new).
         """
-        entry = self._sessions.get(session)
-        if (
-            entry is not None
-            and (tool, params_hash) not in entry.calls
-            and (tool, TOOL_ERRORS) not in entry.calls
-        ):
-            now = self._clock()
-            if now - entry.seen > self.ttl:
-                del self._sessions[session]
-            else:  # touched as history() touches it
-                entry.seen = now
-                self._sessions.move_to_end(session)
+        entry = self._live(session, self._clock())
+        if entry is None or not entry.holds(tool, params_hash):
             return []
-        return await self.history(session)
+        return list(entry)
 
     async def append(self, session: str, step: Step, window: int) -> None:
         self._push(session, step, window)
 
-    def _push(self, session: str, step: Step, window: int) -> None:
+    def _push(self, session: str, step: Step, window: int) -> _Entry:
         now = self._clock()
         sessions = self._sessions
-        entry = sessions.get(session)
-        if entry is not None and now - entry.seen > self.ttl:
-            entry = None  # expired: start afresh
-        if entry is None:
-            entry = sessions[session] = _Entry(deque(maxlen=window), now)
-        elif entry.steps.maxlen != window:
-            pending = entry.pending
-            entry = sessions[session] = _Entry(deque(entry.steps, maxlen=window), now)
-            entry.pending = pending
-        entry.append(step)
-        entry.seen = now
-        sessions.move_to_end(session)
+        entry = self._live(session, now)
+        if entry is None:  # new, or expired: start afresh
+            entry = sessions[session] = _Entry(now)
+        entry.push(step, window)
         if len(sessions) > self.max_sessions or now - next(iter(sessions.values())).seen > self.ttl:
             self._evict(now)
+        return entry
 
     async def reserve(
         self, session: str, tool: str, params_hash: str, window: int, hold_seconds: float
     ) -> tuple[list[Step], str]:
-        # No await until the in-flight step is in: atomic on the event loop.
+        # No await here: atomic on the event loop.
         now = self._clock()
-        sessions = self._sessions
-        entry = sessions.get(session)
+        entry = self._live(session, now)
         history: list[Step] = []
-        if entry is None or now - entry.seen > self.ttl or entry.steps.maxlen != window:
-            # New, expired or resized: what append does, then the same as below.
-            held = Step(tool, params_hash, IN_FLIGHT)
-            if entry is not None and now - entry.seen <= self.ttl:
-                history = await self.history_for_call(session, tool, params_hash)
-                latest = _latest(history, tool, params_hash)
-                if latest is not None:
-                    held = Step(tool, params_hash, latest.marker, latest.error)
-            self._push(session, held, window)
-            entry = sessions[session]
-        else:
-            # The hot path: a live session, inlined (this runs on every guarded call).
+        latest = None
+        if entry is not None:
             if entry.pending:
                 entry.expire(now)
-            key = (tool, params_hash)
-            calls = entry.calls
-            latest = None
-            if key in calls or (tool, TOOL_ERRORS) in calls:
-                history = list(entry.steps)
+            if entry.holds(tool, params_hash):
+                history = list(entry)
                 latest = _latest(history, tool, params_hash)
-            held = (
-                Step(tool, params_hash, IN_FLIGHT)
-                if latest is None
-                else Step(tool, params_hash, latest.marker, latest.error)
-            )
-            steps = entry.steps
-            if len(steps) == window:
-                entry._count(steps[0], -1)  # the deque drops its oldest step
-            steps.append(held)
-            calls[key] = calls.get(key, 0) + 1
-            if held.error:
-                calls[(tool, TOOL_ERRORS)] = calls.get((tool, TOOL_ERRORS), 0) + 1
-            entry.seen = now
-            sessions.move_to_end(session)
+        held = (
+            Step(tool, params_hash, IN_FLIGHT)
+            if latest is None
+            else Step(tool, params_hash, latest.marker, latest.error)
+        )
+        if entry is None:
+            entry = self._push(session, held, window)
+        else:
+            entry.push(held, window)
         token = f"r{next(self._tokens)}"
-        entry.pending[token] = (now + hold_seconds, held)
+        entry.hold(token, now + hold_seconds, held)
         return history, token
 
     async def settle(self, session: str, token: str, step: Step, window: int) -> None:
         entry = self._sessions.get(session)
-        reserved = entry.pending.pop(token, None) if entry is not None else None
-        if entry is not None and reserved is not None and entry.replace(reserved[1], step):
+        held = entry.unhold(token) if entry is not None else None
+        if entry is not None and held is not None and entry.replace(held, step):
             entry.seen = self._clock()
             self._sessions.move_to_end(session)
             return
@@ -307,9 +338,9 @@ class MemoryStore:
 
     async def release(self, session: str, token: str) -> None:
         entry = self._sessions.get(session)
-        reserved = entry.pending.pop(token, None) if entry is not None else None
-        if entry is not None and reserved is not None:
-            entry.remove(reserved[1])
+        held = entry.unhold(token) if entry is not None else None
+        if entry is not None and held is not None:
+            entry.remove_step(held)
 
     def _evict(self, now: float) -> None:
         sessions = self._sessions
@@ -342,12 +373,13 @@ class MemoryStore:
         self._states.clear()
 
 
+def _encoded(step: Step) -> bytes:
+    """A step as the scripts store it: a compact JSON array, UTF-8."""
+    return orjson.dumps([step.tool, step.params_hash, step.marker, 1 if step.error else 0])
+
+
 def encode_step(step: Step) -> str:
-    return json.dumps(
-        [step.tool, step.params_hash, step.marker, 1 if step.error else 0],
-        separators=(",", ":"),
-        ensure_ascii=False,
-    )
+    return _encoded(step).decode()
 
 
 def decode_step(raw: bytes | str) -> Step:
@@ -357,11 +389,7 @@ def decode_step(raw: bytes | str) -> Step:
 
 
 # A call's field in the session's count hash: tool and params hash, joined by a unit
-# separator (the Lua script below builds the same field from a dropped step).
-def _call_field(tool: str, params_hash: str) -> str:
-    return f"{tool}\x1f{params_hash}"
-
-
+# separator (\x1f, '\31' in Lua); a tool's failures: the tool and the separator.
 # Every script that changes the window keeps the counts hash in step with it through
 # this one function: a step counts under its call's field, and a failed step under its
 # tool's failures field too (the memory store's index, ``TOOL_ERRORS``). ``s`` is a
@@ -377,20 +405,22 @@ local function count(s, delta)
 end
 """
 
-# KEYS: steps list, counts hash. ARGV: the call's field, its tool's failures field. The
-# window, or nil when neither the call nor a failure of its tool is in it (the
-# detector's verdict is then "allow" without it).
+# KEYS: steps list, counts hash. ARGV: tool, params hash. The window, or nil when
+# neither the call nor a failure of its tool is in it (the detector's verdict is then
+# "allow" without it).
 _HISTORY_FOR_CALL = r"""
-if redis.call('HEXISTS', KEYS[2], ARGV[1]) == 0
-  and redis.call('HEXISTS', KEYS[2], ARGV[2]) == 0 then return false end
+if redis.call('HEXISTS', KEYS[2], ARGV[1] .. '\31' .. ARGV[2]) == 0
+  and redis.call('HEXISTS', KEYS[2], ARGV[1] .. '\31') == 0 then return false end
 return redis.call('LRANGE', KEYS[1], 0, -1)
 """
 
 # Steps pushed past the window are dropped and uncounted (the same lines in every
 # script that pushes). KEYS[1] steps list, KEYS[2] counts hash; ``window`` a number.
+# ``len``: the list's length after the push (RPUSH returns it).
 _TRIM = r"""
-while redis.call('LLEN', KEYS[1]) > window do
+while len > window do
   count(cjson.decode(redis.call('LPOP', KEYS[1])), -1)
+  len = len - 1
 end
 """
 
@@ -399,7 +429,7 @@ end
 _APPEND = (
     _COUNT
     + r"""
-redis.call('RPUSH', KEYS[1], ARGV[1])
+local len = redis.call('RPUSH', KEYS[1], ARGV[1])
 count(cjson.decode(ARGV[1]), 1)
 local window = tonumber(ARGV[2])
 """
@@ -420,8 +450,8 @@ end
 if #stale > 0 then redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now) end
 """
 
-# KEYS: steps, counts, reservations. ARGV: call field, tool, params hash, token,
-# window, ttl, hold (ms), in-flight marker, the tool's failures field. Returns {the
+# KEYS: steps, counts, reservations. ARGV: tool, params hash, token, window, ttl, hold
+# (ms), in-flight marker. Returns {the
 # in-flight step as stored, the window before it (or false when neither the call nor
 # a failure of its tool had a step in it)}.
 _RESERVE = (
@@ -433,26 +463,27 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
     + _EXPIRE
     + r"""
 local before = false
-local marker, err = ARGV[8], 0
-if redis.call('HEXISTS', KEYS[2], ARGV[1]) == 1 or redis.call('HEXISTS', KEYS[2], ARGV[9]) == 1 then
+local marker, err = ARGV[7], 0
+if redis.call('HEXISTS', KEYS[2], ARGV[1] .. '\31' .. ARGV[2]) == 1
+  or redis.call('HEXISTS', KEYS[2], ARGV[1] .. '\31') == 1 then
   before = redis.call('LRANGE', KEYS[1], 0, -1)
   for i = #before, 1, -1 do
     local s = cjson.decode(before[i])
-    if s[1] == ARGV[2] and s[2] == ARGV[3] then marker, err = s[3], s[4]; break end
+    if s[1] == ARGV[1] and s[2] == ARGV[2] then marker, err = s[3], s[4]; break end
   end
 end
-local step = {ARGV[2], ARGV[3], marker, err, ARGV[4]}
+local step = {ARGV[1], ARGV[2], marker, err, ARGV[3]}
 local held = cjson.encode(step)
-redis.call('RPUSH', KEYS[1], held)
+local len = redis.call('RPUSH', KEYS[1], held)
 count(step, 1)
-local window = tonumber(ARGV[5])
+local window = tonumber(ARGV[4])
 """
     + _TRIM
     + r"""
-redis.call('ZADD', KEYS[3], now + tonumber(ARGV[7]), held)
-redis.call('EXPIRE', KEYS[1], ARGV[6])
-redis.call('EXPIRE', KEYS[2], ARGV[6])
-redis.call('EXPIRE', KEYS[3], ARGV[6])
+redis.call('ZADD', KEYS[3], now + tonumber(ARGV[6]), held)
+redis.call('EXPIRE', KEYS[1], ARGV[5])
+redis.call('EXPIRE', KEYS[2], ARGV[5])
+redis.call('EXPIRE', KEYS[3], ARGV[5])
 return {held, before}
 """
 )
@@ -465,13 +496,19 @@ _SETTLE = (
     + r"""
 redis.call('ZREM', KEYS[3], ARGV[1])
 local pos = redis.call('LPOS', KEYS[1], ARGV[1], 'RANK', -1)  -- from the newest end
+local step = cjson.decode(ARGV[2])
 if pos then
   redis.call('LSET', KEYS[1], pos, ARGV[2])
-  count(cjson.decode(ARGV[1]), -1)
-  count(cjson.decode(ARGV[2]), 1)
+  local held = cjson.decode(ARGV[1])
+  if held[4] ~= step[4] then  -- the same call: only its tool's failures can change
+    local field = step[1] .. '\31'
+    if redis.call('HINCRBY', KEYS[2], field, step[4] - held[4]) <= 0 then
+      redis.call('HDEL', KEYS[2], field)
+    end
+  end
 else
-  redis.call('RPUSH', KEYS[1], ARGV[2])
-  count(cjson.decode(ARGV[2]), 1)
+  local len = redis.call('RPUSH', KEYS[1], ARGV[2])
+  count(step, 1)
   local window = tonumber(ARGV[3])
 """
     + _TRIM
@@ -492,6 +529,28 @@ if redis.call('LREM', KEYS[1], 1, ARGV[1]) > 0 then count(cjson.decode(ARGV[1]),
 )
 
 
+# What a reply not awaited is reported to: None (done) or the failure.
+Done = Callable[[BaseException | None], None]
+
+
+def _failure(future: asyncio.Future[Any]) -> BaseException | None:
+    if future.cancelled():
+        return StoreError("redis store: the command was cancelled")
+    exc = future.exception()
+    return None if exc is None else StoreError(f"redis store: {exc}")
+
+
+class _Script:
+    """A Lua script run by its SHA1 (EVALSHA), sent whole once when the server does not
+    know it yet (first use, or after a restart or SCRIPT FLUSH)."""
+
+    __slots__ = ("sha", "source")
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self.sha = hashlib.sha1(source.encode()).hexdigest()
+
+
 class RedisStore:
     def __init__(
         self,
@@ -500,29 +559,43 @@ class RedisStore:
         ttl_seconds: float = 3600.0,
         *,
         connect_timeout: float = 2.0,
+        reply_timeout: float | None = 2.0,
     ) -> None:
-        try:
-            import redis.asyncio as aioredis
-        except ImportError as exc:  # optional dependency
-            raise StoreError(
-                "store.backend = 'redis' needs the redis package: pip install 'loopguard[redis]'"
-            ) from exc
+        """``reply_timeout``: how long a command waits for its reply; None leaves it to
+        the caller (a ``BreakerStore`` in front bounds every operation already)."""
+        from guard.engine.resp import RedisReplyError, RespClient
+
         self.url = url
         self.key_prefix = key_prefix
         self.ttl = max(1, math.ceil(ttl_seconds))
-        self._client = aioredis.from_url(
-            url, socket_connect_timeout=connect_timeout, socket_timeout=connect_timeout
-        )
-        self._errors = (aioredis.RedisError, OSError)
+        try:
+            self._client = RespClient(
+                url,
+                connect_timeout=connect_timeout,
+                timeout=reply_timeout,
+                scripts=(_HISTORY_FOR_CALL, _APPEND, _RESERVE, _SETTLE, _RELEASE),
+            )
+        except ValueError as exc:
+            raise StoreError(f"redis store {url}: {exc}") from exc
+        self._reply_error = RedisReplyError
+        # OSError covers refused and lost connections, and timeouts.
+        self._errors = (RedisReplyError, OSError, ValueError)
         # Reservation tokens: unique per process (the instance) and per call.
         self._tokens = itertools.count()
         self._instance = os.urandom(6).hex()
-        # EVALSHA, loading the script on first use (and after a server restart).
-        self._history_for_call = self._client.register_script(_HISTORY_FOR_CALL)
-        self._append = self._client.register_script(_APPEND)
-        self._reserve = self._client.register_script(_RESERVE)
-        self._settle = self._client.register_script(_SETTLE)
-        self._release = self._client.register_script(_RELEASE)
+        self._history_for_call = _Script(_HISTORY_FOR_CALL)
+        self._append = _Script(_APPEND)
+        self._reserve = _Script(_RESERVE)
+        self._settle = _Script(_SETTLE)
+        self._release = _Script(_RELEASE)
+
+    async def _eval(self, script: _Script, keys: list[str], *args: str | bytes | int) -> Any:
+        try:
+            return await self._client.call("EVALSHA", script.sha, len(keys), *keys, *args)
+        except self._reply_error as exc:
+            if not str(exc).startswith("NOSCRIPT"):
+                raise
+        return await self._client.call("EVAL", script.source, len(keys), *keys, *args)
 
     def _keys(self, session: str) -> list[str]:
         """The session's steps and counts. The ``{session}`` hash tag keeps both in one
@@ -532,12 +605,12 @@ class RedisStore:
 
     def _reservation_keys(self, session: str) -> list[str]:
         """The session's two keys and its reservations (a sorted set by deadline)."""
-        steps, calls = self._keys(session)
-        return [steps, calls, f"{self.key_prefix}{{{session}}}:held"]
+        base = f"{self.key_prefix}{{{session}}}"
+        return [f"{base}:steps", f"{base}:calls", f"{base}:held"]
 
     async def history(self, session: str) -> list[Step]:
         try:
-            raw = await self._client.lrange(self._keys(session)[0], 0, -1)
+            raw = await self._client.call("LRANGE", self._keys(session)[0], 0, -1)
         except self._errors as exc:
             raise StoreError(f"redis store {self.url}: cannot read session: {exc}") from exc
         return self._decoded(raw)
@@ -545,10 +618,7 @@ class RedisStore:
     async def history_for_call(self, session: str, tool: str, params_hash: str) -> list[Step]:
         """One round trip; the window crosses the network only when it holds the call."""
         try:
-            raw = await self._history_for_call(
-                keys=self._keys(session),
-                args=[_call_field(tool, params_hash), _call_field(tool, TOOL_ERRORS)],
-            )
+            raw = await self._eval(self._history_for_call, self._keys(session), tool, params_hash)
         except self._errors as exc:
             raise StoreError(f"redis store {self.url}: cannot read session: {exc}") from exc
         return self._decoded(raw) if raw else []
@@ -560,9 +630,8 @@ class RedisStore:
             raise StoreError(f"redis store {self.url}: malformed step in session: {exc}") from exc
 
     async def append(self, session: str, step: Step, window: int) -> None:
-        args: list[str | int] = [encode_step(step), window, self.ttl]
         try:
-            await self._append(keys=self._keys(session), args=args)
+            await self._eval(self._append, self._keys(session), _encoded(step), window, self.ttl)
         except self._errors as exc:
             raise StoreError(f"redis store {self.url}: cannot append step: {exc}") from exc
 
@@ -570,46 +639,76 @@ class RedisStore:
         self, session: str, tool: str, params_hash: str, window: int, hold_seconds: float
     ) -> tuple[list[Step], str]:
         """One round trip: the check and the in-flight step, atomically."""
-        args: list[str | int] = [
-            _call_field(tool, params_hash),
-            tool,
-            params_hash,
-            f"r{next(self._tokens)}:{self._instance}",
-            window,
-            self.ttl,
-            max(1, int(hold_seconds * 1000)),
-            IN_FLIGHT,
-            _call_field(tool, TOOL_ERRORS),
-        ]
         try:
-            held, before = await self._reserve(keys=self._reservation_keys(session), args=args)
+            held, before = await self._eval(
+                self._reserve,
+                self._reservation_keys(session),
+                tool,
+                params_hash,
+                f"r{next(self._tokens)}:{self._instance}",
+                window,
+                self.ttl,
+                max(1, int(hold_seconds * 1000)),
+                IN_FLIGHT,
+            )
         except self._errors as exc:
             raise StoreError(f"redis store {self.url}: cannot reserve call: {exc}") from exc
         token = held.decode() if isinstance(held, bytes) else str(held)
         return (self._decoded(before) if before else []), token
 
     async def settle(self, session: str, token: str, step: Step, window: int) -> None:
-        args: list[str | int] = [token, encode_step(step), window, self.ttl]
         try:
-            await self._settle(keys=self._reservation_keys(session), args=args)
+            keys = self._reservation_keys(session)
+            await self._eval(self._settle, keys, token, _encoded(step), window, self.ttl)
         except self._errors as exc:
             raise StoreError(f"redis store {self.url}: cannot settle call: {exc}") from exc
 
+    def settle_nowait(self, session: str, token: str, step: Step, window: int, done: Done) -> bool:
+        """``settle`` queued on the connection, its reply not awaited: ``done`` is
+        called with None or the failure when it comes. False when not connected (then
+        ``settle``). Redis runs a connection's commands in order, so whatever this
+        process sends next sees the settled step."""
+        keys = self._reservation_keys(session)
+        return self._send_script(
+            self._settle, done, 3, *keys, token, _encoded(step), window, self.ttl
+        )
+
+    def release_nowait(self, session: str, token: str, done: Done) -> bool:
+        """``release`` queued, as ``settle_nowait``."""
+        return self._send_script(self._release, done, 3, *self._reservation_keys(session), token)
+
+    def _send_script(self, script: _Script, done: Done, *args: str | bytes | int) -> bool:
+        sent = self._client.send("EVALSHA", script.sha, *args)
+        if sent is None:
+            return False
+
+        def replied(future: asyncio.Future[Any]) -> None:
+            exc = future.exception()
+            if isinstance(exc, self._reply_error) and str(exc).startswith("NOSCRIPT"):
+                again = self._client.send("EVAL", script.source, *args)  # flushed scripts
+                if again is not None:
+                    again.add_done_callback(lambda retried: done(_failure(retried)))
+                    return
+            done(_failure(future) if exc is None else StoreError(f"redis store: {exc}"))
+
+        sent.add_done_callback(replied)
+        return True
+
     async def release(self, session: str, token: str) -> None:
         try:
-            await self._release(keys=self._reservation_keys(session), args=[token])
+            await self._eval(self._release, self._reservation_keys(session), token)
         except self._errors as exc:
             raise StoreError(f"redis store {self.url}: cannot release call: {exc}") from exc
 
     async def put_state(self, key: str, value: str) -> None:
         try:
-            await self._client.set(f"{self.key_prefix}state:{key}", value, ex=self.ttl)
+            await self._client.call("SET", f"{self.key_prefix}state:{key}", value, "EX", self.ttl)
         except self._errors as exc:
             raise StoreError(f"redis store {self.url}: cannot write state: {exc}") from exc
 
     async def get_state(self, key: str) -> str | None:
         try:
-            raw = await self._client.get(f"{self.key_prefix}state:{key}")
+            raw = await self._client.call("GET", f"{self.key_prefix}state:{key}")
         except self._errors as exc:
             raise StoreError(f"redis store {self.url}: cannot read state: {exc}") from exc
         return raw.decode() if isinstance(raw, bytes) else raw

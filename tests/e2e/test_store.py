@@ -190,7 +190,7 @@ async def _counts(store: MemoryStore | RedisStore, session: str) -> dict[str, in
     field has an empty params hash)."""
     if isinstance(store, MemoryStore):
         entry = store._sessions[session]
-        return {f"{tool}\x1f{h}": n for (tool, h), n in entry.calls.items()}
+        return {f"{tool}\x1f{h}": n for (tool, h), n in entry.counts().items()}
     import redis.asyncio as aioredis
 
     client = aioredis.from_url(store.url)
