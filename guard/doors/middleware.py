@@ -134,7 +134,10 @@ class GuardMiddleware:
             length=len(body),
             trace=ex.upstream_headers(),
         )
-        await _Responder(self.app, ex)(forward, _Replay(body, receive), send)
+        try:
+            await _Responder(self.app, ex)(forward, _Replay(body, receive), send)
+        finally:
+            admitted.release()  # the body the app had leaves the in-flight budget
 
     def _served_route(self, route: RouteConfig, scope: Scope) -> RouteConfig:
         """The route with the address this request reached, for server.address/port."""

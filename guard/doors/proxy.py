@@ -186,10 +186,15 @@ class ProxyApp:
             forward.extend((n.encode("latin-1"), v.encode("latin-1")) for n, v in trace.items())
         forward.append(_IDENTITY)
         long_lived = exchange.long_lived
-        request = self.upstream.request(method, url, forward, admitted.body, long_lived=long_lived)
-        total = None if long_lived else self.total_timeout
-        relay = _Relay(self.upstream, exchange, route, send, receive)
-        await relay.run(request, total, self._sweeper)
+        try:
+            request = self.upstream.request(
+                method, url, forward, admitted.body, long_lived=long_lived
+            )
+            total = None if long_lived else self.total_timeout
+            relay = _Relay(self.upstream, exchange, route, send, receive)
+            await relay.run(request, total, self._sweeper)
+        finally:
+            admitted.release()  # the body sent upstream leaves the in-flight budget
 
 
 class _Relay:
