@@ -174,13 +174,17 @@ class BodyBudget:
 
 
 def overloaded(limit: int) -> Answer:
-    answer = problem(
-        503,
-        "overloaded",
+    return overload(
         "Too many request bytes in flight",
         f"loopguard is reading and admitting {limit} bytes of request bodies already "
         "([server] max_bytes_in_flight); retry shortly.",
     )
+
+
+def overload(title: str, detail: str) -> Answer:
+    """503 problem+json with ``Retry-After``: loopguard is overloaded, retrying is right
+    (never used for a stop, which a retry would only repeat)."""
+    answer = problem(503, "overloaded", title, detail)
     answer.headers.append(("retry-after", "1"))
     return answer
 

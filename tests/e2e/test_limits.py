@@ -14,13 +14,16 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
+import resource
+import socket
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from proxy_harness import loopguard_serve, proxy_config
+from proxy_harness import loopguard_serve, proxy_config, wait_for
 from servers import free_port, run_server
 
 from guard.doors.proxy import ProxyApp
@@ -182,3 +185,137 @@ def test_many_large_chunked_uploads_stay_within_memory_and_lose_nothing(
     assert all(size == len(bodies[0]) for size, _ in forwarded)
     assert peak < baseline + 3 * budget // 1024, (baseline, peak)
     print(f"bytes in flight: baseline {baseline // 1024} MB, peak {peak // 1024} MB, {statuses}")
+
+
+# -- row 4: request heads, idle connections, the concurrency cap ---------------------------
+
+
+def _host_port(url: str) -> tuple[str, int]:
+    host, port = url.removeprefix("http://").split(":")
+    return host, int(port)
+
+
+def _read_until_closed(sock: socket.socket) -> bytes:
+    data = b""
+    while True:
+        try:
+            chunk = sock.recv(65536)
+        except ConnectionResetError:
+            return data
+        if not chunk:
+            return data
+        data += chunk
+
+
+def test_an_endless_header_gets_431_and_the_connection_closed(sink: tuple[Sink, str]) -> None:
+    upstream, url = sink
+    config = proxy_config(url, server={"max_header_bytes": 4096})
+    with run_server(ProxyApp(config), **client_limits(config)) as proxy:
+        with socket.create_connection(_host_port(proxy)) as sock:
+            sock.settimeout(20)  # a safety net only: the server must answer and close
+            sock.sendall(b"GET /tools/echo HTTP/1.1\r\nHost: x\r\nX-Endless: ")
+            sent, answer = 0, b""
+            try:
+                # An endless header value, a piece at a time, until the server stops it.
+                while sent < 64 * MB:
+                    sock.sendall(b"a" * 1024)
+                    sent += 1024
+            except (BrokenPipeError, ConnectionResetError):
+                pass
+            answer = _read_until_closed(sock)
+        # A head just under the limit is served as before.
+        ok = httpx.get(f"{proxy}/tools/echo", headers={"x-filler": "a" * 3000})
+    assert sent < 1 * MB  # stopped near the limit, not after megabytes
+    assert answer.startswith(b"HTTP/1.1 431 ")
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert b"content-type: application/problem+json" in head
+    assert b"connection: close" in head
+    assert json.loads(body)["status"] == 431
+    assert ok.status_code == 200
+    assert len(upstream.received) == 1
+
+
+def test_a_head_and_body_in_one_read_are_not_counted_as_head(sink: tuple[Sink, str]) -> None:
+    # Bytes after a head completed in the same read are the body's: a 64 KiB body sent
+    # with its head in one write is not refused as a large head.
+    upstream, url = sink
+    config = proxy_config(url, server={"max_header_bytes": 4096})
+    body = b"b" * (64 * 1024)
+    with (
+        run_server(ProxyApp(config), **client_limits(config)) as proxy,
+        socket.create_connection(_host_port(proxy)) as sock,
+    ):
+        sock.settimeout(20)
+        sock.sendall(
+            b"POST /tools/echo HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+            b"Content-Length: %d\r\n\r\n" % len(body) + body
+        )
+        answer = _read_until_closed(sock)
+    assert answer.startswith(b"HTTP/1.1 200 ")
+    assert upstream.received == [(len(body), hashlib.sha256(body).hexdigest())]
+
+
+def _raise_fd_limit(wanted: int) -> int:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < wanted:
+        new = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def test_thousands_of_idle_connections_are_closed_while_healthz_is_served(
+    sink: tuple[Sink, str],
+) -> None:
+    _, url = sink
+    wanted = 2000
+    # The test process holds both ends of every connection (plus the usual few hundred).
+    limit = _raise_fd_limit(2 * wanted + 1024)
+    count = min(wanted, (limit - 1024) // 2)
+    assert count >= 500, f"RLIMIT_NOFILE {limit} is too low for this test"
+    config = proxy_config(url, server={"head_timeout": 2, "limit_concurrency": 2 * wanted + 100})
+    with run_server(ProxyApp(config), **client_limits(config)) as proxy:
+        address = _host_port(proxy)
+        idle: list[socket.socket] = []
+        try:
+            for i in range(count):
+                sock = socket.create_connection(address)
+                if i % 2:
+                    sock.sendall(b"GET /tools/echo HTTP/1.1\r\n")  # a head begun, never ended
+                idle.append(sock)
+            # Meanwhile the proxy serves: a fresh connection gets its health answer.
+            health = httpx.get(f"{proxy}/healthz", timeout=10)
+            for sock in idle:
+                sock.settimeout(20)  # a safety net only: the server must close first
+            closed = sum(1 for sock in idle if _read_until_closed(sock) == b"")
+        finally:
+            for sock in idle:
+                sock.close()
+    assert health.status_code == 200
+    assert closed == count  # every one closed by the head deadline, none answered
+
+
+def test_past_the_concurrency_cap_the_answer_is_503_problem_json(sink: tuple[Sink, str]) -> None:
+    upstream, url = sink
+    config = proxy_config(url, server={"limit_concurrency": 20, "head_timeout": 60})
+    with run_server(ProxyApp(config), **client_limits(config)) as proxy:
+        address = _host_port(proxy)
+        idle = [socket.create_connection(address) for _ in range(20)]
+        try:
+            # The idle connections are counted (as uvicorn counts them): overload.
+            assert wait_for(lambda: _status(proxy, "/tools/echo") == 503)
+            refused = httpx.get(f"{proxy}/tools/echo")
+        finally:
+            for sock in idle:
+                sock.close()
+        assert wait_for(lambda: _status(proxy, "/tools/echo") == 200)
+    assert refused.status_code == 503
+    assert refused.headers["content-type"] == "application/problem+json"
+    assert refused.headers["retry-after"] == "1"
+    assert refused.headers["connection"] == "close"
+    assert refused.json()["type"].endswith("/overloaded")
+    assert "limit_concurrency" in refused.json()["detail"]
+    assert len(upstream.received) >= 1  # the last one, after the idle ones left
+
+
+def _status(proxy: str, path: str) -> int:
+    return httpx.get(f"{proxy}{path}", timeout=10).status_code
