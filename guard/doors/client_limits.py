@@ -35,7 +35,12 @@ from guard.engine.problem import problem
 
 DEFAULT_HEAD_TIMEOUT_S = 10.0
 DEFAULT_MAX_HEADER_BYTES = 32 * 1024
+# After a 431, how long the client's further bytes are read and dropped before the
+# connection is closed: closing with unread bytes would reset it, and the client could
+# lose the answer (nginx's lingering close).
+LINGER_S = 2.0
 
+_LINGERING = -2  # _head_bytes after a 431: the rest is read and dropped
 _REASONS = {431: b"Request Header Fields Too Large"}
 
 
@@ -103,6 +108,8 @@ class HeadTimeoutProtocol(HttpToolsProtocol):
         self._arm_head_timer()
 
     def data_received(self, data: bytes) -> None:
+        if self._head_bytes == _LINGERING:
+            return  # refused: what the client still sends is dropped
         if self._head_bytes >= 0:
             self._head_bytes += len(data)
         super().data_received(data)
@@ -112,9 +119,19 @@ class HeadTimeoutProtocol(HttpToolsProtocol):
 
     def _refuse_head(self) -> None:
         # A response still being sent for a pipelined request ahead: just close.
-        if self.cycle is None or self.cycle.response_complete:
-            self.transport.write(self._head_refusal)
-        self.transport.close()
+        if self.cycle is not None and not self.cycle.response_complete:
+            self.transport.close()
+            return
+        self._disarm_head_timer()
+        self._head_bytes = _LINGERING
+        self.transport.write(self._head_refusal)
+        if not self.transport.can_write_eof():
+            self.transport.close()
+            return
+        # The answer, then end of stream; closed when the client ends its side too
+        # (uvicorn's eof_received lets the transport close) or after LINGER_S.
+        self.transport.write_eof()
+        self._head_timer = self.loop.call_later(LINGER_S, self.transport.close)
 
     def _arm_head_timer(self) -> None:
         if self._head_timer is not None:
@@ -161,6 +178,12 @@ class HeadTimeoutProtocol(HttpToolsProtocol):
             self.transport.is_closing()
         ):
             self.transport.close()
+
+    def _unsupported_upgrade_warning(self) -> None:
+        # No WebSocket handling on purpose (ws="none"): the upgrade is served as plain
+        # HTTP. uvicorn's two warnings per such request (one advising to install a
+        # WebSocket library) would let any client fill the log.
+        pass
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm_head_timer()
