@@ -5,7 +5,8 @@ loopguard sends itself (a refused body, a malformed request, a stopped call).
     admitted = await admit(engine, router, route, receive, method, path, query, headers)
     if admitted is None: ...            # the client left while its body was read
     elif isinstance(admitted, Answer): await send_answer(send, admitted)
-    else: forward admitted.body, relay the response through admitted.exchange
+    else: forward admitted.body, relay the response through admitted.exchange,
+          then admitted.release()   # the body's bytes leave the in-flight budget
 
 The reverse proxy and the middleware differ only in what they forward to (an
 upstream URL, the wrapped app); everything from reading the body to the guard's
@@ -18,7 +19,7 @@ from dataclasses import dataclass
 
 import structlog
 
-from guard.doors.asgi import BodyRefused, ClientDisconnected, Receive, read_body
+from guard.doors.asgi import BodyBudget, BodyRefused, ClientDisconnected, Receive, read_body
 from guard.doors.exchange import Exchange, exception_fields
 from guard.doors.routing import Router
 from guard.engine.calls import Route
@@ -32,10 +33,18 @@ log = structlog.get_logger("loopguard")
 
 @dataclass(slots=True)
 class Forward:
-    """An admitted request: send ``body`` on, and the response through ``exchange``."""
+    """An admitted request: send ``body`` on, and the response through ``exchange``;
+    ``release()`` once the forwarded copy is done with (its bytes stay charged to the
+    in-flight budget until then)."""
 
     exchange: Exchange
     body: bytes
+    budget: BodyBudget
+    charge: int
+
+    def release(self) -> None:
+        self.budget.give(self.charge)
+        self.charge = 0
 
 
 async def admit(
@@ -56,9 +65,14 @@ async def admit(
     server = engine.config.server
     budget = router.body_budget
     declared = headers.get("content-length")
-    taken = int(declared) if declared is not None and declared.isdigit() else 0
+    # A declared length is charged whole before reading; a chunked body as it is read.
+    charge = (
+        min(int(declared), server.max_body_bytes + 1)
+        if declared is not None and declared.isdigit()
+        else 0
+    )
     try:
-        budget.take(min(taken, server.max_body_bytes + 1))
+        budget.take(charge)
     except BodyRefused as refused:
         return refused.answer
     try:
@@ -68,11 +82,14 @@ async def admit(
                 server.max_body_bytes,
                 declared,
                 server.body_read_timeout,
+                budget if declared is None else None,
             )
         except BodyRefused as refused:
             return refused.answer
         except ClientDisconnected:
             return None
+        if declared is None:
+            charge = len(body)
         request = RequestView(method, path, query, headers, body, router.session_of(headers))
         exchange = Exchange(engine, route, router.adapters[route.prefix], request)
         try:
@@ -83,13 +100,15 @@ async def admit(
             log.error("guard_error", route=route.prefix, **exception_fields(exc))
             await exchange.release_reservations()
             exchange.fail_open(exc)
-            return Forward(exchange, body)
+            admitted = body
         if isinstance(admitted, Answer):
             return _with_route(admitted, exchange.record.route)
-        return Forward(exchange, admitted)
+        # Forwarded: the charge goes with the body, given back by Forward.release().
+        held, charge = charge, 0
+        return Forward(exchange, admitted, budget, held)
     finally:
         # One coroutine, not two: this runs on every guarded call.
-        budget.give(min(taken, server.max_body_bytes + 1))
+        budget.give(charge)
 
 
 def _with_route(answer: Answer, route: Route) -> Answer:

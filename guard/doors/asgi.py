@@ -40,11 +40,15 @@ async def read_body(
     limit: int,
     content_length: str | None = None,
     read_timeout: float | None = None,
+    budget: BodyBudget | None = None,
 ) -> bytes:
     """The whole request body, refusing more than ``limit`` bytes.
 
     A declared ``content-length`` over the limit is refused before anything is read;
-    a chunked body is counted as it comes. A client that sends nothing for
+    a chunked body is counted as it comes, and charged to ``budget`` (if given) as it
+    comes: 503 past the budget (overload), 413 past ``limit``. On success the caller
+    holds the charge (the body's length) and gives it back; on failure it is given back
+    here. A client that sends nothing for
     ``read_timeout`` seconds between two reads is cut off with 408 (the client is the
     slow party, as nginx's ``client_body_timeout``). Raises ``BodyRefused`` (413, 408,
     or 400 for a length that is not a number) or ``ClientDisconnected``.
@@ -63,6 +67,7 @@ async def read_body(
             raise BodyRefused(too_large(limit))
     parts: list[bytes] = []
     size = 0
+    charged = 0  # chunked bytes charged to ``budget`` so far
     task = asyncio.current_task() if read_timeout is not None else None
     watch: _BodyWatch | None = None
     entry: list[float] | None = None
@@ -82,8 +87,12 @@ async def read_body(
                 size += len(chunk)
                 if size > limit:
                     raise BodyRefused(too_large(limit))
+                if budget is not None:
+                    budget.take(len(chunk))
+                    charged = size
                 parts.append(chunk)
             if not message.get("more_body", False):
+                charged = 0  # the caller's to give back now
                 return parts[0] if len(parts) == 1 else b"".join(parts)
             if entry is not None:
                 entry[0] = time.monotonic()  # progress: the next read's clock restarts
@@ -93,6 +102,8 @@ async def read_body(
         task.uncancel()  # our own cancellation: answered, not propagated
         raise BodyRefused(body_timeout(entry[1])) from None
     finally:
+        if charged and budget is not None:
+            budget.give(charged)
         if watch is not None and task is not None:
             watch.readers.pop(task, None)
 
@@ -141,10 +152,11 @@ def _watch() -> _BodyWatch:
 
 
 class BodyBudget:
-    """Request body bytes being read and admitted at once, bounded: past the bound a
-    request is refused with 503 problem+json and ``Retry-After`` (overload, where an
-    SDK retrying is right), as Envoy's overload manager sheds load. A declared length
-    is taken whole before reading; a chunked body as it comes."""
+    """Request body bytes in flight at once, bounded: past the bound a request is
+    refused with 503 problem+json and ``Retry-After`` (overload, where an SDK retrying
+    is right), as Envoy's overload manager sheds load. A declared length is taken whole
+    before reading, a chunked body as it comes (``read_body``); either is held until the
+    forwarded copy is done with (the upstream request or the wrapped app finished)."""
 
     __slots__ = ("limit", "used")
 
@@ -162,13 +174,17 @@ class BodyBudget:
 
 
 def overloaded(limit: int) -> Answer:
-    answer = problem(
-        503,
-        "overloaded",
+    return overload(
         "Too many request bytes in flight",
         f"loopguard is reading and admitting {limit} bytes of request bodies already "
         "([server] max_bytes_in_flight); retry shortly.",
     )
+
+
+def overload(title: str, detail: str) -> Answer:
+    """503 problem+json with ``Retry-After``: loopguard is overloaded, retrying is right
+    (never used for a stop, which a retry would only repeat)."""
+    answer = problem(503, "overloaded", title, detail)
     answer.headers.append(("retry-after", "1"))
     return answer
 

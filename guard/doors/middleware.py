@@ -128,13 +128,16 @@ class GuardMiddleware:
             await send_answer(send, admitted)
             return
         ex, body = admitted.exchange, admitted.body
-        forward = _forward_scope(
-            scope,
-            changed=body is not ex.request.body and body != ex.request.body,
-            length=len(body),
-            trace=ex.upstream_headers(),
-        )
-        await _Responder(self.app, ex)(forward, _Replay(body, receive), send)
+        try:
+            forward = _forward_scope(
+                scope,
+                changed=body is not ex.request.body and body != ex.request.body,
+                length=len(body),
+                trace=ex.upstream_headers(),
+            )
+            await _Responder(self.app, ex)(forward, _Replay(body, receive), send)
+        finally:
+            admitted.release()  # the body the app had leaves the in-flight budget
 
     def _served_route(self, route: RouteConfig, scope: Scope) -> RouteConfig:
         """The route with the address this request reached, for server.address/port."""

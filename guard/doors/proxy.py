@@ -47,7 +47,7 @@ from typing import Any
 import aiohttp
 import structlog
 
-from guard.doors.admission import admit
+from guard.doors.admission import Forward, admit
 from guard.doors.asgi import send_answer
 from guard.doors.engines import door_engine
 from guard.doors.exchange import Exchange, exception_fields
@@ -175,8 +175,26 @@ class ProxyApp:
             return None
         if isinstance(admitted, Answer):
             return await send_answer(send, admitted)
-        exchange = admitted.exchange
+        try:
+            await self._forward(
+                admitted, route, method, rest, query, view_headers, forward, send, receive
+            )
+        finally:
+            admitted.release()  # the body sent upstream leaves the in-flight budget
 
+    async def _forward(
+        self,
+        admitted: Forward,
+        route: RouteConfig,
+        method: str,
+        rest: str,
+        query: str,
+        view_headers: dict[str, str],
+        forward: Headers,
+        send: Any,
+        receive: Any,
+    ) -> None:
+        exchange = admitted.exchange
         url = route.upstream + rest + ("?" + query if query else "")
         trace = exchange.upstream_headers()
         if trace:

@@ -1,8 +1,9 @@
 """``loopguard serve``: the reverse proxy on uvicorn (uvloop + httptools).
 
-Client limits (``client_limits``): a deadline on each request head
-(``guard.doors.client_limits``), uvicorn's keep-alive timeout and concurrency cap,
-no WebSocket handling; the body's read timeout is the body reader's (408).
+Client limits (``client_limits``): a deadline and a size bound on each request head
+and a problem+json answer past the concurrency cap (``guard.doors.client_limits``),
+uvicorn's keep-alive timeout, no WebSocket handling, no access log (it would write
+every path and query); the body's read timeout is the body reader's (408).
 
 One process by default. ``[server] workers = N`` (or ``--workers N``) runs N worker
 processes on one listening socket under uvicorn's supervisor, which restarts a worker
@@ -45,7 +46,7 @@ WORKER_CONFIG_ENV = "LOOPGUARD_WORKER_CONFIG"
 def client_limits(config: Config) -> dict[str, Any]:
     """The uvicorn options that bound what clients may hold open ([server] keys)."""
     server = config.server
-    HeadTimeoutProtocol.head_timeout = server.head_timeout
+    HeadTimeoutProtocol.configure(server.head_timeout, server.max_header_bytes)
     return {
         "http": HeadTimeoutProtocol,
         "timeout_keep_alive": server.keep_alive_timeout,

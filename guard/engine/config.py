@@ -260,13 +260,17 @@ class ServerConfig(_Section):
     # Client limits. A connection whose request head is not complete this long after
     # it opened (or its last response ended) is closed; idle keep-alive as uvicorn's.
     head_timeout: float = Field(default=10.0, gt=0)
+    # A request head (request line and headers) larger than this: 431 and the
+    # connection closed (nginx's default buffers hold 32 KiB too).
+    max_header_bytes: int = Field(default=32 * 1024, ge=1024)
     keep_alive_timeout: float = Field(default=5.0, gt=0)
     # A request body that sends nothing for this long between reads: 408.
     body_read_timeout: float = Field(default=30.0, gt=0)
     # Request body bytes read and admitted at once (per worker); past it 503 +
     # Retry-After (overload).
     max_bytes_in_flight: int = Field(default=128 * 1024 * 1024, ge=1)
-    # Connections and requests at once (per worker); past it uvicorn answers 503.
+    # Connections and requests at once (per worker); past it 503 problem+json with
+    # Retry-After (overload).
     limit_concurrency: int = Field(default=1000, ge=1)
     # Processes ``loopguard serve`` runs (one event loop each) on one listening socket.
     # Above 1 they must share sessions: store.backend = "redis".
