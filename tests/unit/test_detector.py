@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from guard.engine.calls import StallRule, Step, Verdict
@@ -240,6 +240,9 @@ STEPS = st.lists(
 
 @settings(max_examples=200, deadline=None)
 @given(STEPS, st.sampled_from(["read_file", "think"]), st.sampled_from(["h1", "h2"]))
+@example(
+    [Step("read_file", "h1", "m1"), *[Step("read_file", "h2", "m1", True)] * 4], "read_file", "h1"
+)
 def test_verdict_properties(history: list[Step], tool: str, params_hash: str) -> None:
     loop = Config.from_mapping(
         {
@@ -265,8 +268,14 @@ def test_verdict_properties(history: list[Step], tool: str, params_hash: str) ->
     if verdict.action == "allow":
         return
     counted = [history[i] for i in verdict.steps]
-    assert all(s.tool == tool and s.params_hash == params_hash for s in counted)
+    assert all(s.tool == tool for s in counted)
     assert all(i >= cut for i in verdict.steps) and len(counted) == verdict.repeats
+    if verdict.rule is StallRule.ERROR_STREAK:
+        # Tool-wide: the same error whatever the arguments.
+        assert all(s.error for s in counted) and len({s.marker for s in counted}) == 1
+        assert verdict.repeats >= loop.max_error_streak
+        return
+    assert all(s.params_hash == params_hash for s in counted)
     if verdict.rule is StallRule.STALLED_REPEAT:
         assert len({s.marker for s in counted}) == 1 and verdict.repeats >= 3
     elif verdict.rule is StallRule.IDENTICAL_ERRORS:
