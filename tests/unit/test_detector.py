@@ -240,9 +240,7 @@ STEPS = st.lists(
 
 @settings(max_examples=200, deadline=None)
 @given(STEPS, st.sampled_from(["read_file", "think"]), st.sampled_from(["h1", "h2"]))
-@example(
-    [Step("read_file", "h1", "m1"), *[Step("read_file", "h2", "m1", True)] * 4], "read_file", "h1"
-)
+@example([*[Step("read_file", "h2", "m1", True)] * 5], "read_file", "h1")
 def test_verdict_properties(history: list[Step], tool: str, params_hash: str) -> None:
     loop = Config.from_mapping(
         {
