@@ -75,7 +75,17 @@ _NUMBER_RE = re.compile("|".join(f"(?P<{kind}>{pattern})" for kind, pattern in N
 # Where a number detector could match: a run of digits and separators (7+ chars).
 # (No optional leading "+" or "(" here: it would stop the engine from skipping ahead
 # to digits; the run is widened by one character afterwards instead.)
-_NUMBER_RUN = re.compile(r"[0-9][0-9 ().+-]{5,}[0-9]")
+_RUN = r"[0-9][0-9 ().+-]{5,}[0-9]"
+_NUMBER_RUN = re.compile(_RUN)
+# The same, stepping over placeholders pass 1 left (a pseudonym's digest has digits):
+# the alternation consumes a placeholder whole, in C, so no run starts inside one.
+_NUMBER_RUN_OR_PLACEHOLDER = re.compile(f"(?P<P>{PLACEHOLDER})|{_RUN}")
+# The longest run the number detectors look into: a card is 13-19 digits with single
+# separators (37 chars), a phone shorter; two or three of them side by side still fit.
+# A longer run of digits and separators ("1 1 1 ...", a numeric dump) is no card or
+# phone and is stepped over whole: found by one regex match in C, never walked in
+# Python, so the scan stays linear with a small constant whatever the input.
+MAX_NUMBER_RUN = 96
 _DIGIT = re.compile(r"[0-9]")
 _MIN_SECRET = 6  # the shortest built-in match ("a@b.io"); shorter strings skip the scan
 
@@ -368,11 +378,11 @@ class Redactor:
     def _numbers(self, text: str) -> str:
         out: list[str] = []
         last = 0
-        placeholders = [m.span() for m in _PLACEHOLDER_RE.finditer(text)] if "[" in text else ()
-        for run in _NUMBER_RUN.finditer(text):
+        runs = _NUMBER_RUN_OR_PLACEHOLDER if "[" in text else _NUMBER_RUN
+        for run in runs.finditer(text):
             start, end = run.span()
-            if any(a <= start < b for a, b in placeholders):
-                continue  # digits of a pseudonym's digest
+            if end - start > MAX_NUMBER_RUN or run.lastgroup == "P":
+                continue
             if start > last and text[start - 1] in "+(":
                 start -= 1
             for m in _NUMBER_RE.finditer(text, start, end):
