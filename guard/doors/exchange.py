@@ -23,6 +23,7 @@ HTTP libraries or of any protocol.
 from __future__ import annotations
 
 import asyncio
+import sys
 import time
 import traceback
 from dataclasses import asdict, dataclass, is_dataclass
@@ -617,7 +618,9 @@ class Exchange:
                 self.engine.capture(record, _RESULT, outcome.value, as_json=jsonable)
             if self.session is None or flow.verdict.blocked:
                 continue
-            step = Step(tool, flow.params_hash, marker, outcome.error)
+            # Interned: every step a store keeps would otherwise hold its own copy of the
+            # tool name (parsed afresh from each request).
+            step = Step(sys.intern(tool), flow.params_hash, marker, outcome.error)
             token, flow.token = flow.token, None
             try:
                 if token is not None:
