@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+from bisect import bisect_left
 from collections.abc import Callable
 from itertools import accumulate
 from typing import Any, Literal
@@ -447,17 +448,19 @@ def _cards_in(run: str, card: Callable[[str], str], phone: Callable[[str], str])
     sums = (list(accumulate(last_even, initial=0)), list(accumulate(last_odd, initial=0)))
     starts = list(accumulate(map(len, groups), initial=0))
     n = len(starts)
+    last = starts[-1]
     for i in range(n - 1):
         a = starts[i]
-        for j in range(i + 1, n):
+        if last - a < 13:
+            break
+        # The spans from group i of 13-19 digits: the first end found by bisection.
+        for j in range(bisect_left(starts, a + 13, i + 1), n):
             b = starts[j]
-            length = b - a
-            if length > 19:
+            if b - a > 19:
                 break
-            if length >= 13:
-                total = sums[(b - 1) & 1]
-                if (total[b] - total[a] - 48 * length) % 10 == 0:
-                    return card(digits[a:b])
+            total = sums[(b - 1) & 1]
+            if (total[b] - total[a] - 48 * (b - a)) % 10 == 0:
+                return card(digits[a:b])
     return _PHONE_RE.sub(lambda m: phone(m.group()), run)
 
 
