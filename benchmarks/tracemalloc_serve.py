@@ -16,6 +16,7 @@ import os
 import signal
 import sys
 import tracemalloc
+import weakref
 from collections import deque
 from pathlib import Path
 from types import FrameType
@@ -31,10 +32,23 @@ def main() -> None:
     tracemalloc.start(int(os.environ.get("LOOPGUARD_TRACEMALLOC_FRAMES", "10")))
     counter = itertools.count()
 
+    # The memory stores made, remembered as they are built (``serve`` freezes the heap
+    # with gc.freeze(), so gc.get_objects() cannot find them later).
+    from guard.engine.store import MemoryStore
+
+    stores: weakref.WeakSet[MemoryStore] = weakref.WeakSet()
+    init = MemoryStore.__init__
+
+    def remembered(self: MemoryStore, *args: Any, **kwargs: Any) -> None:
+        init(self, *args, **kwargs)
+        stores.add(self)
+
+    MemoryStore.__init__ = remembered  # type: ignore[method-assign]
+
     def dump(_signum: int, _frame: FrameType | None) -> None:
         gc.collect()
         n = next(counter)
-        held = sum(store_bytes(o) for o in gc.get_objects() if type(o).__name__ == "MemoryStore")
+        held = sum(store_bytes(store) for store in stores)
         (directory / f"store-{n}.txt").write_text(str(held))
         tracemalloc.take_snapshot().dump(str(directory / f"snap-{n}.pickle"))
 

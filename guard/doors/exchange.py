@@ -320,7 +320,10 @@ class Exchange:
     async def _admit_tool_calls(self, parsed: ParsedRequest, hashes: list[str]) -> Answer | bytes:
         flows = self.flows
         for invocation, params_hash in zip(parsed.invocations, hashes, strict=True):
-            verdict, token = await self._check(invocation.tool, params_hash)
+            # Interned: the steps and call counts a store keeps would otherwise each hold
+            # their own copy of the tool name (parsed afresh from every request).
+            invocation.tool = tool = sys.intern(invocation.tool)
+            verdict, token = await self._check(tool, params_hash)
             flows.append(CallFlow(invocation, params_hash, verdict, token))
         if not flows:
             return self._forward_body(parsed)
@@ -618,9 +621,7 @@ class Exchange:
                 self.engine.capture(record, _RESULT, outcome.value, as_json=jsonable)
             if self.session is None or flow.verdict.blocked:
                 continue
-            # Interned: every step a store keeps would otherwise hold its own copy of the
-            # tool name (parsed afresh from each request).
-            step = Step(sys.intern(tool), flow.params_hash, marker, outcome.error)
+            step = Step(tool, flow.params_hash, marker, outcome.error)
             token, flow.token = flow.token, None
             try:
                 if token is not None:
