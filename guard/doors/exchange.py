@@ -322,7 +322,10 @@ class Exchange:
         for invocation, params_hash in zip(parsed.invocations, hashes, strict=True):
             # Interned: the steps and call counts a store keeps would otherwise each hold
             # their own copy of the tool name (parsed afresh from every request).
-            invocation.tool = tool = sys.intern(invocation.tool)
+            # (sys.intern takes exact strs only: an in-process caller may pass a subclass.)
+            tool = invocation.tool
+            if type(tool) is str:
+                invocation.tool = tool = sys.intern(tool)
             verdict, token = await self._check(tool, params_hash)
             flows.append(CallFlow(invocation, params_hash, verdict, token))
         if not flows:
