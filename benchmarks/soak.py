@@ -19,6 +19,12 @@ except an ``overloaded`` 503 (Retry-After), which is intended and counted apart.
 read from /proc after a warm-up and at the end. Exits 1 when loopguard answered any
 other 5xx, a request failed at the transport, the mix did not produce its 413s and
 422s, or RSS grew by more than ``--max-rss-growth-mb``.
+
+``--tracemalloc DIR`` runs the proxy under tracemalloc (``benchmarks/tracemalloc_serve.py``,
+slower: compare its RSS only with another traced run), snapshots it after the warm-up and
+at the end, and splits the traced growth into what the session store holds (its
+sessions and everything reachable from them, walked at each snapshot) and the rest,
+then prints the top growth by traceback.
 """
 
 from __future__ import annotations
@@ -268,6 +274,36 @@ async def drive(
         await asyncio.gather(*(worker(session) for _ in range(concurrency)))
 
 
+def snapshot(proxy: subprocess.Popen[bytes], directory: Path, n: int) -> None:
+    """Ask the traced proxy for snapshot ``n`` and wait until it is written."""
+    import signal
+
+    path = directory / f"snap-{n}.pickle"
+    proxy.send_signal(signal.SIGUSR1)
+    size = -1
+    while not path.exists() or path.stat().st_size != size:
+        size = path.stat().st_size if path.exists() else -1
+        time.sleep(1.0)
+
+
+def split_growth(directory: Path) -> None:
+    """The traced growth between the two snapshots: the store's share, then the rest."""
+    import tracemalloc
+
+    from benchmarks.tracemalloc_serve import compare
+
+    old = tracemalloc.Snapshot.load(str(directory / "snap-0.pickle"))
+    new = tracemalloc.Snapshot.load(str(directory / "snap-1.pickle"))
+    total = sum(s.size_diff for s in new.compare_to(old, "filename"))
+    # Measured on the objects (walked from the store at each snapshot), not by where
+    # they were allocated: a step's strings come from the adapters and the exchange.
+    held = sum(int((directory / f"store-{n}.txt").read_text()) * (1 if n else -1) for n in (0, 1))
+    print(f"{'traced growth MB':<28} {total / 2**20:>+8.1f}")
+    print(f"{'  held by the store MB':<28} {held / 2**20:>+8.1f}")
+    print(f"{'  the rest MB':<28} {(total - held) / 2**20:>+8.1f}")
+    compare(directory / "snap-0.pickle", directory / "snap-1.pickle")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=100_000)
@@ -275,6 +311,7 @@ def main() -> int:
     parser.add_argument("--agents", type=int, default=256, help="long-lived sessions")
     parser.add_argument("--warmup", type=int, default=0, help="default: a tenth, at most 5000")
     parser.add_argument("--max-rss-growth-mb", type=float, default=30.0)
+    parser.add_argument("--tracemalloc", metavar="DIR", help="trace the proxy, snapshots in DIR")
     parser.add_argument("--role", choices=["upstream"], help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -289,9 +326,14 @@ def main() -> int:
     upstream = subprocess.Popen(
         [sys.executable, __file__, "--role", "upstream", "--port", str(upstream_port)], cwd=ROOT
     )
-    proxy = subprocess.Popen(
-        [sys.executable, "-m", "guard.cli", "serve", "--config", str(config)], cwd=ROOT
-    )
+    serve = ["serve", "--config", str(config)]
+    if args.tracemalloc:
+        Path(args.tracemalloc).mkdir(parents=True, exist_ok=True)
+        tracer = ROOT / "benchmarks" / "tracemalloc_serve.py"
+        command = [sys.executable, str(tracer), args.tracemalloc, *serve]
+    else:
+        command = [sys.executable, "-m", "guard.cli", *serve]
+    proxy = subprocess.Popen(command, cwd=ROOT)
     base = f"http://127.0.0.1:{proxy_port}"
     tally = Tally()
     try:
@@ -299,12 +341,16 @@ def main() -> int:
         wait_listening(proxy_port)
         asyncio.run(drive(base, warmup, args.concurrency, args.agents, Tally()))
         rss_start = rss_mb(proxy.pid)
+        if args.tracemalloc:
+            snapshot(proxy, Path(args.tracemalloc), 0)
         began = time.perf_counter()
         asyncio.run(drive(base, args.requests, args.concurrency, args.agents, tally, warmup))
         wall = time.perf_counter() - began
         time.sleep(0.5)  # let dropped streams' upstream legs finish
         rss_end = rss_mb(proxy.pid)
         alive = proxy.poll() is None
+        if args.tracemalloc and alive:
+            snapshot(proxy, Path(args.tracemalloc), 1)
     finally:
         stop(proxy)
         stop(upstream)
@@ -338,6 +384,8 @@ def main() -> int:
     print(f"{'proxy RSS after warm-up MB':<28} {rss_start:>8.1f}")
     print(f"{'proxy RSS at end MB':<28} {rss_end:>8.1f}")
     print(f"{'RSS growth MB':<28} {growth:>+8.1f}")
+    if args.tracemalloc and alive:
+        split_growth(Path(args.tracemalloc))
     for failure in failures:
         print(f"FAIL: {failure}")
     print("PASS" if not failures else "FAIL")

@@ -21,7 +21,9 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+from bisect import bisect_left
 from collections.abc import Callable
+from itertools import accumulate
 from typing import Any, Literal
 
 from guard.engine.canonical import JSONFloat, canonical_json
@@ -76,6 +78,12 @@ _NUMBER_RE = re.compile("|".join(f"(?P<{kind}>{pattern})" for kind, pattern in N
 # (No optional leading "+" or "(" here: it would stop the engine from skipping ahead
 # to digits; the run is widened by one character afterwards instead.)
 _NUMBER_RUN = re.compile(r"[0-9][0-9 ().+-]{5,}[0-9]")
+# The longest run the number detectors look into: a card is 13-19 digits with single
+# separators (37 chars), a phone shorter; two or three of them side by side still fit.
+# A longer run of digits and separators ("1 1 1 ...", a numeric dump) is no card or
+# phone and is stepped over whole: found by one regex match in C, never walked in
+# Python, so the scan stays linear with a small constant whatever the input.
+MAX_NUMBER_RUN = 96
 _DIGIT = re.compile(r"[0-9]")
 _MIN_SECRET = 6  # the shortest built-in match ("a@b.io"); shorter strings skip the scan
 
@@ -89,7 +97,6 @@ def normalize_key(key: str) -> str:
 
 
 _DOUBLED = bytes.maketrans(b"0123456789", b"0246813579")  # 2d, digits summed
-_DOUBLED_DIGIT = (0, 2, 4, 6, 8, 1, 3, 5, 7, 9)
 
 
 def luhn_ok(digits: str) -> bool:
@@ -368,14 +375,27 @@ class Redactor:
     def _numbers(self, text: str) -> str:
         out: list[str] = []
         last = 0
-        placeholders = [m.span() for m in _PLACEHOLDER_RE.finditer(text)] if "[" in text else ()
+        # Placeholders pass 1 left (a pseudonym's digest has digits), walked alongside
+        # the runs (both in text order): a run starting inside one is skipped.
+        placeholders = _PLACEHOLDER_RE.finditer(text) if "[" in text else None
+        p_start = p_end = -1
+        number_re = _NUMBER_RE
         for run in _NUMBER_RUN.finditer(text):
             start, end = run.span()
-            if any(a <= start < b for a, b in placeholders):
-                continue  # digits of a pseudonym's digest
+            if end - start > MAX_NUMBER_RUN:
+                continue
+            if placeholders is not None:
+                while p_end <= start:
+                    p = next(placeholders, None)
+                    if p is None:
+                        placeholders = None
+                        break
+                    p_start, p_end = p.span()
+                if p_start <= start < p_end:
+                    continue  # digits of a pseudonym's digest
             if start > last and text[start - 1] in "+(":
                 start -= 1
-            for m in _NUMBER_RE.finditer(text, start, end):
+            for m in number_re.finditer(text, start, end):
                 out.append(text[last : m.start()])
                 out.append(self._on_match(m))
                 last = m.end()
@@ -416,34 +436,31 @@ def _cards_in(run: str, card: Callable[[str], str], phone: Callable[[str], str])
     """
     groups = _DIGIT_GROUP.findall(run)
     digits = "".join(groups)
-    # Luhn of any span in O(1) from prefix sums, per position parity, of each digit
-    # plain and doubled: the run is scanned once, not once per candidate span.
-    plain = [[0], [0]]
-    doubled = [[0], [0]]
-    for k, ch in enumerate(digits):
-        d = ord(ch) - 48
-        p = k & 1
-        plain[p].append(plain[p][-1] + d)
-        doubled[p].append(doubled[p][-1] + _DOUBLED_DIGIT[d])
-        plain[p ^ 1].append(plain[p ^ 1][-1])
-        doubled[p ^ 1].append(doubled[p ^ 1][-1])
-    starts = [0]
-    for group in groups:
-        starts.append(starts[-1] + len(group))
+    # Luhn of any span in O(1) from prefix sums, built in C: from the right the last
+    # digit is summed plain, the one before doubled, and so on, so one prefix sum per
+    # parity of the span's last digit (ASCII codes: 48 per digit comes off after).
+    data = digits.encode()
+    doubled = data.translate(_DOUBLED)
+    last_even = bytearray(data)
+    last_even[1::2] = doubled[1::2]
+    last_odd = bytearray(data)
+    last_odd[0::2] = doubled[0::2]
+    sums = (list(accumulate(last_even, initial=0)), list(accumulate(last_odd, initial=0)))
+    starts = list(accumulate(map(len, groups), initial=0))
     n = len(starts)
+    last = starts[-1]
     for i in range(n - 1):
         a = starts[i]
-        for j in range(i + 1, n):
+        if last - a < 13:
+            break
+        # The spans from group i of 13-19 digits: the first end found by bisection.
+        for j in range(bisect_left(starts, a + 13, i + 1), n):
             b = starts[j]
-            length = b - a
-            if length > 19:
+            if b - a > 19:
                 break
-            if length >= 13:
-                # From the right: the last digit (b-1) plain, then alternating.
-                q = (b - 1) & 1
-                total = plain[q][b] - plain[q][a] + doubled[q ^ 1][b] - doubled[q ^ 1][a]
-                if total % 10 == 0:
-                    return card(digits[a:b])
+            total = sums[(b - 1) & 1]
+            if (total[b] - total[a] - 48 * (b - a)) % 10 == 0:
+                return card(digits[a:b])
     return _PHONE_RE.sub(lambda m: phone(m.group()), run)
 
 

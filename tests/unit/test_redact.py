@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from guard.engine.config import RedactionConfig, RedactionRule
-from guard.engine.redact import PLACEHOLDER, Redactor, luhn_ok
+from guard.engine.redact import MAX_NUMBER_RUN, PLACEHOLDER, Redactor, luhn_ok
 
 KEY = b"test-key-0123456789"
 ORDER = RedactionRule(name="order", pattern=r"#A\d{5}")
@@ -83,6 +83,29 @@ def test_luhn() -> None:
 def test_card_inside_longer_digit_run(redactor: Redactor) -> None:
     out = redactor.redact_text("ref 12 4111 1111 1111 1111 end")
     assert "4111 1111 1111 1111" not in out and "[CARD]" in out
+
+
+def test_a_long_run_of_digits_and_separators_is_no_card_or_phone(redactor: Redactor) -> None:
+    # Stepped over whole (issue 12 row 1: "1 1 1 ..." is no card); what stands apart
+    # from it is still found, and a run up to the bound is still looked into.
+    ones = "1 " * 50_000
+    assert redactor.redact_text(ones) == ones
+    out = redactor.redact_text(f"{ones}x card 4111 1111 1111 1111, call +1 415 555 0132")
+    assert out.endswith("x card [CARD], call [PHONE]") and out.startswith(ones)
+    near = "1 " * ((MAX_NUMBER_RUN - 20) // 2) + "4111111111111111"
+    assert len(near) <= MAX_NUMBER_RUN and "[CARD]" in redactor.redact_text(near)
+    beyond = "1 " * (MAX_NUMBER_RUN // 2) + "4111111111111111"
+    assert redactor.redact_text(beyond) == beyond
+
+
+def test_number_runs_inside_placeholders_are_left_alone() -> None:
+    # A pseudonym's digest can hold a long run of digits: never read as a number.
+    r = Redactor(RedactionConfig(builtin_mode="pseudonymize"), key=KEY)
+    text = "a@b.io 4111 1111 1111 1111 c@d.io call +1 415 555 0132 [EMAIL:4111111111111111]"
+    once = r.redact_text(text)
+    assert once.endswith("[EMAIL:4111111111111111]") and "4111 1111" not in once
+    assert re.search(r"call \[PHONE:[0-9a-f]{16}\]", once)
+    assert r.redact_text(once) == once
 
 
 def test_user_rule_pseudonymizes_seed_order_ids(redactor: Redactor) -> None:
