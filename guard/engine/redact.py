@@ -80,9 +80,11 @@ _NUMBER_RE = re.compile("|".join(f"(?P<{kind}>{pattern})" for kind, pattern in N
 _NUMBER_RUN = re.compile(r"[0-9][0-9 ().+-]{5,}[0-9]")
 # The longest run the number detectors look into: a card is 13-19 digits with single
 # separators (37 chars), a phone shorter; two or three of them side by side still fit.
-# A longer run of digits and separators ("1 1 1 ...", a numeric dump) is no card or
-# phone and is stepped over whole: found by one regex match in C, never walked in
-# Python, so the scan stays linear with a small constant whatever the input.
+# A longer run of digits and separators ("1 1 1 ...", a numeric dump) is not searched
+# (searching it costs Python work per digit group) but replaced whole, as ``[NUMBERS]``
+# (or its keyed pseudonym where values must stay distinct): a card hidden in a dump
+# never passes, and the run is found by one regex match in C, so the scan stays linear
+# with a small constant whatever the input.
 MAX_NUMBER_RUN = 96
 _DIGIT = re.compile(r"[0-9]")
 _MIN_SECRET = 6  # the shortest built-in match ("a@b.io"); shorter strings skip the scan
@@ -196,6 +198,9 @@ class Redactor:
                 self._groups[kind] = self._replacer(kind, mode)
         self._card = self._groups.get("CARD")
         self._phone = self._groups.get("PHONE")
+        if self._builtins:
+            mode = "pseudonymize" if self._hashing else self.cfg.builtin_mode
+            self._number_dump = self._replacer("NUMBERS", mode)
         self._pass1: dict[int, re.Pattern[str] | None] = {}
 
     def _pass1_regex(self, bits: int) -> re.Pattern[str] | None:
@@ -382,8 +387,6 @@ class Redactor:
         number_re = _NUMBER_RE
         for run in _NUMBER_RUN.finditer(text):
             start, end = run.span()
-            if end - start > MAX_NUMBER_RUN:
-                continue
             if placeholders is not None:
                 while p_end <= start:
                     p = next(placeholders, None)
@@ -393,6 +396,11 @@ class Redactor:
                     p_start, p_end = p.span()
                 if p_start <= start < p_end:
                     continue  # digits of a pseudonym's digest
+            if end - start > MAX_NUMBER_RUN:
+                out.append(text[last:start])
+                out.append(self._number_dump(text[start:end]))
+                last = end
+                continue
             if start > last and text[start - 1] in "+(":
                 start -= 1
             for m in number_re.finditer(text, start, end):
