@@ -37,6 +37,7 @@ import httpx2
 import openai
 import pytest
 import structlog
+from canary_calls import mcp_call_with_canaries
 from fake_models import FakeModels, Reply
 from google.protobuf.json_format import MessageToJson
 from mcp.client.session import ClientSession
@@ -787,16 +788,7 @@ def test_ids_model_names_app_values_and_websocket_upgrades_never_leave_raw(
         app = ProxyApp(config, engine=emitted.engine(config))
         proxy = stack.enter_context(run_server(app, **client_limits(config)))
         with httpx.Client(base_url=proxy, timeout=30) as http:
-            call = {
-                "jsonrpc": "2.0",
-                "id": f"{EMAIL}-{API_KEY}",
-                "method": "tools/call",
-                "params": {"name": "lookup", "arguments": {"q": "x"}},
-            }
-            mcp_headers = {
-                "accept": "application/json, text/event-stream",
-                "mcp-session-id": f"sess-{API_KEY}",
-            }
+            call, mcp_headers = mcp_call_with_canaries(API_KEY, EMAIL)
             assert http.post("/mcp", json=call, headers=mcp_headers).status_code == 200
             chat = {"model": f"gpt-4o-{API_KEY}", "messages": [{"role": "user", "content": "hi"}]}
             assert http.post("/openai/v1/chat/completions", json=chat).status_code == 200

@@ -25,6 +25,7 @@ from typing import Any
 
 import httpx
 import pytest
+from canary_calls import mcp_call_with_canaries
 from proxy_harness import loopguard_serve, proxy_config, wait_for
 from servers import free_port, run_server
 
@@ -390,16 +391,7 @@ def test_a_websocket_upgrade_with_canaries_leaves_no_trace_in_loopguard_serve(
                 )
                 upgrade_answer = sock.recv(65536)
             with httpx.Client(base_url=url, timeout=30) as http:
-                call = {
-                    "jsonrpc": "2.0",
-                    "id": f"{EMAIL}-{API_KEY}",
-                    "method": "tools/call",
-                    "params": {"name": "lookup", "arguments": {"q": "x"}},
-                }
-                mcp_headers = {
-                    "accept": "application/json, text/event-stream",
-                    "mcp-session-id": f"sess-{API_KEY}",
-                }
+                call, mcp_headers = mcp_call_with_canaries(API_KEY, EMAIL)
                 mcp = http.post("/mcp", json=call, headers=mcp_headers)
                 chat = {
                     "model": f"gpt-4o-{API_KEY}",
