@@ -251,15 +251,20 @@ RATIOS = (
 # -- the servers (run as subprocesses: ``--role``) -----------------------------------
 
 
+async def drain(receive: Any) -> None:
+    """Read the request body to its end (the servers below answer without it)."""
+    more = True
+    while more:
+        message = await receive()
+        more = message.get("more_body", False)
+
+
 async def otlp_collector(scope: dict[str, Any], receive: Any, send: Any) -> None:
     """An OTLP/HTTP collector that reads each export and acknowledges it (an empty
     Export*ServiceResponse is an empty protobuf body)."""
     if scope["type"] != "http":
         return
-    more = True
-    while more:
-        message = await receive()
-        more = message.get("more_body", False)
+    await drain(receive)
     headers = [(b"content-type", b"application/x-protobuf"), (b"content-length", b"0")]
     await send({"type": "http.response.start", "status": 200, "headers": headers})
     await send({"type": "http.response.body", "body": b""})
@@ -268,10 +273,7 @@ async def otlp_collector(scope: dict[str, Any], receive: Any, send: Any) -> None
 async def static_upstream(scope: dict[str, Any], receive: Any, send: Any) -> None:
     if scope["type"] != "http":
         return
-    more = True
-    while more:
-        message = await receive()
-        more = message.get("more_body", False)
+    await drain(receive)
     body = CHAT_ANSWER if scope["path"].endswith("/chat/completions") else STATIC_BODY
     await send(
         {
