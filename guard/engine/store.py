@@ -105,8 +105,19 @@ class StateStore(Protocol):
 # scanning the window is as quick as a lookup, and an idle session keeps no dict.
 INDEX_FROM = 8
 
+# A step as the memory store holds it: (tool, params_hash, marker, error). A plain tuple
+# of strings and a bool, which the garbage collector stops tracking after its first
+# pass, where a Step (a slots dataclass) stays tracked: with one Step per idle session,
+# every full collection walked them all (tens of ms at 100k sessions, a p99 spike).
+# Converted to Step only when a window is read, which the common new call skips.
+_Held = tuple[str, str, str, bool]
 
-class _Entry(list[Step]):
+
+def _held(step: Step) -> _Held:
+    return (step.tool, step.params_hash, step.marker, step.error)
+
+
+class _Entry(list[_Held]):
     """One session: its window of steps, oldest first (the list itself, so a session
     costs one object), when it was last used, its reservations and its per-call index.
 
@@ -120,7 +131,7 @@ class _Entry(list[Step]):
         super().__init__()
         self.seen = seen
         # Reservations: token -> (deadline, the in-flight Step object in the window).
-        self.pending: dict[str, tuple[float, Step]] | None = None
+        self.pending: dict[str, tuple[float, _Held]] | None = None
         # How many of the window's steps each (tool, params_hash) has, and under
         # (tool, TOOL_ERRORS) each tool's failures: answers "is the call (or a failure
         # of its tool) in the window?" without a scan. Built past INDEX_FROM steps.
@@ -132,10 +143,14 @@ class _Entry(list[Step]):
         calls = self.calls
         if calls is not None:
             return (tool, params_hash) in calls or (tool, TOOL_ERRORS) in calls
-        for step in self:
-            if step.tool == tool and (step.params_hash == params_hash or step.error):
+        for step_tool, step_hash, _marker, error in self:
+            if step_tool == tool and (step_hash == params_hash or error):
                 return True
         return False
+
+    def steps(self) -> list[Step]:
+        """The window as Steps, oldest first."""
+        return [Step(*held) for held in self]
 
     def counts(self) -> dict[tuple[str, str], int]:
         """The index as it is, or (not built yet) as it would be."""
@@ -146,7 +161,7 @@ class _Entry(list[Step]):
             _count(calls, step, 1)
         return calls
 
-    def push(self, step: Step, window: int) -> None:
+    def push(self, step: _Held, window: int) -> None:
         """Append, dropping the oldest steps past ``window``."""
         calls = self.calls
         excess = len(self) + 1 - window
@@ -161,7 +176,7 @@ class _Entry(list[Step]):
         elif len(self) > INDEX_FROM:
             self.calls = self.counts()
 
-    def _index(self, step: Step) -> int:
+    def _index(self, step: _Held) -> int:
         """Where this very step object is in the window, or -1. Searched from the
         newest end: an in-flight step was appended moments ago."""
         for index in range(len(self) - 1, -1, -1):
@@ -169,30 +184,30 @@ class _Entry(list[Step]):
                 return index
         return -1
 
-    def remove_step(self, step: Step) -> None:
+    def remove_step(self, step: _Held) -> None:
         index = self._index(step)
         if index >= 0:
             del self[index]
             if self.calls is not None:
                 _count(self.calls, step, -1)
 
-    def replace(self, old: Step, new: Step) -> bool:
+    def replace(self, old: _Held, new: _Held) -> bool:
         """Put ``new`` where the very object ``old`` is (the same call: only the tool's
         failure count can change)."""
         index = self._index(old)
         if index < 0:
             return False
         self[index] = new
-        if self.calls is not None and old.error != new.error:
-            _add(self.calls, (new.tool, TOOL_ERRORS), 1 if new.error else -1)
+        if self.calls is not None and old[3] != new[3]:
+            _add(self.calls, (new[0], TOOL_ERRORS), 1 if new[3] else -1)
         return True
 
-    def hold(self, token: str, deadline: float, step: Step) -> None:
+    def hold(self, token: str, deadline: float, step: _Held) -> None:
         if self.pending is None:
             self.pending = {}
         self.pending[token] = (deadline, step)
 
-    def unhold(self, token: str) -> Step | None:
+    def unhold(self, token: str) -> _Held | None:
         """The reservation's in-flight step, no longer pending (None: unknown token)."""
         pending = self.pending
         if pending is None:
@@ -215,10 +230,11 @@ class _Entry(list[Step]):
         self.pending = None
 
 
-def _count(calls: dict[tuple[str, str], int], step: Step, delta: int) -> None:
-    _add(calls, (step.tool, step.params_hash), delta)
-    if step.error:  # the tool's failures, whatever the params (tool-wide rules)
-        _add(calls, (step.tool, TOOL_ERRORS), delta)
+def _count(calls: dict[tuple[str, str], int], step: _Held, delta: int) -> None:
+    tool, params_hash, _marker, error = step
+    _add(calls, (tool, params_hash), delta)
+    if error:  # the tool's failures, whatever the params (tool-wide rules)
+        _add(calls, (tool, TOOL_ERRORS), delta)
 
 
 def _add(calls: dict[tuple[str, str], int], key: tuple[str, str], delta: int) -> None:
@@ -271,7 +287,7 @@ class MemoryStore:
 
     async def history(self, session: str) -> list[Step]:
         entry = self._live(session, self._clock())
-        return [] if entry is None else list(entry)
+        return [] if entry is None else entry.steps()
 
     async def history_for_call(self, session: str, tool: str, params_hash: str) -> list[Step]:
         """``history(session)``, or ``[]`` when the call has no step in the window and
@@ -284,12 +300,12 @@ class MemoryStore:
         entry = self._live(session, self._clock())
         if entry is None or not entry.holds(tool, params_hash):
             return []
-        return list(entry)
+        return entry.steps()
 
     async def append(self, session: str, step: Step, window: int) -> None:
-        self._push(session, step, window)
+        self._push(session, _held(step), window)
 
-    def _push(self, session: str, step: Step, window: int) -> _Entry:
+    def _push(self, session: str, step: _Held, window: int) -> _Entry:
         now = self._clock()
         sessions = self._sessions
         entry = self._live(session, now)
@@ -312,12 +328,12 @@ class MemoryStore:
             if entry.pending:
                 entry.expire(now)
             if entry.holds(tool, params_hash):
-                history = list(entry)
+                history = entry.steps()
                 latest = _latest(history, tool, params_hash)
-        held = (
-            Step(tool, params_hash, IN_FLIGHT)
+        held: _Held = (
+            (tool, params_hash, IN_FLIGHT, False)
             if latest is None
-            else Step(tool, params_hash, latest.marker, latest.error)
+            else (tool, params_hash, latest.marker, latest.error)
         )
         if entry is None:
             entry = self._push(session, held, window)
@@ -330,11 +346,11 @@ class MemoryStore:
     async def settle(self, session: str, token: str, step: Step, window: int) -> None:
         entry = self._sessions.get(session)
         held = entry.unhold(token) if entry is not None else None
-        if entry is not None and held is not None and entry.replace(held, step):
+        if entry is not None and held is not None and entry.replace(held, _held(step)):
             entry.seen = self._clock()
             self._sessions.move_to_end(session)
             return
-        self._push(session, step, window)
+        self._push(session, _held(step), window)
 
     async def release(self, session: str, token: str) -> None:
         entry = self._sessions.get(session)
