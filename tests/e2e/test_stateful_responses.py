@@ -310,11 +310,17 @@ def test_replicas_sharing_redis_agree_on_the_chain(redis_url: str) -> None:
     assert runs == 4 and last.output_text.startswith(STOP_SIGNATURE)
 
 
-def test_openai_agents_with_auto_previous_response_id_ends_by_the_stop(stack) -> None:
+def run_stuck_openai_agent(
+    base: str,
+    runs: list[str],
+    *,
+    output_type: Any = None,
+    on_a_conversation: bool = False,
+    **run_options: Any,
+) -> Any:
+    """openai-agents' Runner through the proxy with the tracking tool the fake model
+    keeps calling; each run of the tool is appended to ``runs``."""
     from agents import Agent, OpenAIResponsesModel, Runner, function_tool
-
-    fake, _, base, _records = stack
-    runs: list[str] = []
 
     @function_tool
     def lookup_tracking(order_id: str) -> str:
@@ -324,18 +330,25 @@ def test_openai_agents_with_auto_previous_response_id_ends_by_the_stop(stack) ->
 
     async def run() -> Any:
         client = openai.AsyncOpenAI(base_url=base, api_key="k", max_retries=0)
+        if on_a_conversation:
+            run_options["conversation_id"] = (await client.conversations.create()).id
         model = OpenAIResponsesModel("gpt-test", openai_client=client)
-        agent = Agent(name="support", model=model, tools=[lookup_tracking])
-        return await Runner.run(agent, "where is A1?", max_turns=10, auto_previous_response_id=True)
+        agent = Agent(name="support", model=model, tools=[lookup_tracking], output_type=output_type)
+        return await Runner.run(agent, "where is A1?", max_turns=10, **run_options)
 
-    result = asyncio.run(run())
+    return asyncio.run(run())
+
+
+def test_openai_agents_with_auto_previous_response_id_ends_by_the_stop(stack) -> None:
+    fake, _, base, _records = stack
+    runs: list[str] = []
+    result = run_stuck_openai_agent(base, runs, auto_previous_response_id=True)
     assert len(runs) == 4  # 3, the nudge, the one repeat after it; then the stop
     assert result.final_output.startswith(STOP_SIGNATURE)
     assert all(r.get("previous_response_id") for r in fake.requests[1:])
 
 
 def test_openai_agents_with_an_output_type_ends_with_a_refusal_naming_loopguard(stack) -> None:
-    from agents import Agent, OpenAIResponsesModel, Runner, function_tool
     from agents.exceptions import ModelRefusalError
     from pydantic import BaseModel
 
@@ -344,21 +357,8 @@ def test_openai_agents_with_an_output_type_ends_with_a_refusal_naming_loopguard(
         status: str
 
     runs: list[str] = []
-
-    @function_tool
-    def lookup_tracking(order_id: str) -> str:
-        """Tracking status of an order."""
-        runs.append(order_id)
-        return "in transit"
-
-    async def run() -> Any:
-        client = openai.AsyncOpenAI(base_url=stack[2], api_key="k", max_retries=0)
-        model = OpenAIResponsesModel("gpt-test", openai_client=client)
-        agent = Agent(name="s", model=model, tools=[lookup_tracking], output_type=Status)
-        return await Runner.run(agent, "where is A1?", max_turns=10, auto_previous_response_id=True)
-
     with pytest.raises(ModelRefusalError) as refused:
-        asyncio.run(run())
+        run_stuck_openai_agent(stack[2], runs, output_type=Status, auto_previous_response_id=True)
     assert len(runs) == 4
     assert STOP_SIGNATURE in str(refused.value) and "4 times" in str(refused.value)
 
@@ -396,27 +396,9 @@ def test_pydantic_ai_with_an_output_type_ends_with_an_error_naming_loopguard(
 
 
 def test_openai_agents_with_a_conversation_id_ends_by_the_stop(stack) -> None:
-    from agents import Agent, OpenAIResponsesModel, Runner, function_tool
-
     fake, _, base, _records = stack
     runs: list[str] = []
-
-    @function_tool
-    def lookup_tracking(order_id: str) -> str:
-        """Tracking status of an order."""
-        runs.append(order_id)
-        return "in transit"
-
-    async def run() -> Any:
-        client = openai.AsyncOpenAI(base_url=base, api_key="k", max_retries=0)
-        conversation = await client.conversations.create()
-        model = OpenAIResponsesModel("gpt-test", openai_client=client)
-        agent = Agent(name="support", model=model, tools=[lookup_tracking])
-        return await Runner.run(
-            agent, "where is A1?", max_turns=10, conversation_id=conversation.id
-        )
-
-    result = asyncio.run(run())
+    result = run_stuck_openai_agent(base, runs, on_a_conversation=True)
     assert len(runs) == 4  # 3, the nudge, the one repeat after it; then the stop
     assert result.final_output.startswith(STOP_SIGNATURE)
     assert all(r.get("conversation") for r in fake.requests)
