@@ -16,7 +16,10 @@ other ``uvicorn.Config`` keyword to change them. The ``serve_app`` fixture in
 from __future__ import annotations
 
 import contextlib
+import os
+import shutil
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -94,3 +97,45 @@ def run_server(app: Any, *, host: str = "127.0.0.1", **config: Any) -> Iterator[
             server.force_exit = True
             thread.join(timeout=STARTUP_TIMEOUT_S)
         sock.close()
+
+
+@contextlib.contextmanager
+def redis_server() -> Iterator[tuple[subprocess.Popen[bytes], str]]:
+    """A real redis-server on a free loopback port (no persistence): the process and its URL.
+
+    Skipped when the binary is missing on a developer's machine; under CI (``CI`` set)
+    a missing binary fails instead, so a green CI always means Redis was tested.
+    """
+    binary = shutil.which("redis-server")
+    if binary is None:
+        import pytest
+
+        if os.environ.get("CI"):
+            pytest.fail("redis-server is not installed: .ci/run must install it")
+        pytest.skip("redis-server binary not installed (apt-get install redis-server)")
+    port = free_port()
+    proc = subprocess.Popen(
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while not _answers_ping(port):
+            if time.monotonic() > deadline or proc.poll() is not None:
+                raise RuntimeError("redis-server did not start")
+            time.sleep(0.05)
+        yield proc, f"redis://127.0.0.1:{port}/0"
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            proc.wait(timeout=10)
+
+
+def _answers_ping(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.2) as sock:
+            sock.sendall(b"PING\r\n")
+            return sock.recv(16).startswith(b"+PONG")
+    except OSError:
+        return False

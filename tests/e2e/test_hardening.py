@@ -10,7 +10,6 @@ import asyncio
 import gzip
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -20,8 +19,8 @@ from typing import Any
 
 import httpx
 import pytest
-from proxy_harness import ToolServer, guarded_proxy, proxy_config, wait_for
-from servers import free_port, run_server
+from proxy_harness import ToolServer, guarded_proxy, proxy_config
+from servers import redis_server, run_server
 
 from guard.engine.breaker import BreakerStore, CircuitOpen
 from guard.engine.config import Config
@@ -226,32 +225,12 @@ async def test_redis_reservations_settle_release_and_expire(redis_url: str) -> N
 @pytest.fixture
 def own_redis() -> Iterator[tuple[subprocess.Popen[bytes], str]]:
     """A redis-server of this test's own, to stop (SIGSTOP) or kill."""
-    binary = shutil.which("redis-server")
-    if binary is None:
-        pytest.skip("redis-server binary not installed")
-    port = free_port()
-    proc = subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        assert wait_for(lambda: _pong(port), timeout=10), "redis-server did not start"
-        yield proc, f"redis://127.0.0.1:{port}/0"
-    finally:
-        if proc.poll() is None:
-            os.kill(proc.pid, signal.SIGCONT)
-            proc.terminate()
-            proc.wait(timeout=10)
-
-
-def _pong(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.2) as sock:
-            sock.sendall(b"PING\r\n")
-            return sock.recv(16).startswith(b"+PONG")
-    except OSError:
-        return False
+    with redis_server() as (proc, url):
+        try:
+            yield proc, url
+        finally:
+            if proc.poll() is None:
+                os.kill(proc.pid, signal.SIGCONT)  # a stopped server cannot terminate
 
 
 class _Counting(RedisStore):
