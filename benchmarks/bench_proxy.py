@@ -451,11 +451,29 @@ def litellm_app(upstream: str, folder: str) -> Any:
     return app
 
 
+def serve_app(app: Any, port: int, *, lifespan: str) -> None:
+    """Serve one benchmark process as ``loopguard serve`` runs (uvloop + httptools), with
+    no access log and no header of uvicorn's own: every role of every benchmark alike."""
+    import uvicorn
+
+    uvicorn.run(
+        app,
+        host="127.0.0.1",
+        port=port,
+        loop="uvloop",
+        http="httptools",
+        lifespan=lifespan,
+        access_log=False,
+        log_level="warning",
+        server_header=False,
+        date_header=False,
+        proxy_headers=False,
+    )
+
+
 def run_role(
     role: str, port: int, upstream: str, cpus: list[int], records: str, store: str
 ) -> None:
-    import uvicorn
-
     if cpus and hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, set(cpus))
     if role == "loopguard-serve":  # its workers inherit the CPUs
@@ -480,19 +498,7 @@ def run_role(
         from guard.doors.serve import freeze_startup_objects
 
         freeze_startup_objects()
-    uvicorn.run(
-        app,
-        host="127.0.0.1",
-        port=port,
-        loop="uvloop",
-        http="httptools",
-        lifespan="auto" if role not in ("upstream", "collector") else "off",
-        access_log=False,
-        log_level="warning",
-        server_header=False,
-        date_header=False,
-        proxy_headers=False,
-    )
+    serve_app(app, port, lifespan="auto" if role not in ("upstream", "collector") else "off")
 
 
 # -- the driver ----------------------------------------------------------------------

@@ -40,14 +40,12 @@ for path in (ROOT, ROOT / "tests"):
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))
 
-from benchmarks.bench_proxy import free_port  # noqa: E402  (after the path set-up)
+from benchmarks.bench_proxy import free_port, serve_app  # noqa: E402  (after the path set-up)
 
 TEXT = "Loopguard measures the first token and passes every byte on as it arrives. " * 20
 
 
 def run_role(role: str, port: int, upstream: str, chunks: int, first_delay: float) -> None:
-    import uvicorn
-
     if role == "bare":
         from benchmarks.bench_proxy import FloorProxy
 
@@ -71,16 +69,7 @@ def run_role(role: str, port: int, upstream: str, chunks: int, first_delay: floa
             }
         )
         app = ProxyApp(config)
-    uvicorn.run(
-        app,
-        host="127.0.0.1",
-        port=port,
-        loop="uvloop",
-        http="httptools",
-        log_level="warning",
-        access_log=False,
-        lifespan="off" if role == "upstream" else "on",
-    )
+    serve_app(app, port, lifespan="off" if role == "upstream" else "on")
 
 
 def start(role: str, port: int, args: argparse.Namespace, upstream: str = "") -> subprocess.Popen:

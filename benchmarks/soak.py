@@ -47,7 +47,7 @@ for path in (ROOT, ROOT / "tests"):
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))
 
-from benchmarks.bench_proxy import free_port, stop, wait_listening  # noqa: E402
+from benchmarks.bench_proxy import free_port, serve_app, stop, wait_listening  # noqa: E402
 
 MAX_BODY = 64 * 1024  # the proxy's [server] max_body_bytes here; oversized bodies are twice it
 REPEAT_GROUP = 4  # identical calls in one session: past max_repeats (3) the rest are stopped
@@ -68,7 +68,6 @@ PROBLEM_TYPE = "https://loopguard.dev/problems/"
 
 
 def run_upstream(port: int) -> None:
-    import uvicorn
     from mcp_servers import RawJsonRpcServer
     from proxy_harness import ToolServer
     from starlette.applications import Starlette
@@ -86,16 +85,7 @@ def run_upstream(port: int) -> None:
             Mount("/openai", app=models.app()),
         ]
     )
-    uvicorn.run(
-        app,
-        host="127.0.0.1",
-        port=port,
-        loop="uvloop",
-        http="httptools",
-        lifespan="off",
-        access_log=False,
-        log_level="warning",
-    )
+    serve_app(app, port, lifespan="off")
 
 
 def write_config(directory: str, port: int, upstream: str) -> Path:
