@@ -17,8 +17,8 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
+from sse_feeding import feed_chunks, fields
 
-from adapters.sse import SSEEvent, SSEParser
 from adapters.trajectory import (
     history_from_anthropic,
     history_from_openai_chat,
@@ -68,16 +68,6 @@ SSE_STREAMS = st.one_of(
 )
 
 
-def feed_chunks(stream: bytes, cuts: list[int]) -> tuple[list[SSEEvent], SSEParser]:
-    parser = SSEParser()
-    events: list[SSEEvent] = []
-    last = 0
-    for cut in [*sorted(cuts), len(stream)]:
-        events += parser.feed(stream[last:cut])
-        last = cut
-    return events, parser
-
-
 @FUZZ
 @given(SSE_STREAMS, st.data())
 @example(b"data: a\n\n\ndata: b\r\n\r\n", None)
@@ -102,10 +92,6 @@ def test_sse_any_bytes_any_chunking_same_events(stream: bytes, data: Any) -> Non
         for event in events:
             assert last <= event.start < event.end <= parser.boundary <= len(stream)
             last = event.end
-
-
-def fields(events: list[SSEEvent]) -> list[tuple[str, str, str | None]]:
-    return [(e.event, e.data, e.id) for e in events]
 
 
 def same_offset(stream: bytes, split: int, whole: int) -> bool:

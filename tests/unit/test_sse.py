@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from sse_feeding import feed_chunks, fields
 
 from adapters.sse import SSEEvent, SSEParser, encode_event
 
@@ -13,17 +14,7 @@ def parse_whole(stream: bytes) -> list[SSEEvent]:
 
 
 def parse_split(stream: bytes, cuts: list[int]) -> list[SSEEvent]:
-    parser = SSEParser()
-    events: list[SSEEvent] = []
-    last = 0
-    for cut in [*sorted(cuts), len(stream)]:
-        events += parser.feed(stream[last:cut])
-        last = cut
-    return events
-
-
-def fields(events: list[SSEEvent]) -> list[tuple[str, str, str | None]]:
-    return [(e.event, e.data, e.id) for e in events]
+    return feed_chunks(stream, cuts)[0]
 
 
 def test_fields_comments_and_multiline_data() -> None:
