@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from typing import Any
 
-POLICY_TOML = """\
+_POLICY_TEMPLATE = """\
 [monitor]
 policy_id = "delivery-grounding-slo-v1"
-window = "5m"
+window = "{window}"
 max_unsafe_serves = 0          # invariant: PAGE when exceeded
 max_p95_ttft_ms = 500          # WARN
 max_window_cost_usd = 0.002    # WARN
@@ -24,6 +24,14 @@ input_per_million = 1.00
 cached_input_per_million = 0.10
 output_per_million = 5.00
 """
+
+
+def policy_toml(window: str = "5m") -> str:
+    """The seed policy with its windows ``window`` long."""
+    return _POLICY_TEMPLATE.format(window=window)
+
+
+POLICY_TOML = policy_toml()
 
 GOOD = "tracking-answerer-v1"
 BAD = "tracking-answerer-v1.1-regression"

@@ -20,30 +20,13 @@ from typing import Any
 import httpx
 import pytest
 import yaml
+from monitor_seed import BAD, policy_toml
 from prometheus_harness import api, poll, require_binary, run_prometheus, samples
 from proxy_harness import ToolServer, loopguard_serve
 from servers import free_port, run_server
 
 from guard.devtools.fakes import FakeModels
 
-POLICY = """\
-[monitor]
-policy_id = "delivery-grounding-slo-v1"
-window = "{window}"
-max_unsafe_serves = 0
-max_p95_ttft_ms = 500
-max_window_cost_usd = 0.002
-first_check = "Compare serving-gate template with tracking-answerer-v1."
-
-[[rate_cards]]
-version = "internal-fixture-2026-05-27"
-models = ["*"]
-input_per_million = 1.00
-cached_input_per_million = 0.10
-output_per_million = 5.00
-"""
-
-BAD = "tracking-answerer-v1.1-regression"
 # What the app decided, by the test's x-test-decision request header.
 DECISIONS: dict[bytes, dict[str, str]] = {
     b"safe": {"route": "serve", "unsafe-claim-served": "false", "template": "tracking-answerer-v1"},
@@ -95,7 +78,7 @@ def upstreams() -> Iterator[tuple[str, str]]:
 def _write_config(tmp: Path, upstreams: tuple[str, str], window: str) -> tuple[Path, int, int]:
     port, admin = free_port(), free_port()
     policy = tmp / "policy.toml"
-    policy.write_text(POLICY.format(window=window))
+    policy.write_text(policy_toml(window))
     config = tmp / "loopguard.toml"
     config.write_text(
         f'[server]\nlisten = "127.0.0.1:{port}"\n'
@@ -209,7 +192,7 @@ def test_admin_listener_serves_metrics_and_status_of_real_traffic(
 
 def _alerts_file(tmp: Path, window: str) -> Path:
     policy = tmp / "alert-policy.toml"
-    policy.write_text(POLICY.format(window=window))
+    policy.write_text(policy_toml(window))
     rules = tmp / "rules.yml"
     done = subprocess.run(
         [sys.executable, "-m", "guard.cli", "alerts", "--policy", str(policy), "-o", str(rules)],
