@@ -23,7 +23,6 @@ HTTP libraries or of any protocol.
 from __future__ import annotations
 
 import asyncio
-import sys
 import time
 import traceback
 from dataclasses import asdict, dataclass, is_dataclass
@@ -320,13 +319,7 @@ class Exchange:
     async def _admit_tool_calls(self, parsed: ParsedRequest, hashes: list[str]) -> Answer | bytes:
         flows = self.flows
         for invocation, params_hash in zip(parsed.invocations, hashes, strict=True):
-            # Interned: the steps and call counts a store keeps would otherwise each hold
-            # their own copy of the tool name (parsed afresh from every request).
-            # (sys.intern takes exact strs only: an in-process caller may pass a subclass.)
-            tool = invocation.tool
-            if type(tool) is str:
-                invocation.tool = tool = sys.intern(tool)
-            verdict, token = await self._check(tool, params_hash)
+            verdict, token = await self._check(invocation.tool, params_hash)
             flows.append(CallFlow(invocation, params_hash, verdict, token))
         if not flows:
             return self._forward_body(parsed)

@@ -37,6 +37,7 @@ import hashlib
 import itertools
 import math
 import os
+import sys
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -114,7 +115,14 @@ _Held = tuple[str, str, str, bool]
 
 
 def _held(step: Step) -> _Held:
-    return (step.tool, step.params_hash, step.marker, step.error)
+    return (_interned(step.tool), step.params_hash, step.marker, step.error)
+
+
+def _interned(tool: str) -> str:
+    """One copy of each tool name for every step and call count the store keeps (each
+    request parses its own). ``sys.intern`` takes exact strs only: an in-process caller
+    may name a tool with a subclass."""
+    return sys.intern(tool) if type(tool) is str else tool
 
 
 class _Entry(list[_Held]):
@@ -330,6 +338,7 @@ class MemoryStore:
             if entry.holds(tool, params_hash):
                 history = entry.steps()
                 latest = _latest(history, tool, params_hash)
+        tool = _interned(tool)
         held: _Held = (
             (tool, params_hash, IN_FLIGHT, False)
             if latest is None

@@ -95,3 +95,17 @@ async def test_a_small_session_without_an_index_answers_as_an_indexed_one() -> N
     # A new call of a tool with no failure does not (same verdict, no copy).
     assert await store.history_for_call("s", "read", "other") == []
     assert store._sessions["s"].counts() == _recount(await store.history("s"))
+
+
+async def test_sessions_share_one_copy_of_each_tool_name() -> None:
+    # Every request parses its own copy of the name; the store keeps one for all the
+    # steps of all its sessions (reserved, settled or appended).
+    store = MemoryStore()
+    names = ["".join(["lookup", "_tracking"]) for _ in range(3)]
+    assert names[0] is not names[1]
+    _, token = await store.reserve("a", names[0], "h1", 64, 10.0)
+    await store.settle("a", token, Step(names[1], "h1", "m1"), 64)
+    await store.append("b", Step(names[2], "h2", "m2"), 64)
+    await store.reserve("c", names[1], "h3", 64, 10.0)
+    held = [step for session in ("a", "b", "c") for step in store._sessions[session]]
+    assert len(held) == 3 and all(step[0] is held[0][0] for step in held)
