@@ -18,10 +18,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
-import os
-import shutil
-import socket
-import subprocess
 import sys
 import time
 import tracemalloc
@@ -32,6 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from benchmarks.bench_proxy import proc_cpu_s, start_redis  # noqa: E402
 from guard.engine.calls import Step  # noqa: E402
 from guard.engine.store import MemoryStore  # noqa: E402
 
@@ -78,41 +75,6 @@ async def _drive(store: Any, calls: int, concurrency: int = 16) -> tuple[float, 
     return calls / (time.perf_counter() - wall), (time.process_time() - cpu) / calls * 1e6
 
 
-def _cpu_s(pid: int) -> float:
-    """User + system CPU seconds of a process, from /proc (nan elsewhere)."""
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            fields = stat.read().rsplit(")", 1)[1].split()
-    except OSError:
-        return float("nan")
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _redis_server() -> tuple[subprocess.Popen | None, str]:
-    binary = shutil.which("redis-server")
-    if binary is None:
-        return None, ""
-    port = _free_port()
-    proc = subprocess.Popen(
-        [binary, "--port", str(port), "--save", "", "--appendonly", "no"],
-        stdout=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            break
-        except OSError:
-            time.sleep(0.05)
-    return proc, f"redis://127.0.0.1:{port}/0"
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sessions", type=int, default=20_000)
@@ -130,7 +92,7 @@ def main() -> int:
     rate, cpu = asyncio.run(_drive(MemoryStore(), args.calls))
     print(f"memory store: {rate:.0f} calls/s, {cpu:.1f} CPU us/call")
 
-    proc, url = (None, args.redis) if args.redis else _redis_server()
+    proc, url = (None, args.redis) if args.redis else start_redis([])
     if not url:
         print("redis store: skipped (no redis-server)")
         return 0
@@ -138,10 +100,10 @@ def main() -> int:
         from guard.engine.breaker import BreakerStore
         from guard.engine.store import RedisStore
 
-        server_before = _cpu_s(proc.pid) if proc is not None else float("nan")
+        server_before = proc_cpu_s(proc.pid) if proc is not None else float("nan")
         store = BreakerStore(RedisStore(url, reply_timeout=None))  # as the engine builds it
         rate, cpu = asyncio.run(_drive(store, args.calls))
-        server = (_cpu_s(proc.pid) - server_before) / args.calls * 1e6 if proc else float("nan")
+        server = (proc_cpu_s(proc.pid) - server_before) / args.calls * 1e6 if proc else float("nan")
         print(
             f"redis store:  {rate:.0f} calls/s, {cpu:.1f} CPU us/call client side, "
             f"{server:.1f} in redis-server"
