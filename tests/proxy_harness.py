@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import socket
 import subprocess
 import sys
 import threading
@@ -272,3 +273,15 @@ def _healthy(url: str) -> bool:
         return httpx.get(f"{url}/healthz", timeout=1).status_code == 200
     except httpx.TransportError:
         return False
+
+
+def read_json_answer(sock: socket.socket) -> bytes:
+    """An HTTP answer read off a raw socket: until its head and a JSON body ending in
+    "}" have arrived, or the server closes the connection."""
+    data = b""
+    while b"\r\n\r\n" not in data or not data.rstrip().endswith(b"}"):
+        piece = sock.recv(65536)
+        if not piece:
+            break
+        data += piece
+    return data

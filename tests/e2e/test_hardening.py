@@ -19,7 +19,7 @@ from typing import Any
 
 import httpx
 import pytest
-from proxy_harness import ToolServer, guarded_proxy, proxy_config
+from proxy_harness import ToolServer, guarded_proxy, proxy_config, read_json_answer
 from servers import redis_server, run_server
 
 from guard.engine.breaker import BreakerStore, CircuitOpen
@@ -377,12 +377,7 @@ def test_a_stalled_body_is_cut_with_408(tools: tuple[ToolServer, str]) -> None:
                 b"POST /tools/echo HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                 b'Content-Length: 100\r\n\r\n{"q": '
             )
-            answer = b""
-            while b"\r\n\r\n" not in answer or b"}" not in answer.split(b"\r\n\r\n", 1)[1]:
-                chunk = sock.recv(4096)
-                if not chunk:
-                    break
-                answer += chunk
+            answer = read_json_answer(sock)
     assert answer.startswith(b"HTTP/1.1 408 ")
     assert b"application/problem+json" in answer and b"body-timeout" in answer
     assert server.hits["echo"] == 0

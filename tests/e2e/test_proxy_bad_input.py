@@ -16,7 +16,7 @@ from typing import Any
 
 import httpx
 import pytest
-from proxy_harness import ToolServer, guarded_proxy, proxy_config, wait_for
+from proxy_harness import ToolServer, guarded_proxy, proxy_config, read_json_answer, wait_for
 from servers import free_port, run_server
 
 
@@ -123,13 +123,7 @@ def raw_request(url: str, request: bytes) -> bytes:
     host, port = url.removeprefix("http://").split(":")
     with socket.create_connection((host, int(port)), timeout=5) as sock:
         sock.sendall(request)
-        data = b""
-        while b"\r\n\r\n" not in data or not data.rstrip().endswith(b"}"):
-            piece = sock.recv(65536)
-            if not piece:
-                break
-            data += piece
-    return data
+        return read_json_answer(sock)
 
 
 @pytest.mark.parametrize("http", ["h11", "httptools"])
