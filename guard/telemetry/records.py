@@ -6,9 +6,9 @@ never holds a raw payload: parameters are a hash, outcomes a progress marker,
 the session a keyed pseudonym. The keys and their order are ``RECORD_FIELDS``,
 declared with the span and metric attributes in ``guard.telemetry.fields``.
 
-The writer is a structlog chain of its own (optional callback -> JSON over orjson,
-the timestamp put first when the record is built) bound to its own file, so it
-never touches structlog's global configuration that the application may own.
+The writer renders each record with orjson and appends it to its own file (the
+timestamp put first when the record is built); it never touches structlog's global
+configuration, which the application may own.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from typing import Any, BinaryIO
 
 import orjson
 import structlog
-from structlog.typing import EventDict, Processor, WrappedLogger
+from structlog.processors import _json_fallback_handler as _json_fallback
 
 from guard.engine.calls import CallRecord
 from guard.engine.pseudonym import SessionHasher
@@ -79,50 +79,39 @@ class RecordWriter:
     file) and every line is flushed as it is written, so a crash loses nothing
     already recorded.
 
-    structlog's fast path: ``BytesLogger`` on the file and ``JSONRenderer`` over
-    orjson, behind a two-step chain (tee to the callback, then render).
+    A line is the record dict rendered by orjson, as structlog's ``JSONRenderer``
+    over orjson renders it (the same fallback for a value JSON has no type for),
+    written by one call: no processor chain or logger in between, which cost as
+    much as the rendering on every call.
     """
 
     def __init__(self, path: str, callback: RecordCallback | None = None) -> None:
         self._path = path
         self._callback = callback
         self._file: BinaryIO | None = None
-        self._logger: Any = None
+        # Where a rendered line goes (None: nowhere, the callback only); set on open.
+        self._out: Callable[[bytes], object] | None = None
+        self._opened = False
         self._lock = threading.Lock()
         self._closed = False
 
-    def _tee(self, _logger: WrappedLogger, _name: str, event_dict: EventDict) -> EventDict:
-        if self._callback is not None:
-            self._callback(dict(event_dict))
-        return event_dict
-
-    def _open(self) -> Any:
+    def _open(self) -> None:
         if self._path == "-":
             # stdout as it is when the first record is written (text: tests capture it).
-            base: Any = structlog.PrintLogger(sys.stdout)
-            serializer: Callable[..., Any] = _dumps_text
+            printer = structlog.PrintLogger(sys.stdout)
+            self._out = lambda line: printer.msg(line[:-1].decode("utf-8"))
         elif self._path:
             path = Path(os.path.expanduser(self._path))
             path.parent.mkdir(parents=True, exist_ok=True)
-            self._file = path.open("ab")
-            base, serializer = structlog.BytesLogger(self._file), orjson.dumps
-        else:
-            # Without a file, ReturnLogger renders and discards: the callback still sees it.
-            base, serializer = structlog.ReturnLogger(), orjson.dumps
-        # Our own wrapper class and chain: the application's structlog configuration is
-        # not ours. bind() turns wrap_logger's lazy proxy into the logger itself (the
-        # proxy would rebuild it on every record).
-        renderer = structlog.processors.JSONRenderer(serializer)
-        # Without a callback the tee would only pass the dict on: one call less per record.
-        processors: list[Processor] = [renderer]
-        if self._callback is not None:
-            processors.insert(0, self._tee)
-        return structlog.wrap_logger(
-            base,
-            processors=processors,
-            wrapper_class=_RecordLogger,
-            context_class=dict,
-        ).bind()
+            file = self._file = path.open("ab")
+            write, flush = file.write, file.flush
+
+            def out(line: bytes) -> None:
+                write(line)
+                flush()
+
+            self._out = out
+        self._opened = True
 
     @property
     def enabled(self) -> bool:
@@ -134,48 +123,41 @@ class RecordWriter:
         without ``ts`` gets one put first."""
         if not self._path and self._callback is None:
             return
-        with self._lock:
-            if self._closed:
-                return
-            if self._logger is None:
-                try:
-                    self._logger = self._open()
-                except OSError as exc:
-                    # Once, not per call; the callback (if any) still gets the records.
-                    _log.warning("record file unusable", path=self._path, error=type(exc).__name__)
-                    self._path = ""
-                    self._logger = self._open()
-            logger = self._logger
+        if self._closed:
+            return
+        if not self._opened:
+            with self._lock:
+                if self._closed:
+                    return
+                if not self._opened:
+                    try:
+                        self._open()
+                    except OSError as exc:
+                        # Once, not per call; the callback (if any) still gets the records.
+                        _log.warning(
+                            "record file unusable", path=self._path, error=type(exc).__name__
+                        )
+                        self._path = ""
+                        self._open()
         # ts first, then the fields in the order given (the records sink builds them
         # in RECORD_FIELDS order), so the lines read well and diff cleanly.
         if "ts" not in fields:
             fields = {"ts": _now_iso(), **fields}
-        logger.record(fields)
+        if self._callback is not None:
+            self._callback(dict(fields))
+        # Rendered even when it goes nowhere: a record JSON cannot carry fails alike.
+        line = orjson.dumps(fields, default=_json_fallback, option=orjson.OPT_APPEND_NEWLINE)
+        out = self._out
+        if out is not None:
+            out(line)
 
     def close(self) -> None:
         with self._lock:
             self._closed = True
+            self._out = None
             if self._file is not None:
                 self._file.close()
                 self._file = None
-
-
-class _RecordLogger(structlog.BoundLoggerBase):
-    """A structlog wrapper class with one method: write a record through the chain.
-
-    It runs the bound processors over the record dict itself, as ``_process_event``
-    would, without that method's two copies of the ~36-field dict (``context.copy()``
-    then ``update(**fields)``): the context is always empty here and the record already
-    carries its own ``event``. The chain's last step (the JSON renderer) returns bytes
-    or str, which the logger writes as one line.
-    """
-
-    def record(self, fields: dict[str, Any]) -> None:
-        logger = self._logger
-        event: Any = fields
-        for proc in self._processors:
-            event = proc(logger, "info", event)
-        logger.info(event)
 
 
 # (second, "YYYY-MM-DDTHH:MM:SS") of the last timestamp: records come many per second,
@@ -199,7 +181,3 @@ def _now_iso() -> str:
         prefix = datetime.fromtimestamp(seconds, tz=UTC).replace(tzinfo=None).isoformat()
         _ts_cache = (seconds, prefix)
     return f"{prefix}.{micros:06d}Z" if micros else f"{prefix}Z"
-
-
-def _dumps_text(obj: Any, **kw: Any) -> str:
-    return orjson.dumps(obj, **kw).decode("utf-8")
