@@ -8,8 +8,10 @@ changes to the hot path are worth. This one drives the same two apps -- the floo
 passthrough of ``bench_proxy.py`` and ``ProxyApp`` with the same http-tool route, with
 and without durable records -- directly through ASGI, with the upstream answered in
 memory (``MemoryUpstream``: the same static body, in place of the aiohttp call), 16
-requests in flight, on uvloop. It prints the process CPU time per request (best of
-``--rounds``) for each, and loopguard's overhead over the floor.
+requests in flight, on uvloop. The requests are ``bench_proxy.py``'s: its ~1 KB tool
+call (every value redacted and hashed: most of the guard's own work per call), its
+arguments and its session different on every request. It prints the process CPU time
+per request (best of ``--rounds``) for each, and loopguard's overhead over the floor.
 
 What it leaves out is what the two share anyway (sockets, uvicorn, aiohttp); what it
 keeps is every step loopguard adds. Inside the real server each step costs more (about
@@ -33,7 +35,7 @@ for path in (ROOT, ROOT / "benchmarks"):
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))
 
-from bench_proxy import STATIC_BODY, FloorProxy, loopguard_app  # noqa: E402
+from bench_proxy import STATIC_BODY, TOOL_TEMPLATE, FloorProxy, loopguard_app  # noqa: E402
 
 from guard.devtools.memory_upstream import MemoryUpstream  # noqa: E402
 
@@ -58,7 +60,8 @@ def make_app(target: str, records: str) -> Any:
 
 
 async def one_request(app: Any, agent: int, n: int) -> None:
-    body = b'{"order_id":"A%d-%d","detail":true}' % (agent, n)
+    # bench_proxy.py's ~1 KB tool call, its arguments different on every request.
+    body = TOOL_TEMPLATE.replace("{n}", f"{agent}-{n}").encode()
     scope = {
         "type": "http",
         "asgi": {"version": "3.0", "spec_version": "2.4"},
@@ -75,7 +78,7 @@ async def one_request(app: Any, agent: int, n: int) -> None:
             (b"host", b"127.0.0.1:8787"),
             (b"content-length", str(len(body)).encode()),
             (b"content-type", b"application/json"),
-            (b"x-loopguard-session", b"bench-%d" % agent),
+            (b"x-loopguard-session", b"bench-%d-%d" % (agent, n)),
         ],
     }
     messages = [{"type": "http.request", "body": body, "more_body": False}]
