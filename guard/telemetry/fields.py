@@ -78,7 +78,9 @@ CALL_FIELDS = ("ts", "event", "request_id", "trace_id", "span_id")
 class Field:
     """One fact about a call. ``record``/``span``: its key in the durable record and its
     span attribute (None: not there). The value is the ``CallRecord`` attribute ``attr``
-    as it is, else ``get(record)``. ``span_as`` converts a value that is not None for
+    as it is, else ``expr`` (a Python expression over the record ``r``, written in this
+    module's table: the generated projections inline it, no call per field), else
+    ``get(record)``. ``span_as`` converts a value that is not None for
     the span (returning None leaves it off). ``metric``: also a metric attribute;
     ``metric_with``: only when that other metric attribute is present."""
 
@@ -86,6 +88,7 @@ class Field:
     span: str | None = None
     attr: str | None = None
     get: Reader | None = None
+    expr: str | None = None
     span_as: Callable[[Any], Any] | None = None
     metric: bool = False
     metric_with: str | None = None
@@ -95,6 +98,9 @@ class Field:
     def reader(self) -> Reader:
         if self.get is not None:
             return self.get
+        if self.expr is not None:
+            reader: Reader = eval(f"lambda r: {self.expr}", dict(_EXPR_NAMES))
+            return reader
         if self.attr is None:
             raise ValueError(f"field {self.record or self.span}: give attr or get")
         return attrgetter(self.attr)
@@ -139,8 +145,8 @@ FIELDS: tuple[Field, ...] = (
     Field("session_tracked", LG_SESSION_TRACKED, attr="session_tracked", span_as=bool),
     # Either the agent's own id or a keyed pseudonym (guard.doors.exchange): never content.
     Field("conversation_id", ATTR_CONVERSATION_ID, attr="conversation_id"),
-    Field("route", LG_ROUTE, get=lambda r: str(r.route)),
-    Field("failure_stage", LG_FAILURE_STAGE, get=lambda r: str(r.failure_stage)),
+    Field("route", LG_ROUTE, expr="str(r.route)"),
+    Field("failure_stage", LG_FAILURE_STAGE, expr="str(r.failure_stage)"),
     Field("error_type", attr="error_type"),
     Field(span=ATTR_ERROR_TYPE, get=error_type, metric=True),
     Field("status_code", ATTR_HTTP_STATUS, attr="status_code", span_as=int),
@@ -161,28 +167,28 @@ FIELDS: tuple[Field, ...] = (
     Field("params_hash", LG_PARAMS_HASH, attr="params_hash"),
     Field("progress_marker", LG_PROGRESS_MARKER, attr="progress_marker"),
     Field("repeat_count", LG_REPEAT_COUNT, attr="repeat_count", span_as=int),
-    Field("stall_rule", LG_STALL_RULE, get=lambda r: str(r.stall_rule) if r.stall_rule else None),
+    Field("stall_rule", LG_STALL_RULE, expr="str(r.stall_rule) if r.stall_rule else None"),
     Field("stream", ATTR_STREAM, attr="stream", span_as=bool),
-    Field("finish_reasons", ATTR_FINISH_REASONS, get=lambda r: list(r.finish_reasons),
+    Field("finish_reasons", ATTR_FINISH_REASONS, expr="list(r.finish_reasons)",
           span_as=_str_tuple),
     Field("input_tokens", ATTR_INPUT_TOKENS,
-          get=lambda r: r.usage.input_tokens if r.usage else None, span_as=int),
+          expr="r.usage.input_tokens if r.usage else None", span_as=int),
     Field("output_tokens", ATTR_OUTPUT_TOKENS,
-          get=lambda r: r.usage.output_tokens if r.usage else None, span_as=int),
+          expr="r.usage.output_tokens if r.usage else None", span_as=int),
     Field("cached_input_tokens", ATTR_CACHE_READ_TOKENS,
-          get=lambda r: r.usage.cached_input_tokens if r.usage else None, span_as=int),
+          expr="r.usage.cached_input_tokens if r.usage else None", span_as=int),
     # The record says "absent" without usage; the span then has no such attribute.
-    Field("usage_source", get=lambda r: r.usage.source if r.usage else "absent"),
-    Field(span=LG_USAGE_SOURCE, get=lambda r: r.usage.source if r.usage else None),
-    Field("ttft_ms", get=lambda r: _ms(r.ttft_s)),
+    Field("usage_source", expr="r.usage.source if r.usage else 'absent'"),
+    Field(span=LG_USAGE_SOURCE, expr="r.usage.source if r.usage else None"),
+    Field("ttft_ms", expr="_ms(r.ttft_s)"),
     Field(span=ATTR_TTFC, attr="ttft_s", span_as=float),
-    Field("total_ms", get=lambda r: _ms(r.total_s)),
+    Field("total_ms", expr="_ms(r.total_s)"),
     Field("output_tps", LG_OUTPUT_THROUGHPUT, attr="output_tps", span_as=float),
     Field("output_chunks", attr="output_chunks"),
     Field("timing_malformed", LG_TIMING_MALFORMED, attr="timing_malformed",
           span_as=_true_or_none),
     # On spans the app's fields are attributes of their own, under the app namespace.
-    Field("app", get=lambda r: dict(r.app)),
+    Field("app", expr="dict(r.app)"),
     # The policy the call was scrubbed under, so a record says how to read its hashes.
     Field("scrub_policy", LG_SCRUB_POLICY, attr="scrub_policy"),
 )
@@ -190,6 +196,8 @@ FIELDS: tuple[Field, ...] = (
 
 
 _NO_CALL = (None,) * len(CALL_FIELDS)
+# The names a field's ``expr`` may use besides builtins.
+_EXPR_NAMES: dict[str, Any] = {"_ms": _ms}
 
 
 def _record_function(recorded: Sequence[Field]) -> Callable[..., dict[str, Any]]:
@@ -197,9 +205,9 @@ def _record_function(recorded: Sequence[Field]) -> Callable[..., dict[str, Any]]
     record's order, each value read as the table says (an attribute, a reader, the
     keyed pseudonym of either). Per call no template copy, no loop over the table.
 
-    Only names from the table go into the source: record keys as string literals,
-    attributes checked to be identifiers, readers passed in by name."""
-    env: dict[str, Any] = {}
+    Only the table goes into the source: record keys as string literals, attributes
+    checked to be identifiers, the table's own expressions, readers passed in by name."""
+    env: dict[str, Any] = dict(_EXPR_NAMES)
     items = [f"{key!r}: {key}" for key in CALL_FIELDS]
     for i, f in enumerate(recorded):
         value = _read_expr(f, i, env)
@@ -214,7 +222,7 @@ def _record_function(recorded: Sequence[Field]) -> Callable[..., dict[str, Any]]
 def _span_function(spans: Sequence[Field]) -> Callable[[CallRecord], dict[str, Any]]:
     """The span projection as one generated function: per field a read, the
     conversion when there is one, and the attribute set unless the value is None."""
-    env: dict[str, Any] = {}
+    env: dict[str, Any] = dict(_EXPR_NAMES)
     lines = ["def span(r):", "    a = {}"]
     for i, f in enumerate(spans):
         lines.append(f"    v = {_read_expr(f, i, env)}")
@@ -230,7 +238,9 @@ def _span_function(spans: Sequence[Field]) -> Callable[[CallRecord], dict[str, A
 
 def _read_expr(f: Field, i: int, env: dict[str, Any]) -> str:
     """The source reading field ``f`` of the record ``r``: an attribute (checked to be
-    an identifier) or its reader, passed in ``env`` by name."""
+    an identifier), its expression, or its reader, passed in ``env`` by name."""
+    if f.expr is not None and f.get is None:
+        return f"({f.expr})"
     if f.get is not None:
         env[f"_get{i}"] = f.get
         return f"_get{i}(r)"
