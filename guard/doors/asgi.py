@@ -68,13 +68,16 @@ async def read_body(
     parts: list[bytes] = []
     size = 0
     charged = 0  # chunked bytes charged to ``budget`` so far
-    task = asyncio.current_task() if read_timeout is not None else None
+    task: asyncio.Task[Any] | None = None
     watch: _BodyWatch | None = None
     entry: list[float] | None = None
+    if read_timeout is not None:
+        loop = asyncio.get_running_loop()
+        task = asyncio.current_task(loop)
     if task is not None and read_timeout is not None:
         # Watched, not wrapped in a timeout per read (which costs more than the rest
         # of a small request's read): a sweeper cancels a read that made no progress.
-        watch = _watch()
+        watch = _watch(loop)
         entry = [time.monotonic(), read_timeout, 0.0]  # last progress, timeout, cut
         watch.add(task, entry)
     try:
@@ -143,8 +146,7 @@ class _BodyWatch:
 _local = threading.local()
 
 
-def _watch() -> _BodyWatch:
-    loop = asyncio.get_running_loop()
+def _watch(loop: asyncio.AbstractEventLoop) -> _BodyWatch:
     watch: _BodyWatch | None = getattr(_local, "watch", None)
     if watch is None or watch.loop is not loop:
         watch = _local.watch = _BodyWatch(loop)

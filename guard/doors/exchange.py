@@ -318,8 +318,20 @@ class Exchange:
 
     async def _admit_tool_calls(self, parsed: ParsedRequest, hashes: list[str]) -> Answer | bytes:
         flows = self.flows
+        session = self.session
         for invocation, params_hash in zip(parsed.invocations, hashes, strict=True):
-            verdict, token = await self._check(invocation.tool, params_hash)
+            # The verdict, and the call's in-flight reservation when it is let through
+            # (inline, not a coroutine of its own: one level less on every call).
+            tool = invocation.tool
+            token: str | None = None
+            if session is None:
+                verdict = Verdict("allow", tool, params_hash)
+            else:
+                try:
+                    verdict, token = await self.history.admit_call(session, tool, params_hash)
+                except Exception as exc:  # the store is down: serve (fail open) and say so
+                    self.engine.store_failed(self.record, exc)
+                    verdict = Verdict("allow", tool, params_hash)
             flows.append(CallFlow(invocation, params_hash, verdict, token))
         if not flows:
             return self._forward_body(parsed)
@@ -376,16 +388,6 @@ class Exchange:
             return [*chain.history(kept), stop, *history]
         continues_tools = parsed.open_results or (history and history[-1].kind == "tool")
         return chain.history(kept) if continues_tools else history
-
-    async def _check(self, tool: str, params_hash: str) -> tuple[Verdict, str | None]:
-        """The verdict, and the call's in-flight reservation when it is let through."""
-        if self.session is None:
-            return Verdict("allow", tool, params_hash), None
-        try:
-            return await self.history.admit_call(self.session, tool, params_hash)
-        except Exception as exc:  # the store is down: serve (fail open) and say so
-            self.engine.store_failed(self.record, exc)
-            return Verdict("allow", tool, params_hash), None
 
     async def release_reservations(self) -> None:
         """Calls that will get no outcome stop counting as in flight now (not only when
@@ -511,7 +513,7 @@ class Exchange:
         if last:
             await self.finish()
         elif observer.settled:
-            await self._record_once(observer.finish())
+            await self._record_outcomes(observer.finish())
         return out
 
     @property
@@ -545,7 +547,7 @@ class Exchange:
         try:
             if observation is not None:
                 self._apply_observation(observation)
-                await self._record_once(observation)
+                await self._record_outcomes(observation)
                 if self._chain is not None and observation.complete:
                     await self._remember_chain(observation)
             for flow in self.flows:
@@ -591,13 +593,11 @@ class Exchange:
             except MalformedTiming:
                 record.timing_malformed = True
 
-    async def _record_once(self, obs: Observation) -> None:
-        """The steps go to the store once: as soon as they are seen, or at the end."""
-        if not self._recorded:
-            self._recorded = True
-            await self._record_outcomes(obs)
-
     async def _record_outcomes(self, obs: Observation) -> None:
+        """The steps go to the store once: as soon as they are seen, or at the end."""
+        if self._recorded:
+            return
+        self._recorded = True
         outcomes = obs.outcomes
         seen = len(outcomes)  # one per invocation; an observer may have seen fewer
         record = self.record

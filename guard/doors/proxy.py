@@ -47,7 +47,7 @@ from typing import Any
 import aiohttp
 import structlog
 
-from guard.doors.admission import Forward, admit
+from guard.doors.admission import admit
 from guard.doors.asgi import send_answer
 from guard.doors.engines import door_engine
 from guard.doors.exchange import Exchange, exception_fields
@@ -176,35 +176,19 @@ class ProxyApp:
         if isinstance(admitted, Answer):
             return await send_answer(send, admitted)
         try:
-            await self._forward(
-                admitted, route, method, rest, query, view_headers, forward, send, receive
-            )
+            exchange = admitted.exchange
+            url = route.upstream + rest + ("?" + query if query else "")
+            trace = exchange.upstream_headers()
+            if trace:
+                if "traceparent" in view_headers or "tracestate" in view_headers:
+                    # The agent's own trace headers give way to loopguard's span.
+                    forward = [h for h in forward if h[0] not in _TRACE_HEADERS]
+                forward.extend(trace.items())
+            forward.append(_IDENTITY)
+            relay = _Relay(self.upstream, exchange, route, send, receive)
+            await relay.run(method, url, forward, admitted.body, self.total_timeout, self._sweeper)
         finally:
             admitted.release()  # the body sent upstream leaves the in-flight budget
-
-    async def _forward(
-        self,
-        admitted: Forward,
-        route: RouteConfig,
-        method: str,
-        rest: str,
-        query: str,
-        view_headers: dict[str, str],
-        forward: Headers,
-        send: Any,
-        receive: Any,
-    ) -> None:
-        exchange = admitted.exchange
-        url = route.upstream + rest + ("?" + query if query else "")
-        trace = exchange.upstream_headers()
-        if trace:
-            if "traceparent" in view_headers or "tracestate" in view_headers:
-                # The agent's own trace headers give way to loopguard's span.
-                forward = [h for h in forward if h[0] not in _TRACE_HEADERS]
-            forward.extend(trace.items())
-        forward.append(_IDENTITY)
-        relay = _Relay(self.upstream, exchange, route, send, receive)
-        await relay.run(method, url, forward, admitted.body, self.total_timeout, self._sweeper)
 
 
 class _Relay:
@@ -265,8 +249,9 @@ class _Relay:
         """Forward and relay; no total timeout for a long-lived stream."""
         exchange = self.exchange
         long_lived = exchange.long_lived
-        self.task = asyncio.current_task()
-        loop = sweeper.add(self)
+        loop = asyncio.get_running_loop()
+        self.task = asyncio.current_task(loop)
+        sweeper.add(self, loop)
         self.deadline = None if long_lived else loop.time() + total_timeout
         response: UpstreamResponse | None = None
         send = self.send
@@ -402,14 +387,14 @@ class _Sweeper:
         self.handle: asyncio.TimerHandle | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
 
-    def add(self, relay: _Relay) -> asyncio.AbstractEventLoop:
-        """Track a relay; the running loop (for its clock)."""
-        loop = asyncio.get_running_loop()
+    def add(self, relay: _Relay, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        """Track a relay (``loop``: the running loop, when the caller has it)."""
+        if loop is None:
+            loop = asyncio.get_running_loop()
         self.relays.add(relay)
         if self.handle is None or self.loop is not loop:
             self.loop = loop
             self.handle = loop.call_later(WATCH_AFTER_S, self._sweep)
-        return loop
 
     def discard(self, relay: _Relay) -> None:
         self.relays.discard(relay)
