@@ -154,6 +154,8 @@ class Redactor:
         self._str_cache: dict[str, str] = {}
         # key -> its rule, or False for keys without one (one truthiness test per item)
         self._key_cache: dict[Any, Callable[[Any], str] | Literal[False]] = {}
+        # The keys known to have no rule (most keys): one membership test per item.
+        self._plain_keys: set[Any] = set()
         self._build_regex(sorted(secret, key=len, reverse=True))
 
     # -- building ---------------------------------------------------------------
@@ -257,34 +259,42 @@ class Redactor:
     def _list(self, value: list[Any]) -> list[Any]:
         strings = self._str_cache
         out: list[Any] = []
+        append = out.append
         for v in value:
             t = type(v)
             if t is str:
-                r = strings.get(v)
-                out.append(r if r is not None else self.scrub(v))
+                # A subscript, not .get(): a hit (nearly every string) is cheaper, and
+                # a miss costs one scrub anyway.
+                try:
+                    append(strings[v])
+                except KeyError:
+                    append(self.scrub(v))
             elif t is dict:
-                out.append(self._dict(v))
+                append(self._dict(v))
             elif t is bool or v is None or (t is int and -_CARD_MIN < v < _CARD_MIN):
-                out.append(v)
+                append(v)
             else:
-                out.append(self.redact(v))
+                append(self.redact(v))
         return out
 
     def _dict(self, value: dict[Any, Any]) -> dict[Any, Any]:
         out: dict[Any, Any] = {}
-        key_rules = self._key_cache
+        plain = self._plain_keys
         strings = self._str_cache
         for k, v in value.items():
-            rule = key_rules.get(k)
-            if rule is None:
-                rule = self._key_rule(k)
-            if rule:
-                out[k] = v if type(v) is str and _PLACEHOLDER_RE.fullmatch(v) else rule(v)
-                continue
+            if k not in plain:
+                rule = self._key_cache.get(k)
+                if rule is None:
+                    rule = self._key_rule(k)
+                if rule:
+                    out[k] = v if type(v) is str and _PLACEHOLDER_RE.fullmatch(v) else rule(v)
+                    continue
             t = type(v)
             if t is str:
-                r = strings.get(v)
-                out[k] = r if r is not None else self.scrub(v)
+                try:
+                    out[k] = strings[v]
+                except KeyError:
+                    out[k] = self.scrub(v)
             elif t is dict:
                 out[k] = self._dict(v)
             elif t is bool or v is None or (t is int and -_CARD_MIN < v < _CARD_MIN):
@@ -345,7 +355,10 @@ class Redactor:
         rule = self._key_rules.get(normalize_key(key)) if isinstance(key, str) else None
         if len(self._key_cache) >= _CACHE_SIZE:
             self._key_cache.clear()
+            self._plain_keys.clear()
         self._key_cache[key] = rule or False
+        if not rule:
+            self._plain_keys.add(key)
         return rule or False
 
     def _scrub(self, text: str) -> str:
