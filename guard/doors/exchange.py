@@ -64,8 +64,11 @@ log = structlog.get_logger("loopguard")
 
 APP_HEADER_PREFIX = "x-loopguard-app-"
 PROGRESS_HEADER = "x-loopguard-progress"
-_APP_PREFIX_B = APP_HEADER_PREFIX.encode()
-_APP_PREFIX_LEN = len(_APP_PREFIX_B)
+_APP_PREFIX_LEN = len(APP_HEADER_PREFIX)
+# A response header name as received -> lower-cased and decoded, learnt once per name
+# (the same few come on every call). Bounded: names are upstream input.
+_NAME_CACHE_MAX = 1024
+_response_names: dict[bytes, str] = {}
 # The route header for each route, as the ASGI pair the client gets.
 _ROUTE_PAIRS = {route: (ROUTE_HEADER.encode(), route.value.encode()) for route in Route}
 # Bodies larger than this are parsed and hashed in a worker thread.
@@ -464,17 +467,20 @@ class Exchange:
         passed: list[tuple[bytes, bytes]] = []
         seen: dict[str, str] = {}  # what the observer reads: lower-cased names, str values
         length: int | None = None
+        names = _response_names
         for name, value in headers:
-            lower = name.lower()
-            if lower.startswith(_APP_PREFIX_B):
-                key = lower[_APP_PREFIX_LEN:].decode("latin-1").replace("-", "_")
+            key = names.get(name)
+            if key is None:
+                key = _response_name(name)
+            if key.startswith(APP_HEADER_PREFIX):
                 # The app's words ("abstain", "true") pass as they are; a secret or a
                 # personal detail in them does not.
-                record.app[key] = self._shown(value.decode("latin-1"))
+                app_key = key[_APP_PREFIX_LEN:].replace("-", "_")
+                record.app[app_key] = self._shown(value.decode("latin-1"))
                 continue
-            if lower == b"content-length" and value.isdigit():
+            if key == "content-length" and value.isdigit():
                 length = int(value)
-            seen[lower.decode("latin-1")] = value.decode("latin-1")
+            seen[key] = value.decode("latin-1")
             passed.append((name, value))
         passed.append(_ROUTE_PAIRS[record.route])
         # A declared length completes the body with its last byte (not so a HEAD's, or
@@ -634,6 +640,13 @@ class Exchange:
 
         ``scrub`` is ``redact_text`` with a cache: a session uses the same few names."""
         return self.engine.redactor.scrub(text)
+
+
+def _response_name(name: bytes) -> str:
+    key = name.lower().decode("latin-1")
+    if len(_response_names) < _NAME_CACHE_MAX:
+        _response_names[name] = key
+    return key
 
 
 def exception_fields(exc: BaseException) -> dict[str, str]:

@@ -413,6 +413,37 @@ class _Sweeper:
 # -- helpers -------------------------------------------------------------------------
 
 
+# A header name as received -> what the proxy does with it, learnt once per name (the
+# same few names come on every call). Bounded: names are client and upstream input.
+_NAME_CACHE_MAX = 1024
+_PASS, _DROP, _CONNECTION = 0, 1, 2
+_request_names: dict[bytes, tuple[str, int]] = {}
+_response_names: dict[bytes, int] = {}
+
+
+def _request_name(name_b: bytes) -> tuple[str, int]:
+    """A request header name (lower-cased by the server), decoded, and its fate."""
+    if name_b in _REQUEST_DROP or name_b.startswith(b"proxy-"):
+        fate = _CONNECTION if name_b == b"connection" else _DROP
+    else:
+        fate = _PASS
+    known = (name_b.decode("latin-1"), fate)
+    if len(_request_names) < _NAME_CACHE_MAX:
+        _request_names[name_b] = known
+    return known
+
+
+def _response_name(name_b: bytes) -> int:
+    lower = name_b.lower()
+    if lower in HOP_BY_HOP or lower.startswith(b"proxy-"):
+        fate = _CONNECTION if lower == b"connection" else _DROP
+    else:
+        fate = _PASS
+    if len(_response_names) < _NAME_CACHE_MAX:
+        _response_names[name_b] = fate
+    return fate
+
+
 def _split_headers(raw: list[tuple[bytes, bytes]]) -> tuple[dict[str, str], Headers]:
     """Request headers as a lower-cased dict for the guard, and the list to forward.
 
@@ -422,13 +453,15 @@ def _split_headers(raw: list[tuple[bytes, bytes]]) -> tuple[dict[str, str], Head
     view: dict[str, str] = {}
     forward: Headers = []
     named: set[bytes] | None = None
+    names = _request_names
     for name_b, value_b in raw:
-        name = name_b.decode("latin-1")
+        known = names.get(name_b)
+        name, fate = known if known is not None else _request_name(name_b)
         value = value_b.decode("latin-1")
         previous = view.get(name)
         view[name] = value if previous is None else f"{previous}, {value}"
-        if name_b in _REQUEST_DROP or name_b.startswith(b"proxy-"):
-            if name_b == b"connection":
+        if fate:
+            if fate == _CONNECTION:
                 named = _connection_tokens(value_b, named)
             continue
         forward.append((name, value))
@@ -441,13 +474,16 @@ def _response_headers(raw: tuple[tuple[bytes, bytes], ...]) -> list[tuple[bytes,
     """The upstream's end-to-end headers."""
     named: set[bytes] | None = None
     passed: list[tuple[bytes, bytes]] = []
-    for name_b, value_b in raw:
-        lower = name_b.lower()
-        if lower in HOP_BY_HOP or lower.startswith(b"proxy-"):
-            if lower == b"connection":
-                named = _connection_tokens(value_b, named)
+    names = _response_names
+    for header in raw:
+        fate = names.get(header[0])
+        if fate is None:
+            fate = _response_name(header[0])
+        if fate:
+            if fate == _CONNECTION:
+                named = _connection_tokens(header[1], named)
             continue
-        passed.append((name_b, value_b))
+        passed.append(header)
     if named:
         passed = [h for h in passed if h[0].lower() not in named]
     return passed
