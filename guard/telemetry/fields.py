@@ -26,7 +26,6 @@ from operator import attrgetter
 from typing import Any
 
 from guard.engine.calls import CallRecord, FailureStage
-from guard.engine.pseudonym import SessionHasher
 from guard.telemetry.semconv import (
     ATTR_CACHE_READ_TOKENS,
     ATTR_CONVERSATION_ID,
@@ -195,7 +194,6 @@ FIELDS: tuple[Field, ...] = (
 # fmt: on
 
 
-_NO_CALL = (None,) * len(CALL_FIELDS)
 # The names a field's ``expr`` may use besides builtins.
 _EXPR_NAMES: dict[str, Any] = {"_ms": _ms}
 
@@ -214,7 +212,8 @@ def _record_function(recorded: Sequence[Field]) -> Callable[..., dict[str, Any]]
         if f.pseudonym:
             value = f"(hasher(_v) if (_v := {value}) else None)"
         items.append(f"{f.record!r}: {value}")
-    params = ", ".join(CALL_FIELDS)
+    # The call's fields default to None (a projection without a call: tests, tools).
+    params = ", ".join(f"{key}=None" for key in CALL_FIELDS)
     source = f"def record(r, hasher, {params}):\n    return {{{', '.join(items)}}}\n"
     return _compile(source, "record", env)
 
@@ -265,7 +264,11 @@ class Projections:
         self.record_fields: tuple[str, ...] = (*CALL_FIELDS, *names)
         if len(set(self.record_fields)) != len(self.record_fields):
             raise ValueError("a record key is declared twice")
-        self._record = _record_function(recorded)
+        # ``record(call_record, session_hasher, *call)``: the durable record's fields in
+        # ``record_fields`` order; ``call``: the values of ``CALL_FIELDS`` (the records
+        # sink's), None where left out. No content, ever. The generated function itself
+        # (no method around it: one call less per record).
+        self.record: Callable[..., dict[str, Any]] = _record_function(recorded)
 
         spans = [f for f in fields if f.span is not None]
         # Semconv attributes first, then the guard's own (as they read in a backend).
@@ -276,14 +279,6 @@ class Projections:
             (f.span, f.reader(), f.span_as, f.metric_with) for f in spans if f.metric and f.span
         )
         self.metric_keys: tuple[str, ...] = tuple(key for key, _, _, _ in self._metric)
-
-    def record(
-        self, record: CallRecord, session_hasher: SessionHasher, *call: Any
-    ) -> dict[str, Any]:
-        """The durable record's fields in ``record_fields`` order. ``call``: the values
-        of ``CALL_FIELDS`` (the records sink's); left out, they are None. No content,
-        ever."""
-        return self._record(record, session_hasher, *(call or _NO_CALL))
 
     def span(self, record: CallRecord) -> dict[str, Any]:
         """The span's attributes from the table (semconv, then loopguard.*)."""
