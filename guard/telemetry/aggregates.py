@@ -1,0 +1,405 @@
+"""loopguard's own metric aggregation: totals on the request path, SDK points at collection.
+
+An SDK ``Histogram.record`` costs several microseconds per value on the request path
+(a ``Measurement``, the exemplar filter, attribute hashing and a lock per reader); a
+call records several. Here a value is a dict lookup, a bisect and a few additions
+under one uncontended lock, and the totals reach the OpenTelemetry SDK only when a
+reader collects (an OTLP export, a Prometheus scrape, ``InMemoryMetricReader``).
+
+The SDK (1.45) has no public hook that feeds pre-aggregated points to its readers
+(no observable histogram, no metric producers). The least fragile way found: each
+reader's collect callback -- the one the meter provider gave it -- is wrapped, and the
+points built here (the SDK's own public point classes) are added to what the SDK
+collected, under the same instrumentation scope. That leans on four SDK internals,
+each checked once when the provider is attached (``supported``): the provider's
+reader list, resource and views, and a reader's collect callback and per-instrument
+temporality and aggregation. Where one of them is missing or would change the
+result (views, a non-explicit-bucket histogram aggregation, a provider that is not
+the SDK's), ``MetricSink`` records on plain SDK instruments instead, as before.
+
+Per reader: cumulative points carry the totals since the series' first value (what
+Prometheus needs); delta points carry what came since that reader's last collection,
+with that interval's min and max -- each reader keeps its own state, fed from the one
+set of pending totals every collection drains.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import weakref
+from bisect import bisect_left
+from collections.abc import Callable, Sequence
+from time import time_ns
+from typing import Any
+
+from opentelemetry.sdk.metrics import Counter, Histogram, MeterProvider
+from opentelemetry.sdk.metrics.export import (
+    AggregationTemporality,
+    HistogramDataPoint,
+    Metric,
+    MetricReader,
+    MetricsData,
+    NumberDataPoint,
+    ResourceMetrics,
+    ScopeMetrics,
+    Sum,
+)
+from opentelemetry.sdk.metrics.export import Histogram as HistogramData
+from opentelemetry.sdk.metrics.view import DefaultAggregation, ExplicitBucketHistogramAggregation
+from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+
+# An attribute set as the request path builds it: its items, in insertion order.
+AttrKey = tuple[tuple[str, Any], ...]
+
+# The SDK's default per-instrument cardinality limit, and its overflow attribute set.
+CARDINALITY_LIMIT = 2000
+_OVERFLOW: AttrKey = (("otel.metric.overflow", True),)
+
+
+class _Totals:
+    """One series: bucket counts (histograms; a one-slot list for a counter), sum,
+    min, max, and when its first value came."""
+
+    __slots__ = ("buckets", "max", "min", "start", "sum")
+
+    def __init__(self, width: int, start: int) -> None:
+        self.buckets = [0] * width
+        self.sum: float = 0
+        self.min: float = math.inf
+        self.max: float = -math.inf
+        self.start = start
+
+    def merge(self, other: _Totals) -> None:
+        self.buckets = [a + b for a, b in zip(self.buckets, other.buckets, strict=True)]
+        self.sum += other.sum
+        self.min = min(self.min, other.min)
+        self.max = max(self.max, other.max)
+
+
+class _Instrument:
+    """What every instrument shares: its identity, its pending totals and their lock."""
+
+    def __init__(
+        self, lock: threading.Lock, name: str, unit: str, description: str, width: int
+    ) -> None:
+        self.name = name
+        self.unit = unit
+        self.description = description
+        self._lock = lock
+        self._width = width
+        self._pending: dict[AttrKey, _Totals] = {}
+        self._keys: set[AttrKey] = set()
+
+    def _new(self, key: AttrKey) -> _Totals:
+        """A series' first value since the last collection (called under the lock)."""
+        if key not in self._keys:
+            if len(self._keys) >= CARDINALITY_LIMIT:
+                key = _OVERFLOW
+                found = self._pending.get(key)
+                if found is not None:
+                    return found
+            self._keys.add(key)
+        totals = self._pending[key] = _Totals(self._width, time_ns())
+        return totals
+
+    def drain(self) -> dict[AttrKey, _Totals]:
+        """The pending totals; new values start fresh ones (called under the lock)."""
+        pending, self._pending = self._pending, {}
+        return pending
+
+
+class HistogramTotals(_Instrument):
+    """A histogram with explicit buckets, aggregated as the SDK does (a value falls in
+    the first bucket whose upper bound is >= the value)."""
+
+    def __init__(
+        self,
+        lock: threading.Lock,
+        name: str,
+        unit: str,
+        description: str,
+        boundaries: Sequence[float],
+    ) -> None:
+        super().__init__(lock, name, unit, description, len(boundaries) + 1)
+        self.boundaries = tuple(boundaries)
+
+    def record(self, value: float, key: AttrKey, times: int = 1) -> None:
+        """``times``: the same value recorded that many times (sum += value * times)."""
+        with self._lock:
+            totals = self._pending.get(key) or self._new(key)
+            totals.buckets[bisect_left(self.boundaries, value)] += times
+            totals.sum += value * times if times != 1 else value
+            if value < totals.min:
+                totals.min = value
+            if value > totals.max:
+                totals.max = value
+
+    def record_each(self, values: Sequence[float], key: AttrKey) -> None:
+        with self._lock:
+            totals = self._pending.get(key) or self._new(key)
+            buckets, bounds = totals.buckets, self.boundaries
+            for value in values:
+                buckets[bisect_left(bounds, value)] += 1
+                totals.sum += value
+                if value < totals.min:
+                    totals.min = value
+                if value > totals.max:
+                    totals.max = value
+
+    def points(
+        self, series: dict[AttrKey, _Totals], start: Callable[[_Totals], int], now: int
+    ) -> list[HistogramDataPoint]:
+        return [
+            HistogramDataPoint(
+                attributes=dict(key),
+                start_time_unix_nano=start(t),
+                time_unix_nano=now,
+                count=sum(t.buckets),
+                sum=t.sum,
+                bucket_counts=tuple(t.buckets),
+                explicit_bounds=self.boundaries,
+                min=t.min,
+                max=t.max,
+            )
+            for key, t in series.items()
+        ]
+
+
+class CounterTotals(_Instrument):
+    """A monotonic counter (the SDK's ``Counter``)."""
+
+    def __init__(self, lock: threading.Lock, name: str, unit: str, description: str) -> None:
+        super().__init__(lock, name, unit, description, 1)
+
+    def add(self, amount: int, key: AttrKey) -> None:
+        with self._lock:
+            totals = self._pending.get(key) or self._new(key)
+            totals.sum += amount
+
+    def points(
+        self, series: dict[AttrKey, _Totals], start: Callable[[_Totals], int], now: int
+    ) -> list[NumberDataPoint]:
+        return [
+            NumberDataPoint(
+                attributes=dict(key),
+                start_time_unix_nano=start(t),
+                time_unix_nano=now,
+                value=t.sum,
+            )
+            for key, t in series.items()
+        ]
+
+
+class _ReaderState:
+    """One reader's view of the totals: cumulative ones, or those since its last
+    collection."""
+
+    def __init__(self, histogram: AggregationTemporality, counter: AggregationTemporality):
+        self.temporality = {HistogramTotals: histogram, CounterTotals: counter}
+        self.series: dict[_Instrument, dict[AttrKey, _Totals]] = {}
+        self.last_collection: int | None = None
+
+    def add(self, instrument: _Instrument, pending: dict[AttrKey, _Totals]) -> None:
+        mine = self.series.setdefault(instrument, {})
+        for key, totals in pending.items():
+            found = mine.get(key)
+            if found is None:
+                copy = mine[key] = _Totals(0, totals.start)
+                copy.buckets = list(totals.buckets)
+                copy.sum, copy.min, copy.max = totals.sum, totals.min, totals.max
+            else:
+                found.merge(totals)
+
+
+def _temporality(reader: MetricReader, kind: type) -> AggregationTemporality:
+    by_class: dict[Any, AggregationTemporality] = dict(reader._instrument_class_temporality)
+    for cls, temporality in by_class.items():
+        if issubclass(cls, kind):
+            return temporality
+    raise LookupError(kind.__name__)
+
+
+def _explicit_histograms(reader: MetricReader) -> bool:
+    by_class: dict[Any, Any] = dict(reader._instrument_class_aggregation)
+    return all(
+        isinstance(aggregation, DefaultAggregation | ExplicitBucketHistogramAggregation)
+        for cls, aggregation in by_class.items()
+        if issubclass(cls, Histogram)
+    )
+
+
+def supported(provider: Any) -> bool:
+    """Whether ``Aggregates`` can serve this provider's readers exactly as its own
+    instruments would (else the sink records on SDK instruments)."""
+    try:
+        if not isinstance(provider, MeterProvider) or provider._sdk_config.views:
+            return False
+        readers = list(provider._metric_readers)
+        for reader in readers:
+            if reader._collect is None or not _explicit_histograms(reader):
+                return False
+            _temporality(reader, Histogram)
+            _temporality(reader, Counter)
+            provider._sdk_config.resource  # noqa: B018 -- read at collection
+        return True
+    except (AttributeError, LookupError, TypeError):
+        return False
+
+
+class Aggregates:
+    """The instruments of one meter provider and the collection hook on its readers.
+
+    One per provider (``for_provider``): two telemetries on one provider share it, as
+    they would share the SDK's instruments, so a metric is never reported twice."""
+
+    def __init__(self, provider: MeterProvider, scope: InstrumentationScope) -> None:
+        self._provider = provider
+        self._scope = scope
+        # Taken on the request path (uncontended: once per value, or per batch of
+        # chunk gaps) and by a collection to drain the pending totals.
+        self._lock = threading.Lock()
+        # One collection at a time (readers collect on their own threads).
+        self._collect_lock = threading.Lock()
+        self._instruments: dict[str, _Instrument] = {}
+        self._readers: list[_ReaderState] = []
+        for reader in provider._metric_readers:
+            self._attach(reader)
+
+    def histogram(
+        self, name: str, unit: str, description: str, boundaries: Sequence[float]
+    ) -> HistogramTotals:
+        with self._collect_lock:
+            found = self._instruments.get(name)
+            if isinstance(found, HistogramTotals):
+                return found
+            made = HistogramTotals(self._lock, name, unit, description, boundaries)
+            self._instruments[name] = made
+            return made
+
+    def counter(self, name: str, unit: str, description: str) -> CounterTotals:
+        with self._collect_lock:
+            found = self._instruments.get(name)
+            if isinstance(found, CounterTotals):
+                return found
+            made = CounterTotals(self._lock, name, unit, description)
+            self._instruments[name] = made
+            return made
+
+    # -- collection (a reader's thread) ------------------------------------------------
+
+    def _attach(self, reader: MetricReader) -> None:
+        state = _ReaderState(_temporality(reader, Histogram), _temporality(reader, Counter))
+        self._readers.append(state)
+        # Typed in the SDK as returning metrics; it returns MetricsData | None.
+        sdk_collect: Any = reader._collect
+        assert sdk_collect is not None  # checked by supported()
+
+        def collect(reader: MetricReader, timeout_millis: float = 10_000) -> MetricsData | None:
+            collected = sdk_collect(reader, timeout_millis=timeout_millis)
+            return self._add_points(collected, state)
+
+        reader._set_collect_callback(collect)  # type: ignore[arg-type]
+
+    def _add_points(self, collected: MetricsData | None, state: _ReaderState) -> MetricsData | None:
+        with self._collect_lock:
+            with self._lock:
+                drained = [(i, i.drain()) for i in self._instruments.values()]
+            for instrument, pending in drained:
+                if pending:
+                    for reader_state in self._readers:
+                        reader_state.add(instrument, pending)
+            metrics = self._metrics(state, time_ns())
+        return _merged(collected, metrics, self._scope, self._provider)
+
+    def _metrics(self, state: _ReaderState, now: int) -> list[Metric]:
+        previous, state.last_collection = state.last_collection, now
+        metrics: list[Metric] = []
+        for instrument in self._instruments.values():
+            series = state.series.get(instrument)
+            if not series:
+                continue
+            temporality = state.temporality[type(instrument)]
+            if temporality is AggregationTemporality.DELTA:
+                # The interval's own totals; the next interval starts empty.
+                del state.series[instrument]
+
+                def start(t: _Totals, since: int | None = previous) -> int:
+                    return since if since is not None else t.start
+            else:
+
+                def start(t: _Totals, since: int | None = None) -> int:
+                    return t.start
+
+            if isinstance(instrument, HistogramTotals):
+                data: HistogramData | Sum = HistogramData(
+                    data_points=instrument.points(series, start, now),
+                    aggregation_temporality=temporality,
+                )
+            else:
+                assert isinstance(instrument, CounterTotals)
+                data = Sum(
+                    data_points=instrument.points(series, start, now),
+                    aggregation_temporality=temporality,
+                    is_monotonic=True,
+                )
+            metrics.append(Metric(instrument.name, instrument.description, instrument.unit, data))
+        return metrics
+
+
+def _merged(
+    collected: MetricsData | None,
+    metrics: list[Metric],
+    scope: InstrumentationScope,
+    provider: MeterProvider,
+) -> MetricsData | None:
+    """The SDK's collection plus ``metrics`` under ``scope`` (beside the scope's own
+    SDK instruments, if it has any)."""
+    if not metrics:
+        return collected
+    if collected is None or not collected.resource_metrics:
+        resource = provider._sdk_config.resource
+        ours = ScopeMetrics(scope=scope, metrics=metrics, schema_url=scope.schema_url or "")
+        return MetricsData(
+            resource_metrics=[
+                ResourceMetrics(
+                    resource=resource, scope_metrics=[ours], schema_url=resource.schema_url
+                )
+            ]
+        )
+    first, *rest = collected.resource_metrics
+    scopes = list(first.scope_metrics)
+    for n, scope_metrics in enumerate(scopes):
+        if scope_metrics.scope == scope:
+            scopes[n] = ScopeMetrics(
+                scope=scope,
+                metrics=[*scope_metrics.metrics, *metrics],
+                schema_url=scope_metrics.schema_url,
+            )
+            break
+    else:
+        scopes.append(ScopeMetrics(scope=scope, metrics=metrics, schema_url=scope.schema_url or ""))
+    return MetricsData(
+        resource_metrics=[
+            ResourceMetrics(
+                resource=first.resource, scope_metrics=scopes, schema_url=first.schema_url
+            ),
+            *rest,
+        ]
+    )
+
+
+_BY_PROVIDER: weakref.WeakKeyDictionary[MeterProvider, Aggregates] = weakref.WeakKeyDictionary()
+_BY_PROVIDER_LOCK = threading.Lock()
+
+
+def for_provider(provider: MeterProvider, scope: InstrumentationScope) -> Aggregates | None:
+    """The provider's ``Aggregates`` (made and attached on first use), or None when
+    its readers cannot be served this way (``supported``)."""
+    with _BY_PROVIDER_LOCK:
+        found = _BY_PROVIDER.get(provider)
+        if found is None:
+            if not supported(provider):
+                return None
+            found = _BY_PROVIDER[provider] = Aggregates(provider, scope)
+        return found
