@@ -15,7 +15,10 @@ each checked once when the provider is attached (``supported``): the provider's
 reader list, resource and views, and a reader's collect callback and per-instrument
 temporality and aggregation. Where one of them is missing or would change the
 result (views, a non-explicit-bucket histogram aggregation, a provider that is not
-the SDK's), ``MetricSink`` records on plain SDK instruments instead, as before.
+the SDK's), ``MetricSink`` records on plain SDK instruments instead, as before. A
+reader added to the provider later (``add_metric_reader``) is attached then, and
+starts from the values that come after, as its SDK storage would; it gets explicit
+buckets whatever its own preferred aggregation.
 
 Per reader: cumulative points carry the totals since the series' first value (what
 Prometheus needs); delta points carry what came since that reader's last collection,
@@ -263,8 +266,20 @@ class Aggregates:
         self._collect_lock = threading.Lock()
         self._instruments: dict[str, _Instrument] = {}
         self._readers: list[_ReaderState] = []
+        self._attached: weakref.WeakSet[MetricReader] = weakref.WeakSet()
         for reader in provider._metric_readers:
             self._attach(reader)
+        # A reader added later starts from what comes after, as its SDK storage does.
+        add_metric_reader = provider.add_metric_reader
+
+        def add_and_attach(reader: MetricReader) -> None:
+            add_metric_reader(reader)
+            with self._collect_lock:
+                if reader not in self._attached and reader._collect is not None:
+                    self._drain()  # what came before is the other readers' only
+                    self._attach(reader)
+
+        provider.add_metric_reader = add_and_attach  # type: ignore[method-assign,assignment]
 
     def histogram(
         self, name: str, unit: str, description: str, boundaries: Sequence[float]
@@ -290,6 +305,7 @@ class Aggregates:
 
     def _attach(self, reader: MetricReader) -> None:
         state = _ReaderState(_temporality(reader, Histogram), _temporality(reader, Counter))
+        self._attached.add(reader)
         self._readers.append(state)
         # Typed in the SDK as returning metrics; it returns MetricsData | None.
         sdk_collect: Any = reader._collect
@@ -303,14 +319,18 @@ class Aggregates:
 
     def _add_points(self, collected: MetricsData | None, state: _ReaderState) -> MetricsData | None:
         with self._collect_lock:
-            with self._lock:
-                drained = [(i, i.drain()) for i in self._instruments.values()]
-            for instrument, pending in drained:
-                if pending:
-                    for reader_state in self._readers:
-                        reader_state.add(instrument, pending)
+            self._drain()
             metrics = self._metrics(state, time_ns())
         return _merged(collected, metrics, self._scope, self._provider)
+
+    def _drain(self) -> None:
+        """Pending totals into every reader's state (called under the collect lock)."""
+        with self._lock:
+            drained = [(i, i.drain()) for i in self._instruments.values()]
+        for instrument, pending in drained:
+            if pending:
+                for reader_state in self._readers:
+                    reader_state.add(instrument, pending)
 
     def _metrics(self, state: _ReaderState, now: int) -> list[Metric]:
         previous, state.last_collection = state.last_collection, now

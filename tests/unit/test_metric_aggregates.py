@@ -282,3 +282,22 @@ def test_the_admin_listeners_prometheus_metrics_show_the_histograms(tmp_path: Pa
     stops = [v for (name, _), v in got.items() if name == "loopguard_stops_total"]
     assert sum(stops) == 3
     telemetry.shutdown()
+
+
+def test_a_reader_added_later_sees_what_comes_after_as_with_sdk_instruments() -> None:
+    first = InMemoryMetricReader()
+    ours_provider = MeterProvider(metric_readers=[first])
+    ours = Telemetry(TelemetryConfig(records=""), "p", meter_provider=ours_provider)
+    sdk_first = InMemoryMetricReader()
+    sdk = sdk_telemetry(sdk_first)
+    batch = calls()
+    feed(ours, batch[:9])
+    feed(sdk, batch[:9])
+    later, sdk_later = InMemoryMetricReader(), InMemoryMetricReader()
+    ours_provider.add_metric_reader(later)
+    ours_provider.add_metric_reader(later)  # once only (the SDK warns)
+    sdk.meter_provider.add_metric_reader(sdk_later)
+    feed(ours, batch[9:])
+    feed(sdk, batch[9:])
+    assert points(later) == points(sdk_later)
+    assert points(first) == points(sdk_first)
