@@ -23,7 +23,9 @@ buckets whatever its own preferred aggregation.
 Per reader: cumulative points carry the totals since the series' first value (what
 Prometheus needs); delta points carry what came since that reader's last collection,
 with that interval's min and max -- each reader keeps its own state, fed from the one
-set of pending totals every collection drains.
+set of pending totals every collection drains. Exemplars follow the SDK's defaults:
+the provider's exemplar filter (asked once per call), the last value per bucket for a
+histogram, one uniform sample for a counter, emptied at each collection.
 """
 
 from __future__ import annotations
@@ -33,10 +35,19 @@ import threading
 import weakref
 from bisect import bisect_left
 from collections.abc import Callable, Sequence
+from random import randrange
 from time import time_ns
 from typing import Any
 
-from opentelemetry.sdk.metrics import Counter, Histogram, MeterProvider
+from opentelemetry import trace
+from opentelemetry.sdk.metrics import (
+    AlwaysOffExemplarFilter,
+    Counter,
+    Exemplar,
+    Histogram,
+    MeterProvider,
+    TraceBasedExemplarFilter,
+)
 from opentelemetry.sdk.metrics.export import (
     AggregationTemporality,
     HistogramDataPoint,
@@ -51,20 +62,29 @@ from opentelemetry.sdk.metrics.export import (
 from opentelemetry.sdk.metrics.export import Histogram as HistogramData
 from opentelemetry.sdk.metrics.view import DefaultAggregation, ExplicitBucketHistogramAggregation
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+from opentelemetry.trace.span import INVALID_SPAN
+from opentelemetry.util.types import Attributes
 
 # An attribute set as the request path builds it: its items, in insertion order.
 AttrKey = tuple[tuple[str, Any], ...]
+# An exemplar's (span id, trace id), None without a current span.
+Ids = tuple[int | None, int | None]
 
 # The SDK's default per-instrument cardinality limit, and its overflow attribute set.
 CARDINALITY_LIMIT = 2000
 _OVERFLOW: AttrKey = (("otel.metric.overflow", True),)
 
 
+# An exemplar as offered: (value, time, span id, trace id); the ids None without a span.
+_Offered = tuple[float, int, int | None, int | None]
+
+
 class _Totals:
     """One series: bucket counts (histograms; a one-slot list for a counter), sum,
-    min, max, and when its first value came."""
+    min, max, when its first value came, and the exemplars offered since the last
+    collection (by bucket; a counter's one slot is a reservoir sample of ``offers``)."""
 
-    __slots__ = ("buckets", "max", "min", "start", "sum")
+    __slots__ = ("buckets", "exemplars", "max", "min", "offers", "start", "sum")
 
     def __init__(self, width: int, start: int) -> None:
         self.buckets = [0] * width
@@ -72,12 +92,42 @@ class _Totals:
         self.min: float = math.inf
         self.max: float = -math.inf
         self.start = start
+        self.exemplars: dict[int, _Offered] | None = None
+        self.offers = 0
+
+    def copy(self) -> _Totals:
+        made = _Totals(0, self.start)
+        made.buckets = list(self.buckets)
+        made.sum, made.min, made.max = self.sum, self.min, self.max
+        made.exemplars = dict(self.exemplars) if self.exemplars else None
+        made.offers = self.offers
+        return made
 
     def merge(self, other: _Totals) -> None:
         self.buckets = [a + b for a, b in zip(self.buckets, other.buckets, strict=True)]
         self.sum += other.sum
         self.min = min(self.min, other.min)
         self.max = max(self.max, other.max)
+        if other.exemplars:
+            if not other.offers:  # a histogram: the newer exemplar of each bucket
+                self.exemplars = {**(self.exemplars or {}), **other.exemplars}
+            elif not self.offers or randrange(self.offers + other.offers) < other.offers:
+                self.exemplars = other.exemplars  # one uniform sample of both
+            self.offers += other.offers
+
+    def take_exemplars(self, attributes: Attributes) -> list[Exemplar]:
+        """The exemplars since the last collection, as the SDK's reservoirs give them
+        (then empty)."""
+        if not self.exemplars:
+            return []
+        # The measurement's attributes not on the point: none (no views here).
+        filtered: dict[str, Any] | None = {} if attributes else None
+        out = [
+            Exemplar(filtered, value, time, span_id, trace_id)
+            for _, (value, time, span_id, trace_id) in sorted(self.exemplars.items())
+        ]
+        self.exemplars, self.offers = None, 0
+        return out
 
 
 class _Instrument:
@@ -127,35 +177,48 @@ class HistogramTotals(_Instrument):
         super().__init__(lock, name, unit, description, len(boundaries) + 1)
         self.boundaries = tuple(boundaries)
 
-    def record(self, value: float, key: AttrKey, times: int = 1) -> None:
-        """``times``: the same value recorded that many times (sum += value * times)."""
+    def record(
+        self, value: float, key: AttrKey, times: int = 1, exemplar: Ids | None = None
+    ) -> None:
+        """``times``: the same value recorded that many times (sum += value * times).
+        ``exemplar``: the call's ids when an exemplar is to be kept (``exemplar_ids``)."""
         with self._lock:
             totals = self._pending.get(key) or self._new(key)
-            totals.buckets[bisect_left(self.boundaries, value)] += times
+            bucket = bisect_left(self.boundaries, value)
+            totals.buckets[bucket] += times
             totals.sum += value * times if times != 1 else value
             if value < totals.min:
                 totals.min = value
             if value > totals.max:
                 totals.max = value
+            if exemplar is not None:
+                offered = (value, time_ns(), *exemplar)
+                totals.exemplars = {**(totals.exemplars or {}), bucket: offered}
 
-    def record_each(self, values: Sequence[float], key: AttrKey) -> None:
+    def record_each(
+        self, values: Sequence[float], key: AttrKey, exemplar: Ids | None = None
+    ) -> None:
         with self._lock:
             totals = self._pending.get(key) or self._new(key)
             buckets, bounds = totals.buckets, self.boundaries
             for value in values:
-                buckets[bisect_left(bounds, value)] += 1
+                bucket = bisect_left(bounds, value)
+                buckets[bucket] += 1
                 totals.sum += value
                 if value < totals.min:
                     totals.min = value
                 if value > totals.max:
                     totals.max = value
+                if exemplar is not None:
+                    offered = (value, time_ns(), *exemplar)
+                    totals.exemplars = {**(totals.exemplars or {}), bucket: offered}
 
     def points(
         self, series: dict[AttrKey, _Totals], start: Callable[[_Totals], int], now: int
     ) -> list[HistogramDataPoint]:
         return [
             HistogramDataPoint(
-                attributes=dict(key),
+                attributes=(attributes := dict(key)),
                 start_time_unix_nano=start(t),
                 time_unix_nano=now,
                 count=sum(t.buckets),
@@ -164,6 +227,7 @@ class HistogramTotals(_Instrument):
                 explicit_bounds=self.boundaries,
                 min=t.min,
                 max=t.max,
+                exemplars=t.take_exemplars(attributes),
             )
             for key, t in series.items()
         ]
@@ -175,20 +239,25 @@ class CounterTotals(_Instrument):
     def __init__(self, lock: threading.Lock, name: str, unit: str, description: str) -> None:
         super().__init__(lock, name, unit, description, 1)
 
-    def add(self, amount: int, key: AttrKey) -> None:
+    def add(self, amount: int, key: AttrKey, exemplar: Ids | None = None) -> None:
         with self._lock:
             totals = self._pending.get(key) or self._new(key)
             totals.sum += amount
+            if exemplar is not None:  # a uniform sample of one, as the SDK's reservoir
+                totals.offers += 1
+                if totals.offers == 1 or randrange(totals.offers) == 0:
+                    totals.exemplars = {0: (amount, time_ns(), *exemplar)}
 
     def points(
         self, series: dict[AttrKey, _Totals], start: Callable[[_Totals], int], now: int
     ) -> list[NumberDataPoint]:
         return [
             NumberDataPoint(
-                attributes=dict(key),
+                attributes=(attributes := dict(key)),
                 start_time_unix_nano=start(t),
                 time_unix_nano=now,
                 value=t.sum,
+                exemplars=t.take_exemplars(attributes),
             )
             for key, t in series.items()
         ]
@@ -208,9 +277,7 @@ class _ReaderState:
         for key, totals in pending.items():
             found = mine.get(key)
             if found is None:
-                copy = mine[key] = _Totals(0, totals.start)
-                copy.buckets = list(totals.buckets)
-                copy.sum, copy.min, copy.max = totals.sum, totals.min, totals.max
+                mine[key] = totals.copy()
             else:
                 found.merge(totals)
 
@@ -245,6 +312,7 @@ def supported(provider: Any) -> bool:
             _temporality(reader, Histogram)
             _temporality(reader, Counter)
             provider._sdk_config.resource  # noqa: B018 -- read at collection
+            provider._sdk_config.exemplar_filter  # noqa: B018
         return True
     except (AttributeError, LookupError, TypeError):
         return False
@@ -259,6 +327,7 @@ class Aggregates:
     def __init__(self, provider: MeterProvider, scope: InstrumentationScope) -> None:
         self._provider = provider
         self._scope = scope
+        self._exemplar_filter = provider._sdk_config.exemplar_filter
         # Taken on the request path (uncontended: once per value, or per batch of
         # chunk gaps) and by a collection to drain the pending totals.
         self._lock = threading.Lock()
@@ -280,6 +349,25 @@ class Aggregates:
                     self._attach(reader)
 
         provider.add_metric_reader = add_and_attach  # type: ignore[method-assign,assignment]
+
+    def exemplar_ids(self) -> Ids | None:
+        """The ids an exemplar of this call's values carries (span id, trace id: the
+        current span's, None without one), or None when the provider's exemplar filter
+        keeps none. Asked once per call, not per value: the SDK's filters look at the
+        context only (a custom filter is asked without a value)."""
+        exemplar_filter = self._exemplar_filter
+        if isinstance(exemplar_filter, AlwaysOffExemplarFilter):
+            return None
+        span = trace.get_current_span()
+        if isinstance(exemplar_filter, TraceBasedExemplarFilter):
+            if span is INVALID_SPAN or not span.get_span_context().trace_flags.sampled:
+                return None
+        elif not exemplar_filter.should_sample(0, time_ns(), None, None):  # type: ignore[arg-type]
+            return None
+        if span is INVALID_SPAN:
+            return (None, None)
+        ctx = span.get_span_context()
+        return (ctx.span_id, ctx.trace_id)
 
     def histogram(
         self, name: str, unit: str, description: str, boundaries: Sequence[float]

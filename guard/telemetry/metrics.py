@@ -8,7 +8,7 @@ field table's low-cardinality ones (``guard.telemetry.fields``).
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from opentelemetry.metrics import Meter
@@ -16,7 +16,7 @@ from opentelemetry.semconv._incubating.metrics import gen_ai_metrics
 
 from guard.engine.calls import CallRecord, FailureStage, Route
 from guard.telemetry import aggregates
-from guard.telemetry.aggregates import Aggregates, AttrKey, CounterTotals, HistogramTotals
+from guard.telemetry.aggregates import Aggregates, AttrKey, CounterTotals, HistogramTotals, Ids
 from guard.telemetry.fields import PROJECTIONS, gen_ai_operation
 from guard.telemetry.semconv import (
     ATTR_TOKEN_TYPE,
@@ -52,21 +52,26 @@ _INPUT = (ATTR_TOKEN_TYPE, "input")
 _OUTPUT = (ATTR_TOKEN_TYPE, "output")
 
 
+def _no_exemplar() -> None:
+    return None  # SDK instruments keep their own
+
+
 class _SdkHistogram:
     """An SDK histogram behind ``HistogramTotals``' methods: for providers whose readers
-    ``aggregates`` cannot serve (views, another aggregation, not the SDK's)."""
+    ``aggregates`` cannot serve (views, another aggregation, not the SDK's). The SDK
+    keeps its own exemplars (``exemplar`` is not used)."""
 
     def __init__(self, meter: Meter, name: str, unit: str, description: str, buckets: Any):
         self._histogram = meter.create_histogram(
             name, unit=unit, description=description, explicit_bucket_boundaries_advisory=buckets
         )
 
-    def record(self, value: float, key: AttrKey, times: int = 1) -> None:
+    def record(self, value: float, key: AttrKey, times: int = 1, exemplar: Any = None) -> None:
         attrs = dict(key)
         for _ in range(times):
             self._histogram.record(value, attrs)
 
-    def record_each(self, values: Sequence[float], key: AttrKey) -> None:
+    def record_each(self, values: Sequence[float], key: AttrKey, exemplar: Any = None) -> None:
         attrs = dict(key)
         for value in values:
             self._histogram.record(value, attrs)
@@ -76,7 +81,7 @@ class _SdkCounter:
     def __init__(self, meter: Meter, name: str, unit: str, description: str) -> None:
         self._counter = meter.create_counter(name, unit=unit, description=description)
 
-    def add(self, amount: int, key: AttrKey) -> None:
+    def add(self, amount: int, key: AttrKey, exemplar: Any = None) -> None:
         self._counter.add(amount, dict(key))
 
 
@@ -135,7 +140,9 @@ class MetricSink:
                 totals.histogram(*spec) for spec in (_DURATION, _TOKENS, _TTFC, _PER_CHUNK)
             )
             self._stops = totals.counter(*_STOPS)
+            self._exemplar_ids: Callable[[], Ids | None] = totals.exemplar_ids
         else:
+            self._exemplar_ids = _no_exemplar
             self._duration, self._tokens, self._ttfc, self._per_chunk = (
                 _SdkHistogram(meter, *spec) for spec in (_DURATION, _TOKENS, _TTFC, _PER_CHUNK)
             )
@@ -145,6 +152,7 @@ class MetricSink:
         """``call.chunk_gaps``: seconds between successive output chunks, if the caller
         kept them; otherwise time_per_output_chunk is recorded as the mean gap once per
         gap."""
+        exemplar = self._exemplar_ids()
         if record.stall_rule is not None and record.route in _STALL_ROUTES:
             stop_key: AttrKey = (
                 (LG_STALL_RULE, str(record.stall_rule)),
@@ -152,29 +160,29 @@ class MetricSink:
             )
             if record.tool:
                 stop_key += ((ATTR_TOOL_NAME, record.tool),)
-            self._stops.add(1, stop_key)
+            self._stops.add(1, stop_key, exemplar)
 
         if gen_ai_operation(record) is None or record.failure_stage == FailureStage.LOOP_GUARD:
             return  # not a GenAI operation, or one that never ran
         key = tuple(PROJECTIONS.metric(record).items())
         total = record.total_s if record.total_s is not None else time.monotonic() - call.started
-        self._duration.record(max(float(total), 0.0), key)
+        self._duration.record(max(float(total), 0.0), key, 1, exemplar)
 
         usage = record.usage
         if usage is not None and usage.source == "response":
             if usage.input_tokens is not None:
-                self._tokens.record(int(usage.input_tokens), (*key, _INPUT))
+                self._tokens.record(int(usage.input_tokens), (*key, _INPUT), 1, exemplar)
             if usage.output_tokens is not None:
-                self._tokens.record(int(usage.output_tokens), (*key, _OUTPUT))
+                self._tokens.record(int(usage.output_tokens), (*key, _OUTPUT), 1, exemplar)
 
         if not record.stream:
             return  # the chunk metrics are for streamed responses only
         if record.ttft_s is not None:
-            self._ttfc.record(float(record.ttft_s), key)
+            self._ttfc.record(float(record.ttft_s), key, 1, exemplar)
         chunk_gaps = call.chunk_gaps
         if chunk_gaps:
             gaps = [max(float(gap), 0.0) for gap in list(chunk_gaps)[:_MAX_CHUNK_SAMPLES]]
-            self._per_chunk.record_each(gaps, key)
+            self._per_chunk.record_each(gaps, key, exemplar)
         elif (
             record.output_chunks >= 2
             and record.ttft_s is not None
@@ -185,7 +193,7 @@ class MetricSink:
             # Mean gap, once per gap: count and sum are exact, the spread is not.
             gaps_n = record.output_chunks - 1
             mean = (record.total_s - record.ttft_s) / gaps_n
-            self._per_chunk.record(mean, key, min(gaps_n, _MAX_CHUNK_SAMPLES))
+            self._per_chunk.record(mean, key, min(gaps_n, _MAX_CHUNK_SAMPLES), exemplar)
 
     def force_flush(self, timeout_millis: int) -> None:
         pass  # the meter provider's pipeline flushes

@@ -14,6 +14,7 @@ from typing import Any
 
 import httpx
 import pytest
+from opentelemetry import trace
 from opentelemetry.sdk.metrics import Counter, Histogram, MeterProvider
 from opentelemetry.sdk.metrics.export import AggregationTemporality, InMemoryMetricReader
 from opentelemetry.sdk.metrics.view import View
@@ -126,7 +127,10 @@ def points(reader: InMemoryMetricReader) -> dict[tuple[str, frozenset], dict[str
                     fields = dict(vars(p))
                     for skip in ("attributes", "start_time_unix_nano", "time_unix_nano"):
                         fields.pop(skip)
-                    fields.pop("exemplars", None)
+                    fields["exemplars"] = [
+                        (e.filtered_attributes, e.value, e.span_id, e.trace_id)
+                        for e in fields["exemplars"]
+                    ]
                     if "sum" in fields:  # a mean gap is added n times by the SDK
                         fields["sum"] = pytest.approx(fields["sum"], rel=1e-12)
                     out[(m.name, frozenset(p.attributes.items()))] = fields
@@ -301,3 +305,27 @@ def test_a_reader_added_later_sees_what_comes_after_as_with_sdk_instruments() ->
     feed(sdk, batch[9:])
     assert points(later) == points(sdk_later)
     assert points(first) == points(sdk_first)
+
+
+def test_exemplars_are_the_sdks_under_a_sampled_current_span() -> None:
+    # The SDK's defaults: the trace-based filter, the last value per bucket for the
+    # histograms, one sample for the counter (here all its samples carry one span).
+    ours_reader, sdk_reader = InMemoryMetricReader(), InMemoryMetricReader()
+    ours, sdk = telemetry(ours_reader), sdk_telemetry(sdk_reader)
+    tracer = TracerProvider().get_tracer("app")
+    batch = calls()
+    with trace.use_span(tracer.start_span("first"), end_on_exit=True):
+        for tel in (ours, sdk):
+            feed(tel, batch[:20])
+    for tel in (ours, sdk):
+        feed(tel, batch[20:25])  # no current span: no exemplar
+    with trace.use_span(tracer.start_span("second"), end_on_exit=True):
+        for tel in (ours, sdk):
+            feed(tel, batch[25:])
+    got = points(ours_reader)
+    assert got == points(sdk_reader)
+    exemplars = [e for p in got.values() for e in p.get("exemplars", ())]
+    assert len({e[2] for e in exemplars}) == 2  # both spans, no exemplar without one
+    # Collected, the exemplars are gone until new values come.
+    assert all(not p.get("exemplars") for p in points(ours_reader).values())
+    assert points(ours_reader) == points(sdk_reader)
