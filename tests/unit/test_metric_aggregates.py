@@ -17,7 +17,7 @@ import pytest
 from opentelemetry import trace
 from opentelemetry.sdk.metrics import Counter, Histogram, MeterProvider
 from opentelemetry.sdk.metrics.export import AggregationTemporality, InMemoryMetricReader
-from opentelemetry.sdk.metrics.view import View
+from opentelemetry.sdk.metrics.view import ExponentialBucketHistogramAggregation, View
 from opentelemetry.sdk.trace import TracerProvider
 from prometheus_harness import samples
 
@@ -329,3 +329,22 @@ def test_exemplars_are_the_sdks_under_a_sampled_current_span() -> None:
     # Collected, the exemplars are gone until new values come.
     assert all(not p.get("exemplars") for p in points(ours_reader).values())
     assert points(ours_reader) == points(sdk_reader)
+
+
+def test_a_reader_asking_for_another_histogram_aggregation_gets_the_sdks() -> None:
+    reader = InMemoryMetricReader(
+        preferred_aggregation={Histogram: ExponentialBucketHistogramAggregation()}
+    )
+    tel = telemetry(reader)
+    assert not any(isinstance(s._duration, aggregates.HistogramTotals) for s in metric_sinks(tel))
+    feed(tel, calls())
+    data = reader.get_metrics_data()
+    assert data is not None
+    kinds = {
+        m.name: type(m.data).__name__
+        for rm in data.resource_metrics
+        for sm in rm.scope_metrics
+        for m in sm.metrics
+    }
+    assert kinds["gen_ai.client.operation.duration"] == "ExponentialHistogram"
+    assert kinds["loopguard.stops"] == "Sum"
