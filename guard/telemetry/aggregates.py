@@ -60,7 +60,11 @@ from opentelemetry.sdk.metrics.export import (
     Sum,
 )
 from opentelemetry.sdk.metrics.export import Histogram as HistogramData
-from opentelemetry.sdk.metrics.view import DefaultAggregation, ExplicitBucketHistogramAggregation
+from opentelemetry.sdk.metrics.view import (
+    DefaultAggregation,
+    ExplicitBucketHistogramAggregation,
+    SumAggregation,
+)
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace.span import INVALID_SPAN
 from opentelemetry.util.types import Attributes
@@ -290,13 +294,22 @@ def _temporality(reader: MetricReader, kind: type) -> AggregationTemporality:
     raise LookupError(kind.__name__)
 
 
-def _explicit_histograms(reader: MetricReader) -> bool:
+def _default_aggregations(reader: MetricReader) -> bool:
+    """The reader aggregates histograms in the instrument's advised explicit buckets
+    with min and max (the SDK's default, and the OTLP exporter's unless told
+    otherwise), and counters as sums."""
     by_class: dict[Any, Any] = dict(reader._instrument_class_aggregation)
-    return all(
-        isinstance(aggregation, DefaultAggregation | ExplicitBucketHistogramAggregation)
-        for cls, aggregation in by_class.items()
-        if issubclass(cls, Histogram)
-    )
+    for cls, aggregation in by_class.items():
+        if issubclass(cls, Histogram) and not isinstance(aggregation, DefaultAggregation):
+            if not isinstance(aggregation, ExplicitBucketHistogramAggregation):
+                return False
+            if aggregation._boundaries is not None or not aggregation._record_min_max:
+                return False
+        if issubclass(cls, Counter) and not isinstance(
+            aggregation, DefaultAggregation | SumAggregation
+        ):
+            return False
+    return True
 
 
 def supported(provider: Any) -> bool:
@@ -307,7 +320,7 @@ def supported(provider: Any) -> bool:
             return False
         readers = list(provider._metric_readers)
         for reader in readers:
-            if reader._collect is None or not _explicit_histograms(reader):
+            if reader._collect is None or not _default_aggregations(reader):
                 return False
             _temporality(reader, Histogram)
             _temporality(reader, Counter)

@@ -17,7 +17,11 @@ import pytest
 from opentelemetry import trace
 from opentelemetry.sdk.metrics import Counter, Histogram, MeterProvider
 from opentelemetry.sdk.metrics.export import AggregationTemporality, InMemoryMetricReader
-from opentelemetry.sdk.metrics.view import ExponentialBucketHistogramAggregation, View
+from opentelemetry.sdk.metrics.view import (
+    ExplicitBucketHistogramAggregation,
+    ExponentialBucketHistogramAggregation,
+    View,
+)
 from opentelemetry.sdk.trace import TracerProvider
 from prometheus_harness import samples
 
@@ -348,3 +352,23 @@ def test_a_reader_asking_for_another_histogram_aggregation_gets_the_sdks() -> No
     }
     assert kinds["gen_ai.client.operation.duration"] == "ExponentialHistogram"
     assert kinds["loopguard.stops"] == "Sum"
+
+
+def test_a_reader_with_its_own_buckets_gets_them_and_the_otlp_reader_is_served() -> None:
+    reader = InMemoryMetricReader(
+        preferred_aggregation={Histogram: ExplicitBucketHistogramAggregation((1.0, 2.0))}
+    )
+    tel = telemetry(reader)
+    assert not any(isinstance(s._duration, aggregates.HistogramTotals) for s in metric_sinks(tel))
+    feed(tel, calls())
+    got = points(reader)
+    assert all(
+        p["explicit_bounds"] == (1.0, 2.0) for k, p in got.items() if k[1] and "bucket_counts" in p
+    )
+    # The OTLP exporter asks for explicit buckets with no boundaries of its own: the
+    # instruments' advice, as the aggregator gives.
+    otlp = Telemetry(
+        TelemetryConfig(exporter="otlp", otlp_endpoint="http://127.0.0.1:9", records=""), "p"
+    )
+    assert all(isinstance(s._duration, aggregates.HistogramTotals) for s in metric_sinks(otlp))
+    otlp.shutdown()
