@@ -65,6 +65,7 @@ from opentelemetry.sdk.metrics.view import (
     ExplicitBucketHistogramAggregation,
     SumAggregation,
 )
+from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace.span import INVALID_SPAN
 from opentelemetry.util.types import Attributes
@@ -338,7 +339,8 @@ class Aggregates:
     they would share the SDK's instruments, so a metric is never reported twice."""
 
     def __init__(self, provider: MeterProvider, scope: InstrumentationScope) -> None:
-        self._provider = provider
+        # Not the provider itself: ``for_provider``'s weak map would keep it alive.
+        self._sdk_config = provider._sdk_config
         self._scope = scope
         self._exemplar_filter = provider._sdk_config.exemplar_filter
         # Taken on the request path (uncontended: once per value, or per batch of
@@ -422,7 +424,7 @@ class Aggregates:
         with self._collect_lock:
             self._drain()
             metrics = self._metrics(state, time_ns())
-        return _merged(collected, metrics, self._scope, self._provider)
+        return _merged(collected, metrics, self._scope, self._sdk_config.resource)
 
     def _drain(self) -> None:
         """Pending totals into every reader's state (called under the collect lock)."""
@@ -472,14 +474,13 @@ def _merged(
     collected: MetricsData | None,
     metrics: list[Metric],
     scope: InstrumentationScope,
-    provider: MeterProvider,
+    resource: Resource,
 ) -> MetricsData | None:
     """The SDK's collection plus ``metrics`` under ``scope`` (beside the scope's own
     SDK instruments, if it has any)."""
     if not metrics:
         return collected
     if collected is None or not collected.resource_metrics:
-        resource = provider._sdk_config.resource
         ours = ScopeMetrics(scope=scope, metrics=metrics, schema_url=scope.schema_url or "")
         return MetricsData(
             resource_metrics=[

@@ -7,8 +7,10 @@ sums, buckets, min and max, cumulative and delta."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import sys
 import threading
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -372,3 +374,16 @@ def test_a_reader_with_its_own_buckets_gets_them_and_the_otlp_reader_is_served()
     )
     assert all(isinstance(s._duration, aggregates.HistogramTotals) for s in metric_sinks(otlp))
     otlp.shutdown()
+
+
+def test_a_provider_nobody_holds_is_freed() -> None:
+    def used() -> weakref.ref[MeterProvider]:
+        provider = MeterProvider(metric_readers=[InMemoryMetricReader()], shutdown_on_exit=False)
+        tel = Telemetry(TelemetryConfig(records=""), "p", meter_provider=provider)
+        assert all(isinstance(s._duration, aggregates.HistogramTotals) for s in metric_sinks(tel))
+        feed(tel, calls()[:3])
+        return weakref.ref(provider)
+
+    gone = used()
+    gc.collect()
+    assert gone() is None
