@@ -41,7 +41,7 @@ TOKEN_BUCKETS = (
 TTFC_BUCKETS = DURATION_BUCKETS
 TIME_PER_CHUNK_BUCKETS = DURATION_BUCKETS
 
-# A per-call cap on recorded chunk gaps (each on the request path; ~7 us on an SDK
+# A per-call cap on recorded chunk gaps (each on the request path; 5-7 us on an SDK
 # histogram): the histogram's count is exact up to this many gaps per call.
 _MAX_CHUNK_SAMPLES = 256
 
