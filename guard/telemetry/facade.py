@@ -87,10 +87,10 @@ class Telemetry:
             INSTRUMENTATION_NAME, version, schema_url=SCHEMA_URL
         )
         meter = self.meter_provider.get_meter(INSTRUMENTATION_NAME, version, schema_url=SCHEMA_URL)
+        scope = InstrumentationScope(INSTRUMENTATION_NAME, version, SCHEMA_URL)
         direct = None
         processor = self._traces.processor
         if processor is not None and spans.DirectSpans.usable(self.tracer_provider):
-            scope = InstrumentationScope(INSTRUMENTATION_NAME, version, SCHEMA_URL)
             direct = spans.DirectSpans(processor, self.tracer_provider.resource, scope)
         self._tracing = spans.Tracing(tracer, recording_spans, direct)
         setup = SinkSetup(
@@ -100,6 +100,8 @@ class Telemetry:
             record_callback=record_sink,
             session_hasher=session_hasher or keyed_session_hasher(),
             direct_spans=direct,
+            meter_provider=self.meter_provider if recording_metrics else None,
+            scope=scope,
         )
         built = (factory(setup) for factory in sinks)
         self._sinks: tuple[Sink, ...] = tuple(s for s in built if s is not None)

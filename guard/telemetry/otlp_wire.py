@@ -51,6 +51,8 @@ _ONE_BYTE = tuple(bytes((i,)) for i in range(0x80))
 def _varint(value: int) -> bytes:
     if value < 0x80:
         return _ONE_BYTE[value]
+    if value < 0x4000:  # a span's or an attribute's size: two bytes, no loop
+        return bytes(((value & 0x7F) | 0x80, value >> 7))
     out = bytearray()
     while value >= 0x80:
         out.append((value & 0x7F) | 0x80)
@@ -83,25 +85,64 @@ def _any_value(value: Any) -> bytes:
 
 
 # Span.attributes fields (KeyValue) by (key, value, type): most attributes repeat
-# (operation, route, stage, status, server). Values that do not (hashes, ids) fill it:
-# full, it starts over, and the repeating ones are back after a span or two.
+# (operation, route, stage, status, server). A key whose values do not (hashes,
+# markers, ids) is found out by its count of distinct values and no longer cached: its
+# values are written each time, and they do not push the repeating ones out. Full, the
+# cache starts over.
 _ATTRIBUTE_CACHE_MAX = 2048
+_VARYING_AFTER = 64  # distinct values of one key
 _attribute_cache: dict[tuple[str, Any, type], bytes] = {}
+_key_fields: dict[str, bytes] = {}  # a key's KeyValue.key field
+_distinct: dict[str, int] = {}  # values cached per key, until it is found varying
+_varying: set[str] = set()
+
+
+def _key_field(key: str) -> bytes:
+    found = _key_fields.get(key)
+    if found is None:
+        found = _field(0x0A, key.encode())
+        if len(_key_fields) < _ATTRIBUTE_CACHE_MAX:
+            _key_fields[key] = found
+    return found
 
 
 def _attribute(key: str, value: Any) -> bytes:
-    cache_key = (key, value, type(value))  # the type: True and 1 are equal keys
+    if key in _varying:
+        if type(value) is str:
+            return _field(0x4A, _key_field(key) + _field(0x12, _field(0x0A, value.encode())))
+        return _field(0x4A, _key_field(key) + _field(0x12, _any_value(value)))
     try:
-        return _attribute_cache[cache_key]
-    except KeyError:
-        pass
+        cache_key = (key, value, type(value))  # the type: True and 1 are equal keys
+        cached = _attribute_cache.get(cache_key)
     except TypeError:  # a list: not hashable, not cached
-        return _field(0x4A, _field(0x0A, key.encode()) + _field(0x12, _any_value(value)))
-    encoded = _field(0x4A, _field(0x0A, key.encode()) + _field(0x12, _any_value(value)))
+        return _field(0x4A, _key_field(key) + _field(0x12, _any_value(value)))
+    if cached is not None:
+        return cached
+    encoded = _field(0x4A, _key_field(key) + _field(0x12, _any_value(value)))
     if len(_attribute_cache) >= _ATTRIBUTE_CACHE_MAX:
         _attribute_cache.clear()
+        _distinct.clear()
     _attribute_cache[cache_key] = encoded
+    seen = _distinct[key] = _distinct.get(key, 0) + 1
+    if seen > _VARYING_AFTER and len(_varying) < _ATTRIBUTE_CACHE_MAX:
+        _varying.add(key)
     return encoded
+
+
+# Span.status fields by (code, description): nearly always unset or one failure stage.
+_status_fields: dict[tuple[int, str | None], bytes] = {}
+
+
+def _status(code: int, description: str | None) -> bytes:
+    found = _status_fields.get((code, description))
+    if found is None:
+        body = b"" if description is None else _field(0x12, description.encode())
+        if code:
+            body += b"\x18" + _varint(code)
+        found = _field(0x7A, body)
+        if len(_status_fields) < 256:
+            _status_fields[(code, description)] = found
+    return found
 
 
 def _span(span: ReadableSpan) -> bytes:
@@ -132,11 +173,7 @@ def _span(span: ReadableSpan) -> bytes:
     if span.dropped_attributes:
         parts.append(b"\x50" + _varint(span.dropped_attributes))
     status = span.status
-    code = status.status_code.value
-    body = b"" if status.description is None else _field(0x12, status.description.encode())
-    if code:
-        body += b"\x18" + _varint(code)
-    parts.append(_field(0x7A, body))
+    parts.append(_status(status.status_code.value, status.description))
     parts.append(_FLAGS_REMOTE if parent is not None and parent.is_remote else _FLAGS_LOCAL)
     return b"".join(parts)
 
@@ -176,8 +213,15 @@ class SpanEncoder:
             return encode_spans(spans).SerializePartialToString()
 
     def _encode(self, spans: Sequence[ReadableSpan]) -> bytes:
+        if not spans:
+            return b""
         # Resource -> scope -> spans, grouped by equality in first-seen order, as the
         # SDK's encoder groups (equal objects are usually the same one: compared once).
+        # The usual batch: one telemetry's spans, all with the same two objects.
+        resource, scope = spans[0].resource, spans[0].instrumentation_scope
+        if all(s.resource is resource and s.instrumentation_scope is scope for s in spans):
+            encoded = [_field(0x12, _span(span)) for span in spans]
+            return self._resource_spans(resource, [(scope, encoded)])
         seen: dict[int, Any] = {}
         distinct: list[Any] = []
         groups: dict[int, tuple[Resource, dict[int, tuple[Any, list[bytes]]]]] = {}
@@ -186,15 +230,19 @@ class SpanEncoder:
             scope = _canonical(span.instrumentation_scope, seen, distinct)
             scopes = groups.setdefault(id(resource), (resource, {}))[1]
             scopes.setdefault(id(scope), (scope, []))[1].append(_field(0x12, _span(span)))
-        out = []
-        for resource, scopes in groups.values():
-            scope_spans = []
-            for scope, encoded in scopes.values():
-                head, resource_head, resource_tail = self._header(resource, scope)
-                scope_spans.append(_field(0x12, head + b"".join(encoded) + self._tail(scope)))
-            body = resource_head + b"".join(scope_spans) + resource_tail
-            out.append(_field(0x0A, body))
-        return b"".join(out)
+        return b"".join(
+            self._resource_spans(resource, list(scopes.values()))
+            for resource, scopes in groups.values()
+        )
+
+    def _resource_spans(self, resource: Resource, scopes: list[tuple[Any, list[bytes]]]) -> bytes:
+        """One ResourceSpans field: the resource's scopes, each with its encoded spans."""
+        scope_spans = []
+        resource_head = resource_tail = b""
+        for scope, encoded in scopes:
+            head, resource_head, resource_tail = self._header(resource, scope)
+            scope_spans.append(_field(0x12, head + b"".join(encoded) + self._tail(scope)))
+        return _field(0x0A, resource_head + b"".join(scope_spans) + resource_tail)
 
     def _header(self, resource: Resource, scope: Any) -> tuple[bytes, bytes, bytes]:
         key = (id(resource), id(scope))

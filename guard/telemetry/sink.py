@@ -23,6 +23,8 @@ from guard.engine.pseudonym import SessionHasher
 
 if TYPE_CHECKING:
     from opentelemetry.metrics import Meter
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 
     from guard.telemetry.spans import CallSpan, DirectSpans
 
@@ -44,6 +46,8 @@ class Sink(Protocol):
 @dataclass(frozen=True, slots=True)
 class SinkSetup:
     """What a sink factory may use. ``meter`` is None when metrics are not recorded;
+    ``meter_provider`` is then None too, else the provider ``meter`` came from, and
+    ``scope`` is the instrumentation scope of ``meter`` and the tracer.
     ``direct_spans`` ends spans of a pipeline telemetry built itself (else None)."""
 
     cfg: TelemetryConfig
@@ -52,6 +56,8 @@ class SinkSetup:
     record_callback: RecordCallback | None
     session_hasher: SessionHasher
     direct_spans: DirectSpans | None = None
+    meter_provider: MeterProvider | None = None
+    scope: InstrumentationScope | None = None
 
 
 SinkFactory = Callable[[SinkSetup], "Sink | None"]

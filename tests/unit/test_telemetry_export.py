@@ -161,3 +161,27 @@ def test_a_batch_the_wire_encoder_does_not_cover_goes_to_the_sdks_encoder() -> N
     batch = [*sample_spans(), *spans.exported.get_finished_spans()]
     encoded = ExportTraceServiceRequest.FromString(SpanEncoder()(batch))
     assert encoded == encode_spans(batch)
+
+
+def test_the_wire_encoder_writes_varying_values_and_long_fields_as_the_sdk_does() -> None:
+    # One telemetry's batch (one resource, one scope): hashes and markers that differ
+    # on every call, past the point where their key is no longer cached, and values
+    # whose sizes take one, two and three bytes.
+    spans = Spans()
+    scope = InstrumentationScope(INSTRUMENTATION_NAME, "1", SCHEMA_URL)
+    direct = DirectSpans(spans.processor, spans.resource, scope)
+    for i in range(300):
+        record = CallRecord(
+            operation="execute_tool", span_name="execute_tool lookup", tool="lookup",
+            params_hash=f"{i:032x}", progress_marker=f"m{i}" * (1 + i % 3),
+            app={"note": "x" * (i % 2 * 200), "long": "y" * (20_000 if i == 7 else 1)},
+        )  # fmt: skip
+        call = Tracing(spans.tracer, True, direct).start(record.span_name, {})
+        SpanSink(spans.cfg, direct).emit(record, call)
+    batch = list(spans.exported.get_finished_spans())
+    assert len(batch) == 300
+    encoder = SpanEncoder()
+    for _ in range(2):  # the second time, the varying keys are written uncached
+        encoded = ExportTraceServiceRequest.FromString(encoder(batch))
+        assert encoded == encode_spans(batch)
+    assert ExportTraceServiceRequest.FromString(encoder([])) == encode_spans([])
