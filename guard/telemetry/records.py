@@ -24,7 +24,6 @@ from typing import Any, BinaryIO
 
 import orjson
 import structlog
-from structlog.processors import _json_fallback_handler as _json_fallback
 
 from guard.engine.calls import CallRecord
 from guard.engine.pseudonym import SessionHasher
@@ -72,6 +71,12 @@ def sink(setup: SinkSetup) -> RecordsSink | None:
     return RecordsSink(RecordWriter(setup.cfg.records, setup.record_callback), setup.session_hasher)
 
 
+def _json_fallback(value: object) -> str:
+    """A value JSON has no type for is written as its ``repr``: the record is never
+    lost to one odd field."""
+    return repr(value)
+
+
 class RecordWriter:
     """Appends one JSON line per call to ``path`` ("-" stdout, "" nowhere).
 
@@ -79,10 +84,9 @@ class RecordWriter:
     file) and every line is flushed as it is written, so a crash loses nothing
     already recorded.
 
-    A line is the record dict rendered by orjson, as structlog's ``JSONRenderer``
-    over orjson renders it (the same fallback for a value JSON has no type for),
-    written by one call: no processor chain or logger in between, which cost as
-    much as the rendering on every call.
+    A line is the record dict rendered by orjson (``repr`` for a value JSON has no
+    type for, as structlog's renderer did before), written by one call: no processor
+    chain or logger in between, which cost as much as the rendering on every call.
     """
 
     def __init__(self, path: str, callback: RecordCallback | None = None) -> None:
