@@ -3,7 +3,7 @@
 ``MemoryStore`` keeps sessions in this process: bounded (at most ``max_sessions``, the
 least recently used evicted) and idle sessions expire after ``ttl_seconds``. An idle
 session is a tuple of step tuples, which the garbage collector stops tracking, so a
-full collection does not walk the sessions (about 0.45 KB idle with one call, its
+full collection walks no object per session (about 0.45 KB idle with one call, its
 strings included).
 
 ``RedisStore`` shares sessions between replicas: per session a list of steps and a hash
