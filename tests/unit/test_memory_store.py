@@ -137,18 +137,24 @@ async def test_no_session_leaves_an_object_the_garbage_collector_tracks() -> Non
     to the old generation tracked; a full collection untracks the dicts beside."""
     clock = Clock()
     store = MemoryStore(clock=clock)
-    for n in range(50):
-        session = f"s{n}"
-        _, token = await store.reserve(session, "lookup", f"h{n}", 64, 60.0)
-        await store.settle(session, token, Step("lookup", f"h{n}", f"m{n}", n % 2 == 0), 64)
-        for i in range(INDEX_FROM + n % 3):  # some sessions indexed, some not
-            await store.append(session, Step("read", f"r{i}", "ok", i == 0), 64)
-        await store.reserve(session, "deploy", "d", 64, 60.0 if n % 5 else 1.0)
-        _, released = await store.reserve(session, "read", "x", 64, 60.0)
-        await store.release(session, released)
-        await store.put_state(f"resp-{n}", "{}")
-    clock.now += 2
-    await store.reserve("s0", "lookup", "h0", 64, 60.0)  # expires the 1 s reservation
+    gc.collect()
+    gc.disable()  # every object the store makes stays young until the collections below
+    try:
+        for n in range(50):
+            session = f"s{n}"
+            _, token = await store.reserve(session, "lookup", f"h{n}", 64, 60.0)
+            step = Step("lookup", f"h{n}", f"m{n}", n % 2 == 0)
+            await store.settle(session, token, step, 64)
+            for i in range(INDEX_FROM + n % 3):  # some sessions indexed, some not
+                await store.append(session, Step("read", f"r{i}", "ok", i == 0), 64)
+            await store.reserve(session, "deploy", "d", 64, 60.0 if n % 5 else 1.0)
+            _, released = await store.reserve(session, "read", "x", 64, 60.0)
+            await store.release(session, released)
+            await store.put_state(f"resp-{n}", "{}")
+        clock.now += 2
+        await store.reserve("s0", "lookup", "h0", 64, 60.0)  # expires the 1 s reservation
+    finally:
+        gc.enable()
     assert store._index and store._holds
 
     assert not gc.is_tracked(store._seen)  # str -> float: never tracked
