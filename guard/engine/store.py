@@ -1,8 +1,10 @@
 """Session history stores behind one async protocol.
 
 ``MemoryStore`` keeps sessions in this process: bounded (at most ``max_sessions``, the
-least recently used evicted) and idle sessions expire after ``ttl_seconds``. A session
-is one small object (about 0.5 KB idle with one call, its strings included).
+least recently used evicted) and idle sessions expire after ``ttl_seconds``. An idle
+session is a tuple of step tuples, which the garbage collector stops tracking, so a
+full collection walks no object per session (about 0.45 KB idle with one call, its
+strings included).
 
 ``RedisStore`` shares sessions between replicas: per session a list of steps and a hash
 counting each call's steps in the window (the memory store's index), both changed by
@@ -106,12 +108,35 @@ class StateStore(Protocol):
 # scanning the window is as quick as a lookup, and an idle session keeps no dict.
 INDEX_FROM = 8
 
-# A step as the memory store holds it: (tool, params_hash, marker, error). A plain tuple
-# of strings and a bool, which the garbage collector stops tracking after its first
-# pass, where a Step (a slots dataclass) stays tracked: with one Step per idle session,
-# every full collection walked them all (tens of ms at 100k sessions, a p99 spike).
-# Converted to Step only when a window is read, which the common new call skips.
+# What the memory store keeps per session is plain tuples, no object of its own: every
+# full collection of the garbage collector walks every object it tracks, and with one
+# per session (a list, a slots class, a Step: tracked for good) a full collection took
+# ~28 ms at 100k idle sessions, a p99 spike -- the benchmark opens a session per
+# request, so the store fills up to ``max_sessions``. The collector stops tracking a
+# tuple that holds only untracked objects, but one level of nesting per collection
+# (an inner tuple is examined after its outer one): so at most two levels, a window of
+# steps, which the collections of the young generations untrack before a session gets
+# old. A window is replaced, not changed: a copy of at most ``window`` pointers per
+# step (a list would be changed in place, but stays tracked). When a session was last
+# used is a float in a dict of its own, which the collector never tracks (nothing in
+# it can be part of a cycle), so a read replaces nothing. The OrderedDict of windows is
+# one tracked object: a full collection walks its entries (a few ms at 100k), not
+# objects of their own.
+#
+# A step: (tool, params_hash, marker, error); turned into a Step only when a window is
+# read, which the common new call skips.
 _Held = tuple[str, str, str, bool]
+# A session's window, oldest step first.
+_Window = tuple[_Held, ...]
+# A session's reservations, in the order made: token -> (deadline, the in-flight step
+# it put in the window). Kept beside the session (in flight for a request's time).
+_Holds = dict[str, tuple[float, _Held]]
+# A session's per-call index: how many of the window's steps each (tool, params_hash)
+# has, and under (tool, TOOL_ERRORS) each tool's failures. It answers "is the call (or a
+# failure of its tool) in the window?" without a scan. Kept beside the session too (a
+# tuple holding a dict stays tracked); the collector untracks a dict of untracked keys
+# and ints at each full collection.
+_Calls = dict[tuple[str, str], int]
 
 
 def _held(step: Step) -> _Held:
@@ -125,132 +150,75 @@ def _interned(tool: str) -> str:
     return sys.intern(tool) if type(tool) is str else tool
 
 
-class _Entry(list[_Held]):
-    """One session: its window of steps, oldest first (the list itself, so a session
-    costs one object), when it was last used, its reservations and its per-call index.
-
-    Kept small for the many idle sessions a proxy holds: ``pending`` and ``calls`` are
-    None until needed.
-    """
-
-    __slots__ = ("calls", "pending", "seen")
-
-    def __init__(self, seen: float) -> None:
-        super().__init__()
-        self.seen = seen
-        # Reservations: token -> (deadline, the in-flight Step object in the window).
-        self.pending: dict[str, tuple[float, _Held]] | None = None
-        # How many of the window's steps each (tool, params_hash) has, and under
-        # (tool, TOOL_ERRORS) each tool's failures: answers "is the call (or a failure
-        # of its tool) in the window?" without a scan. Built past INDEX_FROM steps.
-        self.calls: dict[tuple[str, str], int] | None = None
-
-    def holds(self, tool: str, params_hash: str) -> bool:
-        """The call, or a failure of its tool, has a step in the window: the stall
-        rules can fire only then."""
-        calls = self.calls
-        if calls is not None:
-            return (tool, params_hash) in calls or (tool, TOOL_ERRORS) in calls
-        for step_tool, step_hash, _marker, error in self:
-            if step_tool == tool and (step_hash == params_hash or error):
-                return True
-        return False
-
-    def steps(self) -> list[Step]:
-        """The window as Steps, oldest first."""
-        return [Step(*held) for held in self]
-
-    def counts(self) -> dict[tuple[str, str], int]:
-        """The index as it is, or (not built yet) as it would be."""
-        if self.calls is not None:
-            return dict(self.calls)
-        calls: dict[tuple[str, str], int] = {}
-        for step in self:
-            _count(calls, step, 1)
-        return calls
-
-    def push(self, step: _Held, window: int) -> None:
-        """Append, dropping the oldest steps past ``window``."""
-        calls = self.calls
-        excess = len(self) + 1 - window
-        if excess > 0:
-            if calls is not None:
-                for dropped in self[:excess]:
-                    _count(calls, dropped, -1)
-            del self[:excess]
-        self.append(step)
-        if calls is not None:
-            _count(calls, step, 1)
-        elif len(self) > INDEX_FROM:
-            self.calls = self.counts()
-
-    def _index(self, step: _Held) -> int:
-        """Where this very step object is in the window, or -1. Searched from the
-        newest end: an in-flight step was appended moments ago."""
-        for index in range(len(self) - 1, -1, -1):
-            if self[index] is step:
-                return index
-        return -1
-
-    def remove_step(self, step: _Held) -> None:
-        index = self._index(step)
-        if index >= 0:
-            del self[index]
-            if self.calls is not None:
-                _count(self.calls, step, -1)
-
-    def replace(self, old: _Held, new: _Held) -> bool:
-        """Put ``new`` where the very object ``old`` is (the same call: only the tool's
-        failure count can change)."""
-        index = self._index(old)
-        if index < 0:
-            return False
-        self[index] = new
-        if self.calls is not None and old[3] != new[3]:
-            _add(self.calls, (new[0], TOOL_ERRORS), 1 if new[3] else -1)
-        return True
-
-    def hold(self, token: str, deadline: float, step: _Held) -> None:
-        if self.pending is None:
-            self.pending = {}
-        self.pending[token] = (deadline, step)
-
-    def unhold(self, token: str) -> _Held | None:
-        """The reservation's in-flight step, no longer pending (None: unknown token)."""
-        pending = self.pending
-        if pending is None:
-            return None
-        reserved = pending.pop(token, None)
-        if not pending:
-            self.pending = None
-        return None if reserved is None else reserved[1]
-
-    def expire(self, now: float) -> None:
-        """Reservations past their deadline stop counting. The dict is in the order the
-        reservations were made, which is deadline order for one hold time."""
-        pending = self.pending
-        while pending:
-            token, (deadline, step) = next(iter(pending.items()))
-            if deadline > now:
-                return
-            del pending[token]
-            self.remove_step(step)
-        self.pending = None
+def _holds(window: _Window, calls: _Calls | None, tool: str, params_hash: str) -> bool:
+    """The call, or a failure of its tool, has a step in the window: the stall rules can
+    fire only then."""
+    if calls is not None:
+        return (tool, params_hash) in calls or (tool, TOOL_ERRORS) in calls
+    for step_tool, step_hash, _marker, error in window:
+        if step_tool == tool and (step_hash == params_hash or error):
+            return True
+    return False
 
 
-def _count(calls: dict[tuple[str, str], int], step: _Held, delta: int) -> None:
+def _steps(window: _Window) -> list[Step]:
+    """The window as Steps, oldest first."""
+    return [Step(*held) for held in window]
+
+
+def _counts(window: _Window) -> _Calls:
+    """The index a window would have."""
+    calls: _Calls = {}
+    for step in window:
+        _count(calls, step, 1)
+    return calls
+
+
+def _count(calls: _Calls, step: _Held, delta: int) -> None:
     tool, params_hash, _marker, error = step
     _add(calls, (tool, params_hash), delta)
     if error:  # the tool's failures, whatever the params (tool-wide rules)
         _add(calls, (tool, TOOL_ERRORS), delta)
 
 
-def _add(calls: dict[tuple[str, str], int], key: tuple[str, str], delta: int) -> None:
+def _add(calls: _Calls, key: tuple[str, str], delta: int) -> None:
     left = calls.get(key, 0) + delta
     if left:
         calls[key] = left
     else:
         del calls[key]
+
+
+def _find(window: _Window, step: _Held) -> int:
+    """Where this very step object is in the window, or -1. Searched from the newest
+    end: an in-flight step was appended moments ago."""
+    for index in range(len(window) - 1, -1, -1):
+        if window[index] is step:
+            return index
+    return -1
+
+
+def _without(window: _Window, step: _Held, calls: _Calls | None) -> _Window:
+    """The window without this very step object (if still in it); the index follows."""
+    index = _find(window, step)
+    if index < 0:
+        return window
+    if calls is not None:
+        _count(calls, step, -1)
+    return window[:index] + window[index + 1 :]
+
+
+def _expire(steps: _Window, calls: _Calls | None, holds: _Holds, now: float) -> _Window:
+    """Reservations past their deadline stop counting: their in-flight steps leave the
+    window (and the index). The dict is in the order the reservations were made, which
+    is deadline order for one hold time."""
+    while holds:
+        token, (deadline, step) = next(iter(holds.items()))
+        if deadline > now:
+            break
+        del holds[token]
+        steps = _without(steps, step, calls)
+    return steps
 
 
 def _latest(steps: Sequence[Step], tool: str, params_hash: str) -> Step | None:
@@ -271,8 +239,17 @@ class MemoryStore:
         self.max_sessions = max_sessions
         self.ttl = ttl_seconds
         self._clock = clock
-        # Ordered by last access, least recent first.
-        self._sessions: OrderedDict[str, _Entry] = OrderedDict()
+        # The sessions' windows, by last access, least recent first; and when each was
+        # last used.
+        self._sessions: OrderedDict[str, _Window] = OrderedDict()
+        self._seen: dict[str, float] = {}
+        # No session was last used before this (the oldest's last use when the store
+        # last looked): until the TTL has passed since, none can have expired.
+        self._oldest = -math.inf
+        # Beside them, for the sessions that have some: reservations, and the index of
+        # a window that once held more than INDEX_FROM steps.
+        self._holds: dict[str, _Holds] = {}
+        self._index: dict[str, _Calls] = {}
         self._tokens = itertools.count()
         # put_state/get_state: (value, written at), oldest first; bounded as sessions are.
         self._states: OrderedDict[str, tuple[str, float]] = OrderedDict()
@@ -280,22 +257,77 @@ class MemoryStore:
     def __len__(self) -> int:
         return len(self._sessions)
 
-    def _live(self, session: str, now: float) -> _Entry | None:
-        """The session's entry, touched (most recently used); None when unknown or
-        idle past the TTL (then dropped)."""
-        entry = self._sessions.get(session)
-        if entry is None:
+    def _live(self, session: str, now: float) -> _Window | None:
+        """The session's window; None when unknown or idle past the TTL (then dropped)."""
+        window = self._sessions.get(session)
+        if window is not None and now - self._seen[session] > self.ttl:
+            self._drop(session)
             return None
-        if now - entry.seen > self.ttl:
-            del self._sessions[session]
-            return None
-        entry.seen = now
+        return window
+
+    def _drop(self, session: str) -> None:
+        del self._sessions[session]
+        del self._seen[session]
+        if self._holds:
+            self._holds.pop(session, None)
+        if self._index:
+            self._index.pop(session, None)
+
+    def _touch(self, session: str, now: float) -> None:
+        """The session is the most recently used."""
+        self._seen[session] = now
         self._sessions.move_to_end(session)
-        return entry
+
+    def _store(self, session: str, window: _Window, now: float) -> None:
+        """The session's new window, the session now the most recently used; then the
+        least recently used leave if past the bound or the TTL (never this one)."""
+        sessions, seen = self._sessions, self._seen
+        sessions[session] = window
+        sessions.move_to_end(session)
+        seen[session] = now
+        if len(sessions) > self.max_sessions or now - self._oldest > self.ttl:
+            self._evict(now)
+
+    def _read(self, session: str) -> _Window | None:
+        """The session's window, the session touched; None when unknown or expired."""
+        now = self._clock()
+        window = self._live(session, now)
+        if window is not None:
+            self._touch(session, now)
+        return window
+
+    def _pushed(
+        self, session: str, window: _Window, calls: _Calls | None, step: _Held, limit: int
+    ) -> _Window:
+        """The window with ``step`` appended and the oldest steps past ``limit`` dropped;
+        the session's index (``calls``) follows, built once the window is past
+        INDEX_FROM."""
+        excess = len(window) + 1 - limit
+        if excess > 0:  # a full window: one copy through a list, not a slice and a sum
+            steps = list(window)
+            if calls is not None:
+                for dropped in steps[:excess]:
+                    _count(calls, dropped, -1)
+            del steps[:excess]
+            steps.append(step)
+            window = tuple(steps)
+        else:
+            window += (step,)
+        if calls is not None:
+            _count(calls, step, 1)
+        elif len(window) > INDEX_FROM:
+            self._index[session] = _counts(window)
+        return window
+
+    def _call_counts(self, session: str) -> _Calls:
+        """The session's index as it is, or (not built yet) as it would be: what the
+        tests hold against its window, and against the Redis store's."""
+        calls = self._index.get(session)
+        return dict(calls) if calls is not None else _counts(self._sessions[session])
 
     async def history(self, session: str) -> list[Step]:
-        entry = self._live(session, self._clock())
-        return [] if entry is None else entry.steps()
+        window = self._read(session)
+        return [] if window is None else _steps(window)
 
     async def history_for_call(self, session: str, tool: str, params_hash: str) -> list[Step]:
         """``history(session)``, or ``[]`` when the call has no step in the window and
@@ -305,38 +337,38 @@ class MemoryStore:
         failures, so otherwise an empty history gives the same verdict -- without
         copying and scanning the window (the common case: most calls are new).
         """
-        entry = self._live(session, self._clock())
-        if entry is None or not entry.holds(tool, params_hash):
+        window = self._read(session)
+        if window is None or not _holds(window, self._index.get(session), tool, params_hash):
             return []
-        return entry.steps()
+        return _steps(window)
 
     async def append(self, session: str, step: Step, window: int) -> None:
         self._push(session, _held(step), window)
 
-    def _push(self, session: str, step: _Held, window: int) -> _Entry:
+    def _push(self, session: str, step: _Held, limit: int) -> None:
         now = self._clock()
-        sessions = self._sessions
-        entry = self._live(session, now)
-        if entry is None:  # new, or expired: start afresh
-            entry = sessions[session] = _Entry(now)
-        entry.push(step, window)
-        if len(sessions) > self.max_sessions or now - next(iter(sessions.values())).seen > self.ttl:
-            self._evict(now)
-        return entry
+        window = self._live(session, now) or ()  # none: new, or expired (afresh)
+        window = self._pushed(session, window, self._index.get(session), step, limit)
+        self._store(session, window, now)
 
     async def reserve(
         self, session: str, tool: str, params_hash: str, window: int, hold_seconds: float
     ) -> tuple[list[Step], str]:
         # No await here: atomic on the event loop.
         now = self._clock()
-        entry = self._live(session, now)
+        steps = self._live(session, now)
         history: list[Step] = []
         latest = None
-        if entry is not None:
-            if entry.pending:
-                entry.expire(now)
-            if entry.holds(tool, params_hash):
-                history = entry.steps()
+        calls = None
+        holds = self._holds.setdefault(session, {})
+        if steps is None:
+            steps = ()
+        else:
+            calls = self._index.get(session)
+            if holds:
+                steps = _expire(steps, calls, holds, now)
+            if _holds(steps, calls, tool, params_hash):
+                history = _steps(steps)
                 latest = _latest(history, tool, params_hash)
         tool = _interned(tool)
         held: _Held = (
@@ -344,38 +376,56 @@ class MemoryStore:
             if latest is None
             else (tool, params_hash, latest.marker, latest.error)
         )
-        if entry is None:
-            entry = self._push(session, held, window)
-        else:
-            entry.push(held, window)
+        self._store(session, self._pushed(session, steps, calls, held, window), now)
         token = f"r{next(self._tokens)}"
-        entry.hold(token, now + hold_seconds, held)
+        holds[token] = (now + hold_seconds, held)
         return history, token
 
+    def _unhold(self, session: str, token: str) -> _Held | None:
+        """The reservation's in-flight step, no longer pending (None: unknown token)."""
+        holds = self._holds.pop(session, None)
+        if holds is None:
+            return None
+        reserved = holds.pop(token, None)
+        if holds:  # more calls in flight (seldom)
+            self._holds[session] = holds
+        return None if reserved is None else reserved[1]
+
     async def settle(self, session: str, token: str, step: Step, window: int) -> None:
-        entry = self._sessions.get(session)
-        held = entry.unhold(token) if entry is not None else None
-        if entry is not None and held is not None and entry.replace(held, _held(step)):
-            entry.seen = self._clock()
-            self._sessions.move_to_end(session)
-            return
-        self._push(session, _held(step), window)
+        held = _held(step)
+        reserved = self._unhold(session, token)
+        if reserved is not None:
+            steps = self._sessions[session]  # a session with reservations is there
+            index = _find(steps, reserved)
+            if index >= 0:  # in place of the in-flight step (the same call)
+                if reserved[3] != held[3] and (calls := self._index.get(session)) is not None:
+                    _add(calls, (held[0], TOOL_ERRORS), 1 if held[3] else -1)
+                replaced = list(steps)  # the quickest copy with one step changed
+                replaced[index] = held
+                sessions = self._sessions
+                sessions[session] = tuple(replaced)
+                sessions.move_to_end(session)
+                self._seen[session] = self._clock()
+                return
+        self._push(session, held, window)
 
     async def release(self, session: str, token: str) -> None:
-        entry = self._sessions.get(session)
-        held = entry.unhold(token) if entry is not None else None
-        if entry is not None and held is not None:
-            entry.remove_step(held)
+        reserved = self._unhold(session, token)
+        if reserved is not None:
+            steps = self._sessions[session]
+            self._sessions[session] = _without(steps, reserved, self._index.get(session))
 
     def _evict(self, now: float) -> None:
-        sessions = self._sessions
+        sessions, seen = self._sessions, self._seen
         # The least recently used come first, so expired sessions are at the front.
         while sessions:
-            oldest, entry = next(iter(sessions.items()))
-            if len(sessions) > self.max_sessions or now - entry.seen > self.ttl:
-                del sessions[oldest]
+            oldest = next(iter(sessions))
+            if len(sessions) > self.max_sessions or now - seen[oldest] > self.ttl:
+                self._drop(oldest)
             else:
-                break
+                self._oldest = seen[oldest]
+                return
+        self._oldest = now
 
     async def put_state(self, key: str, value: str) -> None:
         now = self._clock()
@@ -395,6 +445,9 @@ class MemoryStore:
 
     async def aclose(self) -> None:
         self._sessions.clear()
+        self._seen.clear()
+        self._holds.clear()
+        self._index.clear()
         self._states.clear()
 
 

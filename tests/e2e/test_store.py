@@ -189,8 +189,8 @@ async def _counts(store: MemoryStore | RedisStore, session: str) -> dict[str, in
     """The store's per-call index as {"tool\\x1fparams": n} (the tool-wide failures
     field has an empty params hash)."""
     if isinstance(store, MemoryStore):
-        entry = store._sessions[session]
-        return {f"{tool}\x1f{h}": n for (tool, h), n in entry.counts().items()}
+        counts = store._call_counts(session).items()
+        return {f"{tool}\x1f{h}": n for (tool, h), n in counts}
     import redis.asyncio as aioredis
 
     client = aioredis.from_url(store.url)
