@@ -167,6 +167,22 @@ class _Instrument:
         return pending
 
 
+def _fold(
+    totals: _Totals, boundaries: tuple[float, ...], value: float, times: int, exemplar: Ids | None
+) -> None:
+    """Add ``value``, ``times`` over, to a histogram series (called under the lock)."""
+    bucket = bisect_left(boundaries, value)
+    totals.buckets[bucket] += times
+    totals.sum += value * times if times != 1 else value
+    if value < totals.min:
+        totals.min = value
+    if value > totals.max:
+        totals.max = value
+    if exemplar is not None:
+        offered = (value, time_ns(), *exemplar)
+        totals.exemplars = {**(totals.exemplars or {}), bucket: offered}
+
+
 class HistogramTotals(_Instrument):
     """A histogram with explicit buckets, aggregated as the SDK does (a value falls in
     the first bucket whose upper bound is >= the value)."""
@@ -189,34 +205,15 @@ class HistogramTotals(_Instrument):
         ``exemplar``: the call's ids when an exemplar is to be kept (``exemplar_ids``)."""
         with self._lock:
             totals = self._pending.get(key) or self._new(key)
-            bucket = bisect_left(self.boundaries, value)
-            totals.buckets[bucket] += times
-            totals.sum += value * times if times != 1 else value
-            if value < totals.min:
-                totals.min = value
-            if value > totals.max:
-                totals.max = value
-            if exemplar is not None:
-                offered = (value, time_ns(), *exemplar)
-                totals.exemplars = {**(totals.exemplars or {}), bucket: offered}
+            _fold(totals, self.boundaries, value, times, exemplar)
 
     def record_each(
         self, values: Sequence[float], key: AttrKey, exemplar: Ids | None = None
     ) -> None:
         with self._lock:
             totals = self._pending.get(key) or self._new(key)
-            buckets, bounds = totals.buckets, self.boundaries
             for value in values:
-                bucket = bisect_left(bounds, value)
-                buckets[bucket] += 1
-                totals.sum += value
-                if value < totals.min:
-                    totals.min = value
-                if value > totals.max:
-                    totals.max = value
-                if exemplar is not None:
-                    offered = (value, time_ns(), *exemplar)
-                    totals.exemplars = {**(totals.exemplars or {}), bucket: offered}
+                _fold(totals, self.boundaries, value, 1, exemplar)
 
     def points(
         self, series: dict[AttrKey, _Totals], start: Callable[[_Totals], int], now: int
