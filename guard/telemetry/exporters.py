@@ -16,7 +16,7 @@ import threading
 import time
 from collections.abc import Sequence
 from importlib import metadata
-from typing import Any, Generic, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 from urllib.parse import urlsplit
 
 import structlog
@@ -38,6 +38,9 @@ from opentelemetry.sdk.trace.export import (
 )
 
 from guard.engine.config import TelemetryConfig
+
+if TYPE_CHECKING:
+    from guard.telemetry.spans import WireWriter
 
 _log = structlog.get_logger("loopguard.telemetry")
 
@@ -190,12 +193,15 @@ class Pipeline(Generic[P]):
         owned: bool,
         guarded: GuardedSpanExporter | GuardedMetricExporter | None = None,
         processor: BatchSpanProcessor | None = None,
+        write_wire: WireWriter | None = None,
     ) -> None:
         self.provider: P = provider
         self.owned = owned
         self._guarded = guarded
         # The span pipeline's batch processor, when this telemetry built it.
         self.processor = processor
+        # Writes a span's OTLP wire form as it ends, when the exporter sends that form.
+        self.write_wire = write_wire
 
     def closing(self) -> None:
         """From now on a failing collector is not retried batch after batch."""
@@ -255,20 +261,22 @@ def trace_pipeline(
         return Pipeline(given, owned=False)
     provider = TracerProvider(resource=resource)
     exporter: SpanExporter | None = None
+    write_wire: WireWriter | None = None
     if cfg.exporter == "console":
         # sys.stdout as it is now (the SDK's default is bound at its import).
         exporter = ConsoleSpanExporter(out=sys.stdout)
     elif cfg.exporter == "otlp":
-        from guard.telemetry.otlp_wire import WireSpanExporter
+        from guard.telemetry.otlp_wire import WireSpanExporter, wire_span
 
         traces, _ = otlp_endpoints(cfg.otlp_endpoint)
         exporter = WireSpanExporter(endpoint=traces, timeout=_otlp_timeout("TRACES"))
+        write_wire = wire_span
     if exporter is None:
         return Pipeline(provider, owned=True)
     guarded = GuardedSpanExporter(exporter, warnings)
     processor = BatchSpanProcessor(guarded)
     provider.add_span_processor(processor)
-    return Pipeline(provider, owned=True, guarded=guarded, processor=processor)
+    return Pipeline(provider, True, guarded, processor, write_wire)
 
 
 def metric_pipeline(

@@ -91,7 +91,9 @@ class Telemetry:
         direct = None
         processor = self._traces.processor
         if processor is not None and spans.DirectSpans.usable(self.tracer_provider):
-            direct = spans.DirectSpans(processor, self.tracer_provider.resource, scope)
+            direct = spans.DirectSpans(
+                processor, self.tracer_provider.resource, scope, self._traces.write_wire
+            )
         self._tracing = spans.Tracing(tracer, recording_spans, direct)
         setup = SinkSetup(
             cfg=cfg,

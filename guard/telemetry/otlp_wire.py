@@ -7,7 +7,9 @@ as the event loop, so it was most of what a live collector cost a call. A span's
 wire form is a few length-prefixed fields; written here it costs a fraction of that.
 The bytes parse to the very message ``encode_spans`` builds (a test holds them
 equal); a batch this encoder does not cover (events, links, a value type the field
-table never produces) goes to the SDK's encoder whole.
+table never produces) goes to the SDK's encoder whole. ``wire_span`` writes one span
+from its pieces as it ends (``DirectSpans``, on the loop): the export thread then only
+joins the bytes.
 
 ``WireSpanExporter`` is the SDK's OTLP/HTTP span exporter (endpoint, headers,
 compression, timeout and retries as configured) with this encoder. Imported only when
@@ -17,7 +19,7 @@ the exporter is "otlp" (it brings the HTTP client in).
 from __future__ import annotations
 
 import struct
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from opentelemetry.exporter.otlp.proto.common._internal import (
@@ -30,7 +32,9 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExportResult
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
-from opentelemetry.trace import SpanKind
+from opentelemetry.trace import SpanContext, SpanKind, Status, TraceState
+
+from guard.telemetry.spans import WiredSpan
 
 # Span.kind: the SDK's enum is one below OTLP's (OTLP 0 is "unspecified").
 _KIND = {kind: bytes((0x30, kind.value + 1)) for kind in SpanKind}
@@ -146,36 +150,79 @@ def _status(code: int, description: str | None) -> bytes:
 
 
 def _span(span: ReadableSpan) -> bytes:
+    """A ScopeSpans.spans field: the one written when the span ended, else written now."""
+    if type(span) is WiredSpan and span.wire is not None:
+        return span.wire
     if span.events or span.links:
         raise NotCovered("events or links")
     ctx = span.context
     if ctx is None or span.start_time is None or span.end_time is None:
         raise NotCovered("unfinished span")
+    return _span_field(
+        ctx.trace_id, ctx.span_id, ctx.trace_state, span.parent, span.name, span.kind,
+        span.start_time, span.end_time, span.attributes or {}, span.dropped_attributes,
+        span.status,
+    )  # fmt: skip
+
+
+def wire_span(
+    trace_id: int,
+    span_id: int,
+    trace_state: TraceState | None,
+    parent: SpanContext | None,
+    name: str,
+    kind: SpanKind,
+    start_time: int,
+    end_time: int,
+    attributes: Mapping[str, Any],
+    status: Status,
+) -> bytes | None:
+    """The ScopeSpans.spans field of a span with no events, links or dropped
+    attributes, from its pieces (``DirectSpans`` writes it as the span ends); None
+    when this encoder does not cover a value."""
+    try:
+        return _span_field(
+            trace_id, span_id, trace_state, parent, name, kind, start_time, end_time,
+            attributes, 0, status,
+        )  # fmt: skip
+    except NotCovered:
+        return None
+
+
+def _span_field(
+    trace_id: int,
+    span_id: int,
+    trace_state: TraceState | None,
+    parent: SpanContext | None,
+    name: str,
+    kind: SpanKind,
+    start_time: int,
+    end_time: int,
+    attributes: Mapping[str, Any],
+    dropped_attributes: int,
+    status: Status,
+) -> bytes:
     parts = [
-        b"\x0a\x10" + ctx.trace_id.to_bytes(16, "big"),
-        b"\x12\x08" + ctx.span_id.to_bytes(8, "big"),
+        b"\x0a\x10" + trace_id.to_bytes(16, "big"),
+        b"\x12\x08" + span_id.to_bytes(8, "big"),
     ]
-    if ctx.trace_state:
-        parts.append(
-            _field(0x1A, ",".join(f"{k}={v}" for k, v in ctx.trace_state.items()).encode())
-        )
-    parent = span.parent
+    if trace_state:
+        parts.append(_field(0x1A, ",".join(f"{k}={v}" for k, v in trace_state.items()).encode()))
     if parent is not None:
         parts.append(b"\x22\x08" + parent.span_id.to_bytes(8, "big"))
-    parts.append(_field(0x2A, span.name.encode("utf-8")))
-    parts.append(_KIND[span.kind])
-    parts.append(b"\x39" + _pack_fixed64(span.start_time))
-    parts.append(b"\x41" + _pack_fixed64(span.end_time))
-    for key, value in (span.attributes or {}).items():
+    parts.append(_field(0x2A, name.encode("utf-8")))
+    parts.append(_KIND[kind])
+    parts.append(b"\x39" + _pack_fixed64(start_time))
+    parts.append(b"\x41" + _pack_fixed64(end_time))
+    for key, value in attributes.items():
         if value is None:
             raise NotCovered("None value")
         parts.append(_attribute(key, value))
-    if span.dropped_attributes:
-        parts.append(b"\x50" + _varint(span.dropped_attributes))
-    status = span.status
+    if dropped_attributes:
+        parts.append(b"\x50" + _varint(dropped_attributes))
     parts.append(_status(status.status_code.value, status.description))
     parts.append(_FLAGS_REMOTE if parent is not None and parent.is_remote else _FLAGS_LOCAL)
-    return b"".join(parts)
+    return _field(0x12, b"".join(parts))
 
 
 def _resource(resource: Resource) -> bytes:
@@ -220,7 +267,7 @@ class SpanEncoder:
         # The usual batch: one telemetry's spans, all with the same two objects.
         resource, scope = spans[0].resource, spans[0].instrumentation_scope
         if all(s.resource is resource and s.instrumentation_scope is scope for s in spans):
-            encoded = [_field(0x12, _span(span)) for span in spans]
+            encoded = [_span(span) for span in spans]
             return self._resource_spans(resource, [(scope, encoded)])
         seen: dict[int, Any] = {}
         distinct: list[Any] = []
@@ -229,7 +276,7 @@ class SpanEncoder:
             resource = _canonical(span.resource, seen, distinct)
             scope = _canonical(span.instrumentation_scope, seen, distinct)
             scopes = groups.setdefault(id(resource), (resource, {}))[1]
-            scopes.setdefault(id(scope), (scope, []))[1].append(_field(0x12, _span(span)))
+            scopes.setdefault(id(scope), (scope, []))[1].append(_span(span))
         return b"".join(
             self._resource_spans(resource, list(scopes.values()))
             for resource, scopes in groups.values()

@@ -4,20 +4,24 @@ the very message the SDK's OTLP encoder builds."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
+import pytest
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExportResult
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import NonRecordingSpan, SpanKind, Status, StatusCode
 
 from guard.engine.calls import CallRecord, FailureStage, Route, StallRule, Usage
 from guard.engine.config import TelemetryConfig
-from guard.telemetry.otlp_wire import SpanEncoder
+from guard.telemetry.facade import Telemetry
+from guard.telemetry.otlp_wire import SpanEncoder, WireSpanExporter, wire_span
 from guard.telemetry.semconv import INSTRUMENTATION_NAME, SCHEMA_URL
-from guard.telemetry.spans import DirectCallSpan, DirectSpans, SpanSink, Tracing
+from guard.telemetry.spans import DirectCallSpan, DirectSpans, SpanSink, Tracing, WiredSpan
 
 TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
 UNSAMPLED = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00"
@@ -185,3 +189,77 @@ def test_the_wire_encoder_writes_varying_values_and_long_fields_as_the_sdk_does(
         encoded = ExportTraceServiceRequest.FromString(encoder(batch))
         assert encoded == encode_spans(batch)
     assert ExportTraceServiceRequest.FromString(encoder([])) == encode_spans([])
+
+
+def wired_batch() -> list[ReadableSpan]:
+    """Spans ended by ``DirectSpans`` with the wire writer (their wire form written as
+    they end), with and without a parent."""
+    spans = Spans()
+    scope = InstrumentationScope(INSTRUMENTATION_NAME, "1", SCHEMA_URL)
+    direct = DirectSpans(spans.processor, spans.resource, scope, wire_span)
+    for record in records():
+        for headers in ({"traceparent": TRACEPARENT}, {}):
+            call = Tracing(spans.tracer, True, direct).start(record.span_name, headers)
+            SpanSink(spans.cfg, direct).emit(record, call)
+    return list(spans.exported.get_finished_spans())
+
+
+def unwired(span: ReadableSpan) -> ReadableSpan:
+    """The same span without a wire form (the encoder writes it from its fields)."""
+    assert isinstance(span, WiredSpan)
+    copy = WiredSpan(
+        name=span.name, context=span.context, parent=span.parent, resource=span.resource,
+        attributes=span.attributes, kind=span.kind, status=span.status,
+        start_time=span.start_time, end_time=span.end_time,
+        instrumentation_scope=span.instrumentation_scope,
+    )  # fmt: skip
+    assert copy.wire is None
+    return copy
+
+
+def test_spans_written_as_they_end_encode_to_the_sdks_message() -> None:
+    batch = wired_batch()
+    assert all(isinstance(s, WiredSpan) and s.wire for s in batch)
+    encoder = SpanEncoder()
+    assert ExportTraceServiceRequest.FromString(encoder(batch)) == encode_spans(batch)
+    # The wire form written at the end is byte for byte what the encoder would write
+    # from the span's fields on the export thread, alone and mixed in one batch.
+    assert encoder(batch) == encoder([unwired(s) for s in batch])
+    mixed = [s if i % 2 else unwired(s) for i, s in enumerate(batch)]
+    assert encoder(mixed) == encoder(batch)
+
+
+def test_a_span_the_wire_writer_does_not_cover_is_encoded_by_the_sdk() -> None:
+    batch = wired_batch()
+    # A value type the field table never produces: no wire form, and the whole batch
+    # goes to the SDK's encoder.
+    span = unwired(batch[0])
+    span._attributes = {**(span.attributes or {}), "odd": {"not": "covered"}}
+    assert (
+        wire_span(
+            1, 2, None, None, "n", SpanKind.CLIENT, 1, 2, {"odd": {"not": "covered"}}, span.status
+        )
+        is None
+    )
+    mixed = [*batch, span]
+    assert ExportTraceServiceRequest.FromString(SpanEncoder()(mixed)) == encode_spans(mixed)
+
+
+def test_an_otlp_pipeline_writes_each_span_as_it_ends(monkeypatch: pytest.MonkeyPatch) -> None:
+    sent: list[ReadableSpan] = []
+
+    def export(self: WireSpanExporter, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        sent.extend(spans)
+        return SpanExportResult.SUCCESS
+
+    monkeypatch.setattr(WireSpanExporter, "export", export)
+    tel = Telemetry(
+        TelemetryConfig(exporter="otlp", otlp_endpoint="http://127.0.0.1:9", records=""), "p"
+    )
+    for record in records():
+        tel.finish(tel.start(record.span_name, {}), record)
+    tel.force_flush()
+    tel.shutdown()
+    assert len(sent) == len(records())
+    assert all(isinstance(s, WiredSpan) and s.wire for s in sent)
+    assert SpanEncoder()(sent) == SpanEncoder()([unwired(s) for s in sent])
