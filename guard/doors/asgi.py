@@ -10,7 +10,7 @@ import asyncio
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterable
-from typing import Any
+from typing import Any, TypeVar
 
 from guard.engine.calls import Route
 from guard.engine.contract import Answer
@@ -236,3 +236,19 @@ async def send_answer(send: Send, answer: Answer, route: Route = Route.SERVE) ->
     headers.append((b"content-length", str(len(body)).encode()))
     await send({"type": "http.response.start", "status": answer.status, "headers": headers})
     await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+_K = TypeVar("_K")
+_V = TypeVar("_V")
+# How many header names a door remembers what to do with (the same few come on every
+# call; past this, new names are worked out each time). Names are client and upstream
+# input, hence the bound.
+NAME_CACHE_MAX = 1024
+
+
+def remember(cache: dict[_K, _V], key: _K, value: _V) -> _V:
+    """``value``, kept in ``cache`` under ``key`` while it holds fewer than
+    ``NAME_CACHE_MAX`` entries."""
+    if len(cache) < NAME_CACHE_MAX:
+        cache[key] = value
+    return value

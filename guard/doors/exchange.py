@@ -35,6 +35,7 @@ import structlog
 
 from adapters.http_tool import ToolResponseObserver
 from guard.doors import chain
+from guard.doors.asgi import remember
 from guard.doors.untracked import warn_untracked
 from guard.engine.bodies import RAW_KEY, raw_params
 from guard.engine.calls import CallRecord, FailureStage, Route, Step, Verdict
@@ -66,8 +67,7 @@ APP_HEADER_PREFIX = "x-loopguard-app-"
 PROGRESS_HEADER = "x-loopguard-progress"
 _APP_PREFIX_LEN = len(APP_HEADER_PREFIX)
 # A response header name as received -> lower-cased and decoded, learnt once per name
-# (the same few come on every call). Bounded: names are upstream input.
-_NAME_CACHE_MAX = 1024
+# (the same few come on every call; ``remember`` bounds it).
 _response_names: dict[bytes, str] = {}
 # The route header for each route, as the ASGI pair the client gets.
 _ROUTE_PAIRS = {route: (ROUTE_HEADER.encode(), route.value.encode()) for route in Route}
@@ -643,10 +643,7 @@ class Exchange:
 
 
 def _response_name(name: bytes) -> str:
-    key = name.lower().decode("latin-1")
-    if len(_response_names) < _NAME_CACHE_MAX:
-        _response_names[name] = key
-    return key
+    return remember(_response_names, name, name.lower().decode("latin-1"))
 
 
 def exception_fields(exc: BaseException) -> dict[str, str]:

@@ -48,7 +48,7 @@ import aiohttp
 import structlog
 
 from guard.doors.admission import admit
-from guard.doors.asgi import send_answer
+from guard.doors.asgi import remember, send_answer
 from guard.doors.engines import door_engine
 from guard.doors.exchange import Exchange, exception_fields
 from guard.doors.routing import Router
@@ -414,8 +414,7 @@ class _Sweeper:
 
 
 # A header name as received -> what the proxy does with it, learnt once per name (the
-# same few names come on every call). Bounded: names are client and upstream input.
-_NAME_CACHE_MAX = 1024
+# same few names come on every call; ``remember`` bounds it).
 _PASS, _DROP, _CONNECTION = 0, 1, 2
 _request_names: dict[bytes, tuple[str, int]] = {}
 _response_names: dict[bytes, int] = {}
@@ -427,10 +426,7 @@ def _request_name(name_b: bytes) -> tuple[str, int]:
         fate = _CONNECTION if name_b == b"connection" else _DROP
     else:
         fate = _PASS
-    known = (name_b.decode("latin-1"), fate)
-    if len(_request_names) < _NAME_CACHE_MAX:
-        _request_names[name_b] = known
-    return known
+    return remember(_request_names, name_b, (name_b.decode("latin-1"), fate))
 
 
 def _response_name(name_b: bytes) -> int:
@@ -439,9 +435,7 @@ def _response_name(name_b: bytes) -> int:
         fate = _CONNECTION if lower == b"connection" else _DROP
     else:
         fate = _PASS
-    if len(_response_names) < _NAME_CACHE_MAX:
-        _response_names[name_b] = fate
-    return fate
+    return remember(_response_names, name_b, fate)
 
 
 def _split_headers(raw: list[tuple[bytes, bytes]]) -> tuple[dict[str, str], Headers]:
