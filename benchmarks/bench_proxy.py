@@ -8,6 +8,10 @@ static upstream (raw ASGI: a small JSON tool answer, or a ``chat.completion`` on
 
 - ``floor``: a raw-ASGI passthrough over an ``aiohttp.ClientSession``, nothing else:
   what any Python proxy on this stack costs at least;
+- ``floor-guard-minimum``: the floor plus the least per-call work a guard of this
+  design does, hand-written (``minimal_guard.py``: parse, redact, hash, one stall rule,
+  progress marker, one record line; no spans, metrics, limits or other rules): a bound
+  on what any Python guard on this stack reaches;
 - ``loopguard``: ``guard.doors.proxy.ProxyApp`` with an http-tool route, every call
   fingerprinted, checked, recorded and served (no blocks), with the default telemetry
   (spans for trace propagation, metrics) and durable records to a temp file;
@@ -187,7 +191,7 @@ class Target:
     """One proxy under load: the server role its process runs, the request it gets."""
 
     name: str
-    role: str  # run_role: "floor" | "loopguard" | "loopguard-openai" | "litellm"
+    role: str  # run_role(): "floor", "loopguard", "litellm" …
     path: str  # the request path the load posts to
     template: str  # the request body, "{n}" made unique per request
     records: bool = False  # loopguard: durable records on
@@ -215,6 +219,7 @@ def _litellm_missing() -> str:
 
 TARGETS = (
     Target("floor", "floor", TOOL_PATH, TOOL_TEMPLATE),
+    Target("floor-guard-minimum", "floor-guard-minimum", TOOL_PATH, TOOL_TEMPLATE, records=True),
     Target("loopguard", "loopguard", TOOL_PATH, TOOL_TEMPLATE, records=True),
     Target("loopguard-no-records", "loopguard", TOOL_PATH, TOOL_TEMPLATE),
     Target("loopguard-redis", "loopguard", TOOL_PATH, TOOL_TEMPLATE, records=True, redis=True),
@@ -243,6 +248,7 @@ TARGETS = (
 # Ratios printed: (target, against), when both ran.
 RATIOS = (
     *((t.name, "floor") for t in TARGETS if t.template is TOOL_TEMPLATE and t.name != "floor"),
+    ("loopguard", "floor-guard-minimum"),
     ("loopguard-openai", "litellm"),
     ("loopguard-otlp", "loopguard"),
 )
@@ -310,10 +316,12 @@ class FloorProxy:
     must be: no headers, cookies, redirects or decompression of its own).
     """
 
-    def __init__(self, upstream: str, prefix: str = "/tools") -> None:
+    def __init__(self, upstream: str, prefix: str = "/tools", guard: Any = None) -> None:
         self.upstream = upstream
         self.prefix = prefix.encode()
         self.session: Any = None
+        # ``floor-guard-minimum``: a ``minimal_guard.MinimalGuard``; None for the floor.
+        self.guard = guard
         # The upstream call, replaceable (``bench_overhead.py`` answers it in memory).
         self.open: Callable[..., Any] = self._open
 
@@ -369,6 +377,13 @@ class FloorProxy:
             for k, v in scope["headers"]
             if k not in HOP_BY_HOP
         ]
+        guard, call, answer = self.guard, None, []
+        if guard is not None:
+            session = next((v for k, v in scope["headers"] if k == b"x-loopguard-session"), b"")
+            call = guard.admit(raw_path.decode("latin-1")[1:], session.decode("latin-1"), body)
+            if call is None:
+                await send_stop(send)
+                return
         response = await self.open(scope["method"], url, headers, body)
         try:
             await send(
@@ -384,10 +399,22 @@ class FloorProxy:
             )
             read = response.content.readany
             while chunk := await read():
+                if call is not None:
+                    answer.append(chunk)
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
             await send({"type": "http.response.body", "body": b""})
         finally:
             response.release()
+        if call is not None:
+            guard.settle(call, response.status, b"".join(answer))
+
+
+async def send_stop(send: Any) -> None:
+    """The minimal guard's answer to a stalled repeat (the benchmark never repeats)."""
+    body = b'{"error":"stalled repeat"}'
+    headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
+    await send({"type": "http.response.start", "status": 409, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
 
 
 def loopguard_config(
@@ -486,6 +513,10 @@ def run_role(
         app = otlp_collector
     elif role == "floor":
         app = FloorProxy(upstream)
+    elif role == "floor-guard-minimum":
+        from minimal_guard import MinimalGuard
+
+        app = FloorProxy(upstream, guard=MinimalGuard(records))
     elif role == "litellm":
         app = litellm_app(upstream, os.path.dirname(records))
     elif role == "loopguard-openai":

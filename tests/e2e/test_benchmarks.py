@@ -24,7 +24,7 @@ def test_bench_overhead_runs_every_target_through_the_real_apps() -> None:
     assert all(float(cpu) > 0 for cpu, _ in rows.values())
 
 
-def test_bench_proxy_runs_the_floor_loopguard_and_litellm_when_installed() -> None:
+def test_bench_proxy_runs_the_floors_loopguard_and_litellm_when_installed() -> None:
     """Real processes and load, one second each; LiteLLM is a target only where
     ``litellm[proxy]`` is installed, and says so when it is not."""
     result = subprocess.run(
@@ -34,7 +34,7 @@ def test_bench_proxy_runs_the_floor_loopguard_and_litellm_when_installed() -> No
             "--duration",
             "1",
             "--only",
-            "floor,loopguard-openai,litellm",
+            "floor,floor-guard-minimum,loopguard-openai,litellm",
         ],
         cwd=ROOT,
         capture_output=True,
@@ -47,10 +47,11 @@ def test_bench_proxy_runs_the_floor_loopguard_and_litellm_when_installed() -> No
     rows = {
         (line.split()[0], line.split()[1]): float(line.split()[2])
         for line in result.stdout.splitlines()
-        if line.split()[:1] in (["floor"], ["loopguard-openai"], ["litellm"])
+        if line.split()[:1]
+        in (["floor"], ["floor-guard-minimum"], ["loopguard-openai"], ["litellm"])
         and len(line.split()) == 6
     }
-    for target in ("floor", "loopguard-openai"):
+    for target in ("floor", "floor-guard-minimum", "loopguard-openai"):
         assert rows[(target, "1")] > 0 and rows[(target, "16")] > 0
     if "litellm: skipped (needs litellm[proxy])" in result.stdout:
         assert ("litellm", "16") not in rows
