@@ -617,7 +617,9 @@ class Exchange:
                     self.engine.marker, tool, outcome.value, outcome.explicit_marker
                 )
             else:
-                marker = self.engine.marker(tool, outcome.value, outcome.explicit_marker)
+                marker = self.engine.marker(
+                    tool, outcome.value, outcome.explicit_marker, outcome.source
+                )
             if record.progress_marker is None:
                 record.progress_marker = marker
                 self.engine.capture(record, _RESULT, outcome.value, as_json=jsonable)

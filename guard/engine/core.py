@@ -80,8 +80,12 @@ class Engine:
         """xxh3_128 hex of the redacted canonical parameters."""
         return params_hash(params, self.hash_redactor)
 
-    def marker(self, tool: str, outcome: Any, explicit: str | None = None) -> str:
-        return self.markers.marker(tool, outcome, explicit)
+    def marker(
+        self, tool: str, outcome: Any, explicit: str | None = None, source: bytes | None = None
+    ) -> str:
+        """``source``: the bytes ``outcome`` was read from, if it depends on nothing else
+        (``Outcome.source``): the marker of bytes seen before is not computed again."""
+        return self.markers.marker(tool, outcome, explicit, source)
 
     def evaluate(self, history: Sequence[Step], tool: str, params_hash: str) -> Verdict:
         """Stateless: the verdict on a call given a history (replay, model conversations)."""
