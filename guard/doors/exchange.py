@@ -340,7 +340,8 @@ class Exchange:
             return self._forward_body(parsed)
         record = self.record
         record.params_hash = flows[0].params_hash
-        self.engine.capture(record, _ARGUMENTS, self._shown_params(flows[0]), as_json=jsonable)
+        if self.engine.capturing:
+            self.engine.capture(record, _ARGUMENTS, self._shown_params(flows[0]), as_json=jsonable)
         blocking = [flow.verdict for flow in flows if flow.verdict.action == "block"]
         if not blocking:
             return self._forward_body(parsed)
@@ -622,7 +623,8 @@ class Exchange:
                 )
             if record.progress_marker is None:
                 record.progress_marker = marker
-                self.engine.capture(record, _RESULT, outcome.value, as_json=jsonable)
+                if self.engine.capturing:
+                    self.engine.capture(record, _RESULT, outcome.value, as_json=jsonable)
             if self.session is None or flow.verdict.blocked:
                 continue
             step = Step(tool, flow.params_hash, marker, outcome.error)

@@ -39,6 +39,8 @@ class Engine:
         self.config = config or Config()
         # The config is frozen: what is read on every call is built once.
         self._scrub_policy = self.config.redaction.policy_id
+        # Content capture on: the doors skip preparing what ``capture`` would show.
+        self.capturing = self.config.telemetry.capture_content
         self._store_warnings = RateLimitedWarning("session_store_unavailable")
         self._window = self.config.loop.window
         self._in_flight_s = self.config.loop.in_flight_seconds
@@ -133,7 +135,7 @@ class Engine:
     ) -> None:
         """Content onto the call's span: only when ``capture_content`` is on, redacted.
         ``as_json`` turns a value that is not plain JSON into one (run only then)."""
-        if not self.config.telemetry.capture_content:
+        if not self.capturing:
             return
         redacted = self.redactor.redact(as_json(value) if as_json is not None else value)
         record.captured[key] = (
