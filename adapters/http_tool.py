@@ -115,8 +115,11 @@ class ToolResponseObserver:
         return chunk
 
     def finish(self) -> Observation:
-        body = b"".join(self._chunks)
-        outcome = Outcome(value=self._value(body), error=self.error, explicit_marker=self._explicit)
+        body = b"".join(self._chunks)  # one chunk (a small body): that very object
+        value = self._value(body)
+        # A body read whole and parsed as it is: its marker is a function of its bytes.
+        plain = self._encoding is None and self._seen == self._kept
+        outcome = Outcome(value, self.error, self._explicit, body if plain else None)
         return Observation(outcomes=[outcome])
 
     def _value(self, body: bytes) -> Any:

@@ -340,7 +340,8 @@ class Exchange:
             return self._forward_body(parsed)
         record = self.record
         record.params_hash = flows[0].params_hash
-        self.engine.capture(record, _ARGUMENTS, self._shown_params(flows[0]), as_json=jsonable)
+        if self.engine.capturing:
+            self.engine.capture(record, _ARGUMENTS, self._shown_params(flows[0]), as_json=jsonable)
         blocking = [flow.verdict for flow in flows if flow.verdict.action == "block"]
         if not blocking:
             return self._forward_body(parsed)
@@ -617,10 +618,13 @@ class Exchange:
                     self.engine.marker, tool, outcome.value, outcome.explicit_marker
                 )
             else:
-                marker = self.engine.marker(tool, outcome.value, outcome.explicit_marker)
+                marker = self.engine.marker(
+                    tool, outcome.value, outcome.explicit_marker, outcome.source
+                )
             if record.progress_marker is None:
                 record.progress_marker = marker
-                self.engine.capture(record, _RESULT, outcome.value, as_json=jsonable)
+                if self.engine.capturing:
+                    self.engine.capture(record, _RESULT, outcome.value, as_json=jsonable)
             if self.session is None or flow.verdict.blocked:
                 continue
             step = Step(tool, flow.params_hash, marker, outcome.error)

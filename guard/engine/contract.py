@@ -142,6 +142,9 @@ class Outcome:
     error: bool = False
     # An explicit marker the tool gave (x-loopguard-progress header, or protocol field).
     explicit_marker: str | None = None
+    # The bytes ``value`` was read from, when it is a function of them alone (a tool's
+    # whole response body): the progress marker of the same bytes is then reused.
+    source: bytes | None = None
 
 
 @dataclass(slots=True)

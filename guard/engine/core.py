@@ -39,6 +39,8 @@ class Engine:
         self.config = config or Config()
         # The config is frozen: what is read on every call is built once.
         self._scrub_policy = self.config.redaction.policy_id
+        # Content capture on: the doors skip preparing what ``capture`` would show.
+        self.capturing = self.config.telemetry.capture_content
         self._store_warnings = RateLimitedWarning("session_store_unavailable")
         self._window = self.config.loop.window
         self._in_flight_s = self.config.loop.in_flight_seconds
@@ -80,8 +82,12 @@ class Engine:
         """xxh3_128 hex of the redacted canonical parameters."""
         return params_hash(params, self.hash_redactor)
 
-    def marker(self, tool: str, outcome: Any, explicit: str | None = None) -> str:
-        return self.markers.marker(tool, outcome, explicit)
+    def marker(
+        self, tool: str, outcome: Any, explicit: str | None = None, source: bytes | None = None
+    ) -> str:
+        """``source``: the bytes ``outcome`` was read from, if it depends on nothing else
+        (``Outcome.source``): the marker of bytes seen before is not computed again."""
+        return self.markers.marker(tool, outcome, explicit, source)
 
     def evaluate(self, history: Sequence[Step], tool: str, params_hash: str) -> Verdict:
         """Stateless: the verdict on a call given a history (replay, model conversations)."""
@@ -129,7 +135,7 @@ class Engine:
     ) -> None:
         """Content onto the call's span: only when ``capture_content`` is on, redacted.
         ``as_json`` turns a value that is not plain JSON into one (run only then)."""
-        if not self.config.telemetry.capture_content:
+        if not self.capturing:
             return
         redacted = self.redactor.redact(as_json(value) if as_json is not None else value)
         record.captured[key] = (

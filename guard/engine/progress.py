@@ -33,6 +33,8 @@ MAX_POINTER_VALUE = 60
 _MISSING = object()
 _CACHE_SIZE = 8192  # entries per cache; cleared when full (as the redactor's caches)
 _CACHED_TEXT_MAX = 512  # longer strings are stripped afresh each time
+# Outcomes read from at most this many bytes have their marker cached by those bytes.
+_CACHED_SOURCE_MAX = 1024
 
 
 def resolve_pointer(document: Any, pointer: str) -> Any:
@@ -143,15 +145,35 @@ class ProgressMarkers:
             if profile.volatile_keys
         }
         self._tools: dict[str, _Stripper] = {}  # per tool, resolved on first sight
+        # (tool, the bytes an outcome was read from) -> its marker: a loop's tool
+        # answers with the same bytes again and again (that is what a loop is), and
+        # parsing, stripping, redacting and hashing them is a pure function of them.
+        self._by_source: dict[tuple[str, bytes], str] = {}
         self._pointers = {
             name: o.progress_pointer
             for name, o in loop_cfg.tools.items()
             if o.progress_pointer is not None
         }
 
-    def marker(self, tool: str, outcome: Any, explicit: str | None = None) -> str:
+    def marker(
+        self, tool: str, outcome: Any, explicit: str | None = None, source: bytes | None = None
+    ) -> str:
+        """``source``: the bytes ``outcome`` was read from, when it depends on them alone
+        (then the marker is cached by them)."""
         if explicit is not None and explicit != "":
             return self.redactor.redact_text(str(explicit))[:MAX_EXPLICIT]
+        if source is None or len(source) > _CACHED_SOURCE_MAX:
+            return self._marker(tool, outcome)
+        key = (tool, source)
+        found = self._by_source.get(key)
+        if found is None:
+            found = self._marker(tool, outcome)
+            if len(self._by_source) >= _CACHE_SIZE:
+                self._by_source.clear()
+            self._by_source[key] = found
+        return found
+
+    def _marker(self, tool: str, outcome: Any) -> str:
         value = parse_json_text(outcome)
         pointer = self._pointers.get(tool)
         if pointer is not None:

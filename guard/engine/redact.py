@@ -227,15 +227,15 @@ class Redactor:
         if mode == "mask":
             placeholder = f"[{kind}]"
             return lambda _value: placeholder
-        person = kind.encode()[:16]
-        key = self._key
+        # Keyed once (the key block compressed once); each value continues a copy.
+        keyed = hashlib.blake2b(digest_size=8, key=self._key, person=kind.encode()[:16])
 
         def pseudonym(value: Any) -> str:
             text = value if isinstance(value, str) else _compact(value)
             if kind == "EMAIL":
                 text = text.lower()
-            data = text.encode("utf-8", "surrogatepass")
-            digest = hashlib.blake2b(data, digest_size=8, key=key, person=person)
+            digest = keyed.copy()
+            digest.update(text.encode("utf-8", "surrogatepass"))
             return f"[{kind}:{digest.hexdigest()}]"
 
         return pseudonym

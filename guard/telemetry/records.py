@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import IO, Any
 
 import orjson
 import structlog
@@ -92,7 +92,7 @@ class RecordWriter:
     def __init__(self, path: str, callback: RecordCallback | None = None) -> None:
         self._path = path
         self._callback = callback
-        self._file: BinaryIO | None = None
+        self._file: IO[bytes] | None = None
         # Where a rendered line goes (None: nowhere, the callback only); set on open.
         self._out: Callable[[bytes], object] | None = None
         self._opened = False
@@ -107,12 +107,15 @@ class RecordWriter:
         elif self._path:
             path = Path(os.path.expanduser(self._path))
             path.parent.mkdir(parents=True, exist_ok=True)
-            file = self._file = path.open("ab")
-            write, flush = file.write, file.flush
+            # Unbuffered: each line goes to the file by one write(2) of its own, in the
+            # file as the call returns, with no copy into a buffer and no flush.
+            file = self._file = path.open("ab", buffering=0)
+            write = file.write
 
             def out(line: bytes) -> None:
-                write(line)
-                flush()
+                written = write(line)
+                if written is None or written < len(line):
+                    _write_rest(write, line, written or 0)
 
             self._out = out
         self._opened = True
@@ -162,6 +165,17 @@ class RecordWriter:
             if self._file is not None:
                 self._file.close()
                 self._file = None
+
+
+def _write_rest(write: Callable[[memoryview], int | None], line: bytes, written: int) -> None:
+    """The rest of a line a write(2) took only part of (a disk filling up: the next
+    write raises, as the flush of a buffered file did)."""
+    view = memoryview(line)
+    while written < len(line):
+        done = write(view[written:])
+        if not done:
+            raise OSError("the record file takes no more bytes")
+        written += done
 
 
 # (second, "YYYY-MM-DDTHH:MM:SS") of the last timestamp: records come many per second,

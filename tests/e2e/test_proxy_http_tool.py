@@ -244,15 +244,21 @@ def test_observer_keeps_a_bounded_prefix_and_reads_explicit_markers() -> None:
         True,
         "scan:v17",
     )
+    # The value is the whole body parsed: the body stands for it (markers cached by it).
+    assert outcome.source == b'{"error": "nope"}'
 
     big = adapter.observer(parsed, 200, {})
     chunk = b"x" * (256 * 1024)
     for _ in range(8):  # 2 MiB through, 1 MiB kept
         assert big.feed(chunk, 0.0) is chunk
-    value = big.finish().outcomes[0].value
+    outcome = big.finish().outcomes[0]
+    value = outcome.value
     assert value["truncated"] is True and value["length"] == 8 * len(chunk)
     assert len(value["prefix"]) == MAX_OUTCOME_BYTES
+    assert outcome.source is None  # the length seen is part of the value too
 
     gzipped = adapter.observer(parsed, 200, {"content-encoding": "gzip"})
     gzipped.feed(b"\x1f\x8b\x08", 0.0)
-    assert gzipped.finish().outcomes[0].value["content_encoding"] == "gzip"
+    outcome = gzipped.finish().outcomes[0]
+    assert outcome.value["content_encoding"] == "gzip"
+    assert outcome.source is None

@@ -18,6 +18,7 @@ from datetime import UTC, datetime
 from typing import Any
 from unittest import mock
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -233,3 +234,26 @@ def test_one_sweeper_serves_every_relay_and_sleeps_when_none_needs_it() -> None:
         assert again.ticks == 1
 
     asyncio.run(run())
+
+
+def test_record_lines_are_written_whole_even_by_short_writes(tmp_path) -> None:
+    """The record file is unbuffered (one write per line): a write that takes part of a
+    line gets the rest written, and a file that takes nothing more is an error (the
+    sink reports it), never a line silently cut."""
+    writer = records.RecordWriter(str(tmp_path / "records.jsonl"))
+    writer.write({"ts": "t", "event": "call", "n": 1})
+    writer.write({"ts": "t", "event": "call", "n": 2})
+    lines = (tmp_path / "records.jsonl").read_bytes().splitlines()
+    assert [json.loads(line)["n"] for line in lines] == [1, 2]
+    writer.close()
+
+    taken: list[bytes] = []
+
+    def three_at_a_time(data: Any) -> int:
+        taken.append(bytes(data[:3]))
+        return min(3, len(data))
+
+    records._write_rest(three_at_a_time, b"0123456789\n", 3)
+    assert b"".join(taken) == b"3456789\n"
+    with pytest.raises(OSError):
+        records._write_rest(lambda data: 0, b"0123456789\n", 3)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 
+from guard.engine.canonical import loads_json
 from guard.engine.config import LoopConfig, RedactionConfig, ToolOverride
 from guard.engine.progress import ProgressMarkers, resolve_pointer
 from guard.engine.redact import Redactor
@@ -65,3 +66,28 @@ def test_redacted_before_hashing_pseudonyms_kept_apart() -> None:
     # Masked values collapse; the marker never depends on a masked secret.
     assert M.marker("t", {"token": "a"}) == M.marker("t", {"token": "b"})
     assert M.marker("t", "hello bob@example.com") == M.marker("t", "hello eve@example.com")
+
+
+def test_marker_by_source_is_the_marker_of_the_value() -> None:
+    """An outcome read from bytes gets the marker its value would get, once computed
+    per tool and bytes (the bytes stand for the value they parse to)."""
+    markers = ProgressMarkers(LOOP, Redactor(RedactionConfig(), key=b"k"))
+    cases = [
+        ("lookup", b'{"status": "ok", "request_id": "r1", "email": "bob@example.com"}'),
+        ("poll", b'{"job": {"status": "running"}}'),
+        ("lookup", b"plain text answer 2026-01-01T00:00:00Z"),
+    ]
+    for tool, raw in cases:
+        value = loads_json(raw) if raw.startswith(b"{") else raw.decode()
+        expected = M.marker(tool, value)
+        assert markers.marker(tool, value, source=raw) == expected
+        assert markers.marker(tool, value, source=raw) == expected  # from the cache
+    assert len(markers._by_source) == len(cases)
+    # The same bytes under another tool (another pointer, another profile): its own.
+    assert markers.marker("poll", None, source=cases[1][1]) == "ptr:running"
+    assert markers.marker("lookup", None, source=cases[1][1]).startswith("h:")
+    # An explicit marker still wins; a large source is not kept.
+    assert markers.marker("lookup", None, "v2", source=cases[0][1]) == "v2"
+    big = b'{"a": "' + b"x" * 4096 + b'"}'
+    markers.marker("lookup", loads_json(big), source=big)
+    assert ("lookup", big) not in markers._by_source

@@ -317,3 +317,21 @@ def test_user_pattern_groups_and_surrogates() -> None:
     out = r.redact_text("see TCK-123 and tck-456 \ud800")
     assert out.startswith("see [TICKET:") and "123" not in out and "456" not in out
     assert r.redact({"ref": "\ud800 TCK-1"})["ref"].startswith("\ud800 [TICKET:")
+
+
+def test_pseudonyms_are_keyed_blake2b_of_the_value() -> None:
+    """Pseudonyms continue a copy of one keyed state: the very digest a keyed BLAKE2b
+    of the value made afresh gives, every time (the state is never changed)."""
+    import hashlib
+
+    from guard.engine.pseudonym import keyed_pseudonym
+
+    key = b"secret-key" * 3
+    sessions = keyed_pseudonym(key, b"loopguard.sess", "s_")
+    for value in ("abc", "abd", "abc"):
+        fresh = hashlib.blake2b(value.encode(), key=key, digest_size=16, person=b"loopguard.sess")
+        assert sessions(value) == "s_" + fresh.hexdigest()
+    hashing = Redactor(RedactionConfig(), key=key, hashing=True)
+    for email in ("Ada@Example.com", "bob@example.com", "ada@example.com"):
+        fresh = hashlib.blake2b(email.lower().encode(), digest_size=8, key=key, person=b"EMAIL")
+        assert hashing.redact({"e": email})["e"] == f"[EMAIL:{fresh.hexdigest()}]"
