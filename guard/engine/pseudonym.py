@@ -11,6 +11,20 @@ from collections.abc import Callable
 SessionHasher = Callable[[str], str]
 
 
+def keyed_hex_digest(key: bytes, person: bytes, digest_size: int) -> Callable[[bytes], str]:
+    """The hex keyed BLAKE2b of bytes, keyed once: a keyed BLAKE2b starts by compressing
+    a block holding the key, so each digest continues a copy of that state instead (the
+    same digest, half the cost)."""
+    keyed = hashlib.blake2b(key=key, digest_size=digest_size, person=person)
+
+    def hex_digest(data: bytes) -> str:
+        digest = keyed.copy()
+        digest.update(data)
+        return digest.hexdigest()
+
+    return hex_digest
+
+
 def keyed_pseudonym(key: bytes | None, person: bytes, prefix: str = "") -> Callable[[str], str]:
     """A keyed BLAKE2b pseudonym of identifiers (random per-process key by default).
 
@@ -19,16 +33,12 @@ def keyed_pseudonym(key: bytes | None, person: bytes, prefix: str = "") -> Calla
     conversations, the scrub policy's values) in its own space, even under one key.
     """
     key = key if key is not None else secrets.token_bytes(32)
-    # Keyed once: a keyed BLAKE2b starts by compressing a block holding the key, so each
-    # pseudonym continues a copy of this state instead (the same digest, half the cost).
-    keyed = hashlib.blake2b(key=key[:64], digest_size=16, person=person)
+    hex_digest = keyed_hex_digest(key[:64], person, 16)
 
     # Identifiers repeat (an agent's calls come in sessions): cache the recent ones.
     @functools.lru_cache(maxsize=4096)
     def pseudonymize(value: str) -> str:
-        digest = keyed.copy()
-        digest.update(value.encode("utf-8"))
-        return prefix + digest.hexdigest()
+        return prefix + hex_digest(value.encode("utf-8"))
 
     return pseudonymize
 

@@ -28,6 +28,7 @@ from typing import Any, Literal
 
 from guard.engine.canonical import JSONFloat, canonical_json
 from guard.engine.config import ConfigError, RedactionConfig
+from guard.engine.pseudonym import keyed_hex_digest
 
 MASK_SECRET = "[REDACTED]"
 _UNSET: Any = object()
@@ -227,16 +228,13 @@ class Redactor:
         if mode == "mask":
             placeholder = f"[{kind}]"
             return lambda _value: placeholder
-        # Keyed once (the key block compressed once); each value continues a copy.
-        keyed = hashlib.blake2b(digest_size=8, key=self._key, person=kind.encode()[:16])
+        hex_digest = keyed_hex_digest(self._key, kind.encode()[:16], 8)
 
         def pseudonym(value: Any) -> str:
             text = value if isinstance(value, str) else _compact(value)
             if kind == "EMAIL":
                 text = text.lower()
-            digest = keyed.copy()
-            digest.update(text.encode("utf-8", "surrogatepass"))
-            return f"[{kind}:{digest.hexdigest()}]"
+            return f"[{kind}:{hex_digest(text.encode('utf-8', 'surrogatepass'))}]"
 
         return pseudonym
 
