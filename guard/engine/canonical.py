@@ -127,14 +127,39 @@ def loads_json(data: str | bytes | bytearray | memoryview) -> Any:
     """
     if _ORJSON is not None:
         try:
-            return _ORJSON.loads(data)
+            value = _ORJSON.loads(data)
         except _ORJSON.JSONDecodeError as exc:
             if "depth" in str(exc):  # orjson's nesting limit: the stdlib would recurse
                 raise JSONTooDeep(f"JSON nested deeper than {_MAX_DEPTH} levels") from None
+        else:
+            if not may_hold_wide_integer(data):
+                return value
+            # orjson turns an integer beyond 64 bits into the nearest float, silently:
+            # two different wide integers (token amounts, 128-bit ids) would become one
+            # value, and so one call or one unchanged answer. The stdlib keeps them exact.
     try:
         return json.loads(bytes(data) if isinstance(data, memoryview) else data)
     except RecursionError:
         raise JSONTooDeep(f"JSON nested deeper than {_MAX_DEPTH} levels") from None
+
+
+_DIGITS_TO_ZERO = bytes.maketrans(b"0123456789", b"0" * 10)
+_WIDE_RUN = b"0" * 19  # the fewest digits of an integer outside [-2**63, 2**64)
+
+
+def may_hold_wide_integer(data: str | bytes | bytearray | memoryview) -> bool:
+    """Whether the JSON text has a run of 19 or more digits (anywhere, strings too).
+
+    Every integer orjson cannot hold exactly has one; most bodies have none. A run of
+    19 digits covers two consecutive bytes of any stride-9 sample, so the sample is
+    looked at first (a ninth of the bytes) and the whole text only when it has two
+    adjacent digits: ~0.2 us a KiB (plus ~0.3 us a call) where the whole text took
+    ~0.7, against ~0.5 us a KiB for orjson's parse itself.
+    """
+    raw = data.encode("utf-8", "surrogatepass") if isinstance(data, str) else data
+    if b"00" not in bytes(raw[::9]).translate(_DIGITS_TO_ZERO):
+        return False
+    return _WIDE_RUN in bytes(raw).translate(_DIGITS_TO_ZERO)
 
 
 class JSONTooDeep(ValueError):

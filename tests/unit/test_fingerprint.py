@@ -134,3 +134,45 @@ def test_orjson_and_stdlib_paths_agree(value: object) -> None:
     normalized = canonical.normalize(value)
     stdlib = canonical._stdlib_encode(normalized).encode("utf-8", "surrogatepass")
     assert canonical.encode_canonical(normalized) == stdlib
+
+
+# Integers orjson cannot hold (it would parse them as the nearest float, silently).
+WIDE = [-(2**63) - 1, 2**64, 10**20, 10**20 + 1, -(10**30) - 7]
+
+
+@pytest.mark.parametrize("number", WIDE)
+def test_wide_integers_parse_exactly(number: int) -> None:
+    from guard.engine.canonical import loads_json
+
+    parsed = loads_json(f'{{"amount": {number}}}'.encode())
+    assert parsed == {"amount": number} and type(parsed["amount"]) is int
+    assert loads_json(f"[{number}]") == [number]  # str input too
+    assert loads_json(memoryview(f"[{number}]".encode())) == [number]
+
+
+def test_wide_integers_that_share_a_float_are_different_calls() -> None:
+    # 10**20 and 10**20 + 1 are one float: as floats they would be one call, and a
+    # guard would stop the second as a repeat of the first.
+    assert float(10**20) == float(10**20 + 1)
+    texts = ['{"wei": 100000000000000000000}', '{"wei": 100000000000000000001}']
+    assert params_hash(texts[0], R) != params_hash(texts[1], R)
+    for text in texts:  # the same call, however it arrives
+        assert params_hash(text, R) == params_hash(json.loads(text), R)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(
+        st.one_of(
+            st.sampled_from([b"0", b"9", b"5", b"55555", b'"', b"-", b".", b"e", b" "]),
+            st.binary(max_size=3),
+        ),
+        max_size=60,
+    ).map(b"".join),
+    st.integers(min_value=0, max_value=8),
+)
+def test_wide_integer_check_finds_every_run_of_19_digits(data: bytes, pad: int) -> None:
+    from guard.engine.canonical import may_hold_wide_integer
+
+    for text in (data, b" " * pad + data, data + b"1234567890123456789"[: pad * 2]):
+        assert may_hold_wide_integer(text) == bool(re.search(rb"[0-9]{19}", text))

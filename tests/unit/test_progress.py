@@ -91,3 +91,12 @@ def test_marker_by_source_is_the_marker_of_the_value() -> None:
     big = b'{"a": "' + b"x" * 4096 + b'"}'
     markers.marker("lookup", loads_json(big), source=big)
     assert ("lookup", big) not in markers._by_source
+
+
+def test_answers_differing_only_in_a_wide_integer_are_progress() -> None:
+    # A balance in wei past 2**64: parsed as floats, both answers would be one value
+    # and the second would look like no progress.
+    answers = [b'{"balance": 100000000000000000000}', b'{"balance": 100000000000000000001}']
+    markers = ProgressMarkers(LOOP, Redactor(RedactionConfig(), key=b"k"))
+    seen = {markers.marker("balance", loads_json(raw), source=raw) for raw in answers}
+    assert len(seen) == 2
