@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import time
 import traceback
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, is_dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -455,7 +456,7 @@ class Exchange:
     # -- the response ----------------------------------------------------------------
 
     def response_start(
-        self, status: int, headers: list[tuple[bytes, bytes]], *, relayed: bool = False
+        self, status: int, headers: Sequence[tuple[bytes, bytes]], *, relayed: bool = False
     ) -> list[tuple[bytes, bytes]]:
         """Headers for the client (ASGI bytes pairs): the app's decision headers taken
         off, the route added. ``relayed``: the headers are an upstream's, relayed by a
@@ -676,7 +677,7 @@ def _response_name(name: bytes) -> tuple[str, int]:
     return remember(_response_names, name, (key, kind))
 
 
-def _end_to_end(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+def _end_to_end(headers: Sequence[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
     """An upstream's headers without the hop-by-hop ones, those its ``Connection``
     headers name included."""
     named: set[bytes] | None = None
