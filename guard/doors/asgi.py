@@ -21,6 +21,19 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
 _ROUTE_HEADER_B = ROUTE_HEADER.encode()
+# Headers meant for one connection (RFC 9110 7.6.1), never relayed by a proxy; nor are
+# the ones a ``Connection`` header names, nor ``Proxy-*``.
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"te",
+        b"trailer",
+        b"trailers",
+        b"transfer-encoding",
+        b"upgrade",
+    }
+)
 
 
 class BodyRefused(Exception):
@@ -236,6 +249,14 @@ async def send_answer(send: Send, answer: Answer, route: Route = Route.SERVE) ->
     headers.append((b"content-length", str(len(body)).encode()))
     await send({"type": "http.response.start", "status": answer.status, "headers": headers})
     await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+def connection_tokens(value: bytes, into: set[bytes] | None) -> set[bytes]:
+    """The header names a ``Connection`` header's value lists (lower-cased), added to
+    ``into``."""
+    tokens = into if into is not None else set()
+    tokens.update(t.strip().lower() for t in value.split(b",") if t.strip())
+    return tokens
 
 
 _K = TypeVar("_K")

@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import time
 import traceback
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, is_dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -35,7 +36,7 @@ import structlog
 
 from adapters.http_tool import ToolResponseObserver
 from guard.doors import chain
-from guard.doors.asgi import remember
+from guard.doors.asgi import HOP_BY_HOP, connection_tokens, remember
 from guard.doors.untracked import warn_untracked
 from guard.engine.bodies import RAW_KEY, raw_params
 from guard.engine.calls import CallRecord, FailureStage, Route, Step, Verdict
@@ -66,9 +67,10 @@ log = structlog.get_logger("loopguard")
 APP_HEADER_PREFIX = "x-loopguard-app-"
 PROGRESS_HEADER = "x-loopguard-progress"
 _APP_PREFIX_LEN = len(APP_HEADER_PREFIX)
-# A response header name as received -> lower-cased and decoded, learnt once per name
-# (the same few come on every call; ``remember`` bounds it).
-_response_names: dict[bytes, str] = {}
+# A response header name as received -> lower-cased and decoded, and what it is; learnt
+# once per name (the same few come on every call; ``remember`` bounds it).
+_PLAIN, _LENGTH, _APP, _HOP, _CONNECTION = 0, 1, 2, 3, 4
+_response_names: dict[bytes, tuple[str, int]] = {}
 # The route header for each route, as the ASGI pair the client gets.
 _ROUTE_PAIRS = {route: (ROUTE_HEADER.encode(), route.value.encode()) for route in Route}
 # Bodies larger than this are parsed and hashed in a worker thread.
@@ -454,10 +456,12 @@ class Exchange:
     # -- the response ----------------------------------------------------------------
 
     def response_start(
-        self, status: int, headers: list[tuple[bytes, bytes]]
+        self, status: int, headers: Sequence[tuple[bytes, bytes]], *, relayed: bool = False
     ) -> list[tuple[bytes, bytes]]:
         """Headers for the client (ASGI bytes pairs): the app's decision headers taken
-        off, the route added."""
+        off, the route added. ``relayed``: the headers are an upstream's, relayed by a
+        proxy, so the hop-by-hop ones (and those a ``Connection`` header names) are
+        dropped too, in the same pass."""
         assert self.parsed is not None
         record = self.record
         if self.route is not None:
@@ -465,24 +469,37 @@ class Exchange:
         if status >= 500:
             record.failure_stage = FailureStage.UPSTREAM_STATUS
             record.error_type = str(status)
-        passed: list[tuple[bytes, bytes]] = []
-        seen: dict[str, str] = {}  # what the observer reads: lower-cased names, str values
-        length: int | None = None
         names = _response_names
-        for name, value in headers:
-            key = names.get(name)
-            if key is None:
-                key = _response_name(name)
-            if key.startswith(APP_HEADER_PREFIX):
-                # The app's words ("abstain", "true") pass as they are; a secret or a
-                # personal detail in them does not.
-                app_key = key[_APP_PREFIX_LEN:].replace("-", "_")
-                record.app[app_key] = self._shown(value.decode("latin-1"))
-                continue
-            if key == "content-length" and value.isdigit():
-                length = int(value)
-            seen[key] = value.decode("latin-1")
-            passed.append((name, value))
+        while True:
+            passed: list[tuple[bytes, bytes]] = []
+            seen: dict[str, str] = {}  # what the observer reads: lower-cased names, str values
+            length: int | None = None
+            named: list[tuple[bytes, bytes]] | None = None
+            for name, value in headers:
+                key, kind = names.get(name) or _response_name(name)
+                if kind:
+                    if kind == _APP:
+                        # The app's words ("abstain", "true") pass as they are; a secret or
+                        # a personal detail in them does not.
+                        app_key = key[_APP_PREFIX_LEN:].replace("-", "_")
+                        record.app[app_key] = self._shown(value.decode("latin-1"))
+                        continue
+                    if kind == _LENGTH:
+                        if value.isdigit():
+                            length = int(value)
+                    elif relayed:
+                        if kind == _CONNECTION:
+                            named = _end_to_end(headers)
+                            break
+                        continue
+                seen[key] = value.decode("latin-1")
+                passed.append((name, value))
+            if named is None:
+                break
+            # A Connection header names more hop-by-hop headers, maybe ones already
+            # taken: once more over the headers without them (seldom).
+            headers, relayed = named, False
+            record.app.clear()
         passed.append(_ROUTE_PAIRS[record.route])
         # A declared length completes the body with its last byte (not so a HEAD's, or
         # a 204's or 304's: they have no body whatever the header says).
@@ -646,8 +663,34 @@ class Exchange:
         return self.engine.redactor.scrub(text)
 
 
-def _response_name(name: bytes) -> str:
-    return remember(_response_names, name, name.lower().decode("latin-1"))
+def _response_name(name: bytes) -> tuple[str, int]:
+    lower = name.lower()
+    key = lower.decode("latin-1")
+    if key.startswith(APP_HEADER_PREFIX):
+        kind = _APP
+    elif lower == b"content-length":
+        kind = _LENGTH
+    elif lower in HOP_BY_HOP or lower.startswith(b"proxy-"):
+        kind = _CONNECTION if lower == b"connection" else _HOP
+    else:
+        kind = _PLAIN
+    return remember(_response_names, name, (key, kind))
+
+
+def _end_to_end(headers: Sequence[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """An upstream's headers without the hop-by-hop ones, those its ``Connection``
+    headers name included."""
+    named: set[bytes] | None = None
+    kept: list[tuple[bytes, bytes]] = []
+    for name, value in headers:
+        kind = (_response_names.get(name) or _response_name(name))[1]
+        if kind == _CONNECTION:
+            named = connection_tokens(value, named)
+        elif kind != _HOP:
+            kept.append((name, value))
+    if named:
+        kept = [h for h in kept if h[0].lower() not in named]
+    return kept
 
 
 def exception_fields(exc: BaseException) -> dict[str, str]:

@@ -41,14 +41,13 @@ caller would have seen it without loopguard in between.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from typing import Any
 
 import aiohttp
 import structlog
 
 from guard.doors.admission import admit
-from guard.doors.asgi import remember, send_answer
+from guard.doors.asgi import HOP_BY_HOP, connection_tokens, remember, send_answer
 from guard.doors.engines import door_engine
 from guard.doors.exchange import Exchange, exception_fields
 from guard.doors.routing import Router
@@ -63,17 +62,6 @@ log = structlog.get_logger("loopguard")
 
 Scope = dict[str, Any]
 
-HOP_BY_HOP = frozenset(
-    {
-        b"connection",
-        b"keep-alive",
-        b"te",
-        b"trailer",
-        b"trailers",
-        b"transfer-encoding",
-        b"upgrade",
-    }
-)
 # Request headers not forwarded as received: the upstream gets its own Host, a
 # recomputed length, and an identity encoding the observers can read.
 _REQUEST_DROP = HOP_BY_HOP | {b"host", b"content-length", b"expect", b"accept-encoding"}
@@ -259,7 +247,7 @@ class _Relay:
             exchange.mark_sent()
             response = await self.upstream.open(method, url, headers, body, long_lived=long_lived)
             status = response.status
-            start = exchange.response_start(status, _response_headers(response.raw_headers))
+            start = exchange.response_start(status, response.raw_headers, relayed=True)
             await send({"type": "http.response.start", "status": status, "headers": start})
             self.started = True
             read = response.content.readany
@@ -302,8 +290,11 @@ class _Relay:
                 self.watcher.cancel()
             if response is not None:
                 # Closes the upstream connection unless the body was read to the end.
-                with contextlib.suppress(Exception):
+                # (try, not contextlib.suppress: three Python calls fewer per request.)
+                try:  # noqa: SIM105
                     response.release()
+                except Exception:
+                    pass
 
     def tick(self, now: float) -> bool:
         """A sweep: start the disconnect watcher on the second sweep that finds the call
@@ -417,7 +408,6 @@ class _Sweeper:
 # same few names come on every call; ``remember`` bounds it).
 _PASS, _DROP, _CONNECTION = 0, 1, 2
 _request_names: dict[bytes, tuple[str, int]] = {}
-_response_names: dict[bytes, int] = {}
 
 
 def _request_name(name_b: bytes) -> tuple[str, int]:
@@ -427,15 +417,6 @@ def _request_name(name_b: bytes) -> tuple[str, int]:
     else:
         fate = _PASS
     return remember(_request_names, name_b, (name_b.decode("latin-1"), fate))
-
-
-def _response_name(name_b: bytes) -> int:
-    lower = name_b.lower()
-    if lower in HOP_BY_HOP or lower.startswith(b"proxy-"):
-        fate = _CONNECTION if lower == b"connection" else _DROP
-    else:
-        fate = _PASS
-    return remember(_response_names, name_b, fate)
 
 
 def _split_headers(raw: list[tuple[bytes, bytes]]) -> tuple[dict[str, str], Headers]:
@@ -456,37 +437,12 @@ def _split_headers(raw: list[tuple[bytes, bytes]]) -> tuple[dict[str, str], Head
         view[name] = value if previous is None else f"{previous}, {value}"
         if fate:
             if fate == _CONNECTION:
-                named = _connection_tokens(value_b, named)
+                named = connection_tokens(value_b, named)
             continue
         forward.append((name, value))
     if named:
         forward = [h for h in forward if h[0].encode("latin-1") not in named]
     return view, forward
-
-
-def _response_headers(raw: tuple[tuple[bytes, bytes], ...]) -> list[tuple[bytes, bytes]]:
-    """The upstream's end-to-end headers."""
-    named: set[bytes] | None = None
-    passed: list[tuple[bytes, bytes]] = []
-    names = _response_names
-    for header in raw:
-        fate = names.get(header[0])
-        if fate is None:
-            fate = _response_name(header[0])
-        if fate:
-            if fate == _CONNECTION:
-                named = _connection_tokens(header[1], named)
-            continue
-        passed.append(header)
-    if named:
-        passed = [h for h in passed if h[0].lower() not in named]
-    return passed
-
-
-def _connection_tokens(value: bytes, into: set[bytes] | None) -> set[bytes]:
-    tokens = into if into is not None else set()
-    tokens.update(t.strip().lower() for t in value.split(b",") if t.strip())
-    return tokens
 
 
 def _has_dot_segment(path: str) -> bool:
