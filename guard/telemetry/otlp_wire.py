@@ -8,8 +8,9 @@ wire form is a few length-prefixed fields; written here it costs a fraction of t
 The bytes parse to the very message ``encode_spans`` builds (a test holds them
 equal); a batch this encoder does not cover (events, links, a value type the field
 table never produces) goes to the SDK's encoder whole. ``wire_span`` writes one span
-from its pieces as it ends (``DirectSpans``, on the loop): the export thread then only
-joins the bytes.
+from its pieces as it ends (``DirectSpans``, on the loop): only those bytes are queued
+(``span_queue``), and the export thread only joins them under the resource and scope
+header and sends them.
 
 ``WireSpanExporter`` is the SDK's OTLP/HTTP span exporter (endpoint, headers,
 compression, timeout and retries as configured) with this encoder. Imported only when
@@ -34,7 +35,9 @@ from opentelemetry.sdk.trace.export import SpanExportResult
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import SpanContext, SpanKind, Status, TraceState
 
-from guard.telemetry.spans import WiredSpan
+# What the span queue holds: a span's wire bytes (its pipeline's resource and scope),
+# or a span the wire writer did not cover, encoded on the export thread.
+SpanItem = bytes | ReadableSpan
 
 # Span.kind: the SDK's enum is one below OTLP's (OTLP 0 is "unspecified").
 _KIND = {kind: bytes((0x30, kind.value + 1)) for kind in SpanKind}
@@ -150,9 +153,7 @@ def _status(code: int, description: str | None) -> bytes:
 
 
 def _span(span: ReadableSpan) -> bytes:
-    """A ScopeSpans.spans field: the one written when the span ended, else written now."""
-    if type(span) is WiredSpan and span.wire is not None:
-        return span.wire
+    """A ScopeSpans.spans field."""
     if span.events or span.links:
         raise NotCovered("events or links")
     ctx = span.context
@@ -259,6 +260,13 @@ class SpanEncoder:
         except NotCovered:
             return encode_spans(spans).SerializePartialToString()
 
+    def wired(self, resource: Resource, scope: InstrumentationScope, wires: list[bytes]) -> bytes:
+        """One ResourceSpans field holding spans written by ``wire_span`` (each a
+        ScopeSpans.spans field) under ``resource`` and ``scope``."""
+        if not wires:
+            return b""
+        return self._resource_spans(resource, [(scope, wires)])
+
     def _encode(self, spans: Sequence[ReadableSpan]) -> bytes:
         if not spans:
             return b""
@@ -311,21 +319,36 @@ class SpanEncoder:
 
 
 class WireSpanExporter(OTLPSpanExporter):
-    """``OTLPSpanExporter`` sending what ``SpanEncoder`` writes. Leaves out the SDK
-    exporter's own metrics (off unless asked for) and its request-size cap (a batch of
-    at most ``OTEL_BSP_MAX_EXPORT_BATCH_SIZE`` calls' spans is far below it)."""
+    """``OTLPSpanExporter`` sending what ``SpanEncoder`` writes, from a queue's items:
+    wire bytes, written under ``resource`` and ``scope`` (those of the pipeline's
+    ``DirectSpans``), and spans. Leaves out the SDK exporter's own metrics (off unless
+    asked for) and its request-size cap (a batch of at most
+    ``OTEL_BSP_MAX_EXPORT_BATCH_SIZE`` calls' spans is far below it)."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(
+        self, resource: Resource, scope: InstrumentationScope, *args: Any, **kwargs: Any
+    ) -> None:
         super().__init__(*args, **kwargs)
+        self._resource = resource
+        self._scope = scope
         self._encode = SpanEncoder()
 
-    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+    def export(self, spans: Sequence[SpanItem]) -> SpanExportResult:
         if self._shutdown:
             return SpanExportResult.FAILURE
         try:
-            data = self._encode(spans)
+            data = self.encode(spans)
         except Exception:  # a value the SDK's encoder refuses too
             return SpanExportResult.FAILURE
         if self._client.export(data).success:
             return SpanExportResult.SUCCESS
         return SpanExportResult.FAILURE
+
+    def encode(self, items: Sequence[SpanItem]) -> bytes:
+        """One ExportTraceServiceRequest: the wire bytes under this pipeline's header,
+        then the spans (a second ResourceSpans: a collector merges them alike)."""
+        wires = [item for item in items if type(item) is bytes]
+        data = self._encode.wired(self._resource, self._scope, wires)
+        if len(wires) == len(items):
+            return data
+        return data + self._encode([item for item in items if isinstance(item, ReadableSpan)])
