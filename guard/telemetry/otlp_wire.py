@@ -44,7 +44,9 @@ _KIND = {kind: bytes((0x30, kind.value + 1)) for kind in SpanKind}
 # Span.flags (fixed32, field 16): "has is_remote", and "is remote" for a remote parent.
 _FLAGS_LOCAL = b"\x85\x01" + struct.pack("<I", 0x100)
 _FLAGS_REMOTE = b"\x85\x01" + struct.pack("<I", 0x300)
-_pack_fixed64 = struct.Struct("<Q").pack
+_KIND_CLIENT = _KIND[SpanKind.CLIENT]
+# Span.start_time_unix_nano and end_time_unix_nano (fixed64 fields 7 and 8), with tags.
+_pack_times = struct.Struct("<BQBQ").pack
 _pack_double = struct.Struct("<d").pack
 
 
@@ -116,7 +118,7 @@ def _key_field(key: str) -> bytes:
 def _attribute(key: str, value: Any) -> bytes:
     if key in _varying:
         if type(value) is str:
-            return _field(0x4A, _key_field(key) + _field(0x12, _field(0x0A, value.encode())))
+            return _varying_str(_key_field(key), value.encode())
         return _field(0x4A, _key_field(key) + _field(0x12, _any_value(value)))
     try:
         cache_key = (key, value, type(value))  # the type: True and 1 are equal keys
@@ -136,8 +138,34 @@ def _attribute(key: str, value: Any) -> bytes:
     return encoded
 
 
+def _varying_str(key_field: bytes, value: bytes) -> bytes:
+    """A string attribute's KeyValue field, its sizes written at once when each takes
+    one byte (a hash, a marker, an id)."""
+    size = len(key_field) + len(value) + 4  # KeyValue: key, value tag and size, AnyValue
+    if size < 0x80:
+        return (
+            bytes((0x4A, size)) + key_field + bytes((0x12, len(value) + 2, 0x0A, len(value)))
+        ) + value
+    return _field(0x4A, key_field + _field(0x12, _field(0x0A, value)))
+
+
 # Span.status fields by (code, description): nearly always unset or one failure stage.
 _status_fields: dict[tuple[int, str | None], bytes] = {}
+# Span.name fields: a few names (operation and model or tool) repeat.
+_name_fields: dict[str, bytes] = {}
+
+
+# And by the Status object: ``spans._status`` gives each failure stage one.
+_status_objects: dict[Status, bytes] = {}
+
+
+def _status_field(status: Status) -> bytes:
+    found = _status_objects.get(status)  # by identity: Status has no __eq__
+    if found is None:
+        found = _status(status.status_code.value, status.description)
+        if len(_status_objects) < 256:  # held: an id is never reused while cached
+            _status_objects[status] = found
+    return found
 
 
 def _status(code: int, description: str | None) -> bytes:
@@ -203,27 +231,45 @@ def _span_field(
     dropped_attributes: int,
     status: Status,
 ) -> bytes:
-    parts = [
-        b"\x0a\x10" + trace_id.to_bytes(16, "big"),
-        b"\x12\x08" + span_id.to_bytes(8, "big"),
-    ]
+    # The attributes loop looks cached fields up in place (a call per attribute was a
+    # good part of a span's cost); a miss, a varying key or None goes to ``_attribute``.
+    parts = [b"\x0a\x10" + trace_id.to_bytes(16, "big") + b"\x12\x08" + span_id.to_bytes(8, "big")]
     if trace_state:
         parts.append(_field(0x1A, ",".join(f"{k}={v}" for k, v in trace_state.items()).encode()))
     if parent is not None:
         parts.append(b"\x22\x08" + parent.span_id.to_bytes(8, "big"))
-    parts.append(_field(0x2A, name.encode("utf-8")))
-    parts.append(_KIND[kind])
-    parts.append(b"\x39" + _pack_fixed64(start_time))
-    parts.append(b"\x41" + _pack_fixed64(end_time))
+    name_field = _name_fields.get(name)
+    if name_field is None:
+        name_field = _field(0x2A, name.encode("utf-8"))
+        if len(_name_fields) < 256:
+            _name_fields[name] = name_field
+    parts.append(name_field)
+    parts.append(_KIND_CLIENT if kind is SpanKind.CLIENT else _KIND[kind])
+    parts.append(_pack_times(0x39, start_time, 0x41, end_time))
+    append = parts.append
+    cached_field = _attribute_cache.get
+    varying = _varying
     for key, value in attributes.items():
+        if key not in varying:
+            try:
+                found = cached_field((key, value, type(value)))
+            except TypeError:  # a list
+                found = None
+            if found is not None:
+                append(found)
+                continue
         if value is None:
             raise NotCovered("None value")
-        parts.append(_attribute(key, value))
+        append(_attribute(key, value))
     if dropped_attributes:
-        parts.append(b"\x50" + _varint(dropped_attributes))
-    parts.append(_status(status.status_code.value, status.description))
-    parts.append(_FLAGS_REMOTE if parent is not None and parent.is_remote else _FLAGS_LOCAL)
-    return _field(0x12, b"".join(parts))
+        append(b"\x50" + _varint(dropped_attributes))
+    append(_status_field(status))
+    append(_FLAGS_REMOTE if parent is not None and parent.is_remote else _FLAGS_LOCAL)
+    body = b"".join(parts)
+    size = len(body)
+    if 0x80 <= size < 0x4000:  # the usual span
+        return bytes((0x12, (size & 0x7F) | 0x80, size >> 7)) + body
+    return _field(0x12, body)
 
 
 def _resource(resource: Resource) -> bytes:

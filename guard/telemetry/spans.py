@@ -349,12 +349,18 @@ class SpanSink:
 
 
 _UNSET = Status(StatusCode.UNSET)
+# One Status per failure stage: the wire writer caches a status's field by its object.
+_ERRORS: dict[str, Status] = {}
 
 
 def _status(record: CallRecord) -> Status:
     if record.failure_stage in NOT_ERRORS:
         return _UNSET
-    return Status(StatusCode.ERROR, str(record.failure_stage))
+    stage = str(record.failure_stage)
+    found = _ERRORS.get(stage)
+    if found is None:
+        found = _ERRORS[stage] = Status(StatusCode.ERROR, stage)
+    return found
 
 
 def sink(setup: SinkSetup) -> SpanSink | None:
