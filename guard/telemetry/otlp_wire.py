@@ -13,7 +13,8 @@ from its pieces as it ends (``DirectSpans``, on the loop): only those bytes are 
 header and sends them.
 
 ``WireSpanExporter`` is the SDK's OTLP/HTTP span exporter (endpoint, headers,
-compression, timeout and retries as configured) with this encoder. Imported only when
+compression, timeout and retries as configured) with this encoder, posting over one
+kept-open connection where it can (``otlp_http``). Imported only when
 the exporter is "otlp" (it brings the HTTP client in).
 """
 
@@ -28,12 +29,16 @@ from opentelemetry.exporter.otlp.proto.common._internal import (
     _encode_resource,
 )
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+from opentelemetry.exporter.otlp.proto.http._common import _resolve_endpoint
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+from opentelemetry.sdk.environment_variables import OTEL_EXPORTER_OTLP_TRACES_ENDPOINT
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExportResult
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import SpanContext, SpanKind, Status, TraceState
+
+from guard.telemetry.otlp_http import persistent_transport
 
 # What the span queue holds: a span's wire bytes (its pipeline's resource and scope),
 # or a span the wire writer did not cover, encoded on the export thread.
@@ -372,9 +377,19 @@ class WireSpanExporter(OTLPSpanExporter):
     ``OTEL_BSP_MAX_EXPORT_BATCH_SIZE`` calls' spans is far below it)."""
 
     def __init__(
-        self, resource: Resource, scope: InstrumentationScope, *args: Any, **kwargs: Any
+        self,
+        resource: Resource,
+        scope: InstrumentationScope,
+        endpoint: str | None = None,
+        timeout: float | None = None,
     ) -> None:
-        super().__init__(*args, **kwargs)
+        # The endpoint as the SDK resolves it, to pick the transport for it.
+        endpoint = endpoint or _resolve_endpoint(OTEL_EXPORTER_OTLP_TRACES_ENDPOINT, "v1/traces")
+        transport = persistent_transport(endpoint)
+        if transport is None:
+            super().__init__(endpoint=endpoint, timeout=timeout)
+        else:
+            super().__init__(endpoint=endpoint, timeout=timeout, _transport=transport)
         self._resource = resource
         self._scope = scope
         self._encode = SpanEncoder()
