@@ -208,7 +208,8 @@ class RefusingCollector(ThreadingHTTPServer):
         self.server_close()
 
 
-def test_a_refusing_collector_costs_no_call_and_is_warned_about(tmp_path) -> None:
+def test_a_refusing_collector_costs_no_call_and_is_warned_about(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "3600000")  # one batch, at the flush
     records = tmp_path / "records.jsonl"
     calls = 20
     with RefusingCollector() as collector, structlog.testing.capture_logs() as logs:
