@@ -40,7 +40,10 @@ from opentelemetry.sdk.trace.export import (
 from guard.engine.config import TelemetryConfig
 
 if TYPE_CHECKING:
-    from guard.telemetry.spans import WireWriter
+    from opentelemetry.sdk.trace import SpanProcessor
+    from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+
+    from guard.telemetry.spans import WireOut
 
 _log = structlog.get_logger("loopguard.telemetry")
 
@@ -56,26 +59,37 @@ def version() -> str:
 
 
 class FailureWarnings:
-    """Turns export failures into one rate-limited warning line (no payloads)."""
+    """Turns export failures, and spans dropped from a full queue, into rate-limited
+    warning lines (one per kind and minute, with the count since the last; no
+    payloads)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._last = 0.0
-        self._dropped = 0
+        self._last: dict[str, float] = {}
+        self._dropped: dict[str, int] = {}
 
     def failed(self, signal: str, items: int) -> None:
+        self._warn("otlp export failed", signal, items)
+
+    def queue_full(self, signal: str, items: int) -> None:
+        self._warn("otlp queue full", signal, items)
+
+    def _warn(self, event: str, signal: str, items: int) -> None:
         with self._lock:
-            self._dropped += items
+            dropped = self._dropped[event] = self._dropped.get(event, 0) + items
             now = time.monotonic()
-            if self._last and now - self._last < _WARN_EVERY_S:
+            last = self._last.get(event, 0.0)
+            if last and now - last < _WARN_EVERY_S:
                 return
-            self._last, dropped, self._dropped = now, self._dropped, 0
-        _log.warning("otlp export failed", signal=signal, dropped=dropped)
+            self._last[event], self._dropped[event] = now, 0
+        _log.warning(event, signal=signal, dropped=dropped)
 
 
 class GuardedSpanExporter(SpanExporter):
     """Delegates to the real exporter; warns on failure; at shutdown, a failed collector
-    is not retried batch after batch (bounded shutdown)."""
+    is not retried batch after batch (bounded shutdown). The OTLP pipeline's batches
+    are queue items (``otlp_wire.SpanItem``: wire bytes and spans), the console's
+    spans."""
 
     def __init__(self, inner: SpanExporter, warnings: FailureWarnings) -> None:
         self._inner = inner
@@ -83,12 +97,12 @@ class GuardedSpanExporter(SpanExporter):
         self.closing = False
         self._failing = False
 
-    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+    def export(self, spans: Sequence[ReadableSpan | bytes]) -> SpanExportResult:
         if self.closing and self._failing:
             self._warnings.failed("traces", len(spans))
             return SpanExportResult.FAILURE
         try:
-            result = self._inner.export(spans)
+            result = self._inner.export(spans)  # type: ignore[arg-type]
         except Exception:  # an exporter must never take the worker thread down
             result = SpanExportResult.FAILURE
         self._failing = result is not SpanExportResult.SUCCESS
@@ -192,16 +206,17 @@ class Pipeline(Generic[P]):
         provider: P,
         owned: bool,
         guarded: GuardedSpanExporter | GuardedMetricExporter | None = None,
-        processor: BatchSpanProcessor | None = None,
-        write_wire: WireWriter | None = None,
+        processor: SpanProcessor | None = None,
+        wire: WireOut | None = None,
     ) -> None:
         self.provider: P = provider
         self.owned = owned
         self._guarded = guarded
         # The span pipeline's batch processor, when this telemetry built it.
         self.processor = processor
-        # Writes a span's OTLP wire form as it ends, when the exporter sends that form.
-        self.write_wire = write_wire
+        # Writes a span's OTLP wire form as it ends and queues it, when the exporter
+        # sends that form.
+        self.wire = wire
 
     def closing(self) -> None:
         """From now on a failing collector is not retried batch after batch."""
@@ -256,27 +271,34 @@ def trace_pipeline(
     given: TracerProvider | None,
     resource: Resource | None,
     warnings: FailureWarnings,
+    scope: InstrumentationScope,
 ) -> Pipeline[TracerProvider]:
+    """The tracer provider: the given one as it is, else one owned with the configured
+    exporter. OTLP: spans are queued as their wire bytes (``span_queue``), written
+    under ``scope`` (the tracer's)."""
     if given is not None:
         return Pipeline(given, owned=False)
     provider = TracerProvider(resource=resource)
-    exporter: SpanExporter | None = None
-    write_wire: WireWriter | None = None
     if cfg.exporter == "console":
         # sys.stdout as it is now (the SDK's default is bound at its import).
-        exporter = ConsoleSpanExporter(out=sys.stdout)
-    elif cfg.exporter == "otlp":
+        guarded = GuardedSpanExporter(ConsoleSpanExporter(out=sys.stdout), warnings)
+        processor = BatchSpanProcessor(guarded)
+        provider.add_span_processor(processor)
+        return Pipeline(provider, True, guarded, processor)
+    if cfg.exporter == "otlp":
         from guard.telemetry.otlp_wire import WireSpanExporter, wire_span
+        from guard.telemetry.span_queue import WireSpanProcessor
+        from guard.telemetry.spans import WireOut
 
         traces, _ = otlp_endpoints(cfg.otlp_endpoint)
-        exporter = WireSpanExporter(endpoint=traces, timeout=_otlp_timeout("TRACES"))
-        write_wire = wire_span
-    if exporter is None:
-        return Pipeline(provider, owned=True)
-    guarded = GuardedSpanExporter(exporter, warnings)
-    processor = BatchSpanProcessor(guarded)
-    provider.add_span_processor(processor)
-    return Pipeline(provider, True, guarded, processor, write_wire)
+        exporter = WireSpanExporter(
+            provider.resource, scope, endpoint=traces, timeout=_otlp_timeout("TRACES")
+        )
+        guarded = GuardedSpanExporter(exporter, warnings)
+        queue = WireSpanProcessor(guarded, warnings)
+        provider.add_span_processor(queue)
+        return Pipeline(provider, True, guarded, queue, WireOut(wire_span, queue.push))
+    return Pipeline(provider, owned=True)
 
 
 def metric_pipeline(

@@ -69,7 +69,9 @@ class Telemetry:
         warnings = exporters.FailureWarnings()
         owned = tracer_provider is None or meter_provider is None
         resource = exporters.build_resource(cfg) if owned else None
-        self._traces = exporters.trace_pipeline(cfg, tracer_provider, resource, warnings)
+        version = exporters.version()
+        scope = InstrumentationScope(INSTRUMENTATION_NAME, version, SCHEMA_URL)
+        self._traces = exporters.trace_pipeline(cfg, tracer_provider, resource, warnings, scope)
         self._metrics = exporters.metric_pipeline(
             cfg, meter_provider, resource, warnings, metric_readers
         )
@@ -82,17 +84,15 @@ class Telemetry:
         unread = cfg.exporter == "none"
         recording_spans = not (unread and self._traces.owned)
         recording_metrics = not (unread and self._metrics.owned and not metric_readers)
-        version = exporters.version()
         tracer = self.tracer_provider.get_tracer(
             INSTRUMENTATION_NAME, version, schema_url=SCHEMA_URL
         )
         meter = self.meter_provider.get_meter(INSTRUMENTATION_NAME, version, schema_url=SCHEMA_URL)
-        scope = InstrumentationScope(INSTRUMENTATION_NAME, version, SCHEMA_URL)
         direct = None
         processor = self._traces.processor
         if processor is not None and spans.DirectSpans.usable(self.tracer_provider):
             direct = spans.DirectSpans(
-                processor, self.tracer_provider.resource, scope, self._traces.write_wire
+                processor, self.tracer_provider.resource, scope, self._traces.wire
             )
         self._tracing = spans.Tracing(tracer, recording_spans, direct)
         setup = SinkSetup(

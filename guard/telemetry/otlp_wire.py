@@ -8,11 +8,13 @@ wire form is a few length-prefixed fields; written here it costs a fraction of t
 The bytes parse to the very message ``encode_spans`` builds (a test holds them
 equal); a batch this encoder does not cover (events, links, a value type the field
 table never produces) goes to the SDK's encoder whole. ``wire_span`` writes one span
-from its pieces as it ends (``DirectSpans``, on the loop): the export thread then only
-joins the bytes.
+from its pieces as it ends (``DirectSpans``, on the loop): only those bytes are queued
+(``span_queue``), and the export thread only joins them under the resource and scope
+header and sends them.
 
 ``WireSpanExporter`` is the SDK's OTLP/HTTP span exporter (endpoint, headers,
-compression, timeout and retries as configured) with this encoder. Imported only when
+compression, timeout and retries as configured) with this encoder, posting over one
+kept-open connection where it can (``otlp_http``). Imported only when
 the exporter is "otlp" (it brings the HTTP client in).
 """
 
@@ -27,21 +29,29 @@ from opentelemetry.exporter.otlp.proto.common._internal import (
     _encode_resource,
 )
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+from opentelemetry.exporter.otlp.proto.http._common import _resolve_endpoint
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+from opentelemetry.sdk.environment_variables import OTEL_EXPORTER_OTLP_TRACES_ENDPOINT
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExportResult
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import SpanContext, SpanKind, Status, TraceState
 
-from guard.telemetry.spans import WiredSpan
+from guard.telemetry.otlp_http import persistent_transport
+
+# What the span queue holds: a span's wire bytes (its pipeline's resource and scope),
+# or a span the wire writer did not cover, encoded on the export thread.
+SpanItem = bytes | ReadableSpan
 
 # Span.kind: the SDK's enum is one below OTLP's (OTLP 0 is "unspecified").
 _KIND = {kind: bytes((0x30, kind.value + 1)) for kind in SpanKind}
 # Span.flags (fixed32, field 16): "has is_remote", and "is remote" for a remote parent.
 _FLAGS_LOCAL = b"\x85\x01" + struct.pack("<I", 0x100)
 _FLAGS_REMOTE = b"\x85\x01" + struct.pack("<I", 0x300)
-_pack_fixed64 = struct.Struct("<Q").pack
+_KIND_CLIENT = _KIND[SpanKind.CLIENT]
+# Span.start_time_unix_nano and end_time_unix_nano (fixed64 fields 7 and 8), with tags.
+_pack_times = struct.Struct("<BQBQ").pack
 _pack_double = struct.Struct("<d").pack
 
 
@@ -113,7 +123,7 @@ def _key_field(key: str) -> bytes:
 def _attribute(key: str, value: Any) -> bytes:
     if key in _varying:
         if type(value) is str:
-            return _field(0x4A, _key_field(key) + _field(0x12, _field(0x0A, value.encode())))
+            return _varying_str(_key_field(key), value.encode())
         return _field(0x4A, _key_field(key) + _field(0x12, _any_value(value)))
     try:
         cache_key = (key, value, type(value))  # the type: True and 1 are equal keys
@@ -133,8 +143,34 @@ def _attribute(key: str, value: Any) -> bytes:
     return encoded
 
 
+def _varying_str(key_field: bytes, value: bytes) -> bytes:
+    """A string attribute's KeyValue field, its sizes written at once when each takes
+    one byte (a hash, a marker, an id)."""
+    size = len(key_field) + len(value) + 4  # KeyValue: key, value tag and size, AnyValue
+    if size < 0x80:
+        return (
+            bytes((0x4A, size)) + key_field + bytes((0x12, len(value) + 2, 0x0A, len(value)))
+        ) + value
+    return _field(0x4A, key_field + _field(0x12, _field(0x0A, value)))
+
+
 # Span.status fields by (code, description): nearly always unset or one failure stage.
 _status_fields: dict[tuple[int, str | None], bytes] = {}
+# Span.name fields: a few names (operation and model or tool) repeat.
+_name_fields: dict[str, bytes] = {}
+
+
+# And by the Status object: ``spans._status`` gives each failure stage one.
+_status_objects: dict[Status, bytes] = {}
+
+
+def _status_field(status: Status) -> bytes:
+    found = _status_objects.get(status)  # by identity: Status has no __eq__
+    if found is None:
+        found = _status(status.status_code.value, status.description)
+        if len(_status_objects) < 256:  # held: an id is never reused while cached
+            _status_objects[status] = found
+    return found
 
 
 def _status(code: int, description: str | None) -> bytes:
@@ -150,9 +186,7 @@ def _status(code: int, description: str | None) -> bytes:
 
 
 def _span(span: ReadableSpan) -> bytes:
-    """A ScopeSpans.spans field: the one written when the span ended, else written now."""
-    if type(span) is WiredSpan and span.wire is not None:
-        return span.wire
+    """A ScopeSpans.spans field."""
     if span.events or span.links:
         raise NotCovered("events or links")
     ctx = span.context
@@ -202,27 +236,45 @@ def _span_field(
     dropped_attributes: int,
     status: Status,
 ) -> bytes:
-    parts = [
-        b"\x0a\x10" + trace_id.to_bytes(16, "big"),
-        b"\x12\x08" + span_id.to_bytes(8, "big"),
-    ]
+    # The attributes loop looks cached fields up in place (a call per attribute was a
+    # good part of a span's cost); a miss, a varying key or None goes to ``_attribute``.
+    parts = [b"\x0a\x10" + trace_id.to_bytes(16, "big") + b"\x12\x08" + span_id.to_bytes(8, "big")]
     if trace_state:
         parts.append(_field(0x1A, ",".join(f"{k}={v}" for k, v in trace_state.items()).encode()))
     if parent is not None:
         parts.append(b"\x22\x08" + parent.span_id.to_bytes(8, "big"))
-    parts.append(_field(0x2A, name.encode("utf-8")))
-    parts.append(_KIND[kind])
-    parts.append(b"\x39" + _pack_fixed64(start_time))
-    parts.append(b"\x41" + _pack_fixed64(end_time))
+    name_field = _name_fields.get(name)
+    if name_field is None:
+        name_field = _field(0x2A, name.encode("utf-8"))
+        if len(_name_fields) < 256:
+            _name_fields[name] = name_field
+    parts.append(name_field)
+    parts.append(_KIND_CLIENT if kind is SpanKind.CLIENT else _KIND[kind])
+    parts.append(_pack_times(0x39, start_time, 0x41, end_time))
+    append = parts.append
+    cached_field = _attribute_cache.get
+    varying = _varying
     for key, value in attributes.items():
+        if key not in varying:
+            try:
+                found = cached_field((key, value, type(value)))
+            except TypeError:  # a list
+                found = None
+            if found is not None:
+                append(found)
+                continue
         if value is None:
             raise NotCovered("None value")
-        parts.append(_attribute(key, value))
+        append(_attribute(key, value))
     if dropped_attributes:
-        parts.append(b"\x50" + _varint(dropped_attributes))
-    parts.append(_status(status.status_code.value, status.description))
-    parts.append(_FLAGS_REMOTE if parent is not None and parent.is_remote else _FLAGS_LOCAL)
-    return _field(0x12, b"".join(parts))
+        append(b"\x50" + _varint(dropped_attributes))
+    append(_status_field(status))
+    append(_FLAGS_REMOTE if parent is not None and parent.is_remote else _FLAGS_LOCAL)
+    body = b"".join(parts)
+    size = len(body)
+    if 0x80 <= size < 0x4000:  # the usual span
+        return bytes((0x12, (size & 0x7F) | 0x80, size >> 7)) + body
+    return _field(0x12, body)
 
 
 def _resource(resource: Resource) -> bytes:
@@ -258,6 +310,13 @@ class SpanEncoder:
             return self._encode(spans)
         except NotCovered:
             return encode_spans(spans).SerializePartialToString()
+
+    def wired(self, resource: Resource, scope: InstrumentationScope, wires: list[bytes]) -> bytes:
+        """One ResourceSpans field holding spans written by ``wire_span`` (each a
+        ScopeSpans.spans field) under ``resource`` and ``scope``."""
+        if not wires:
+            return b""
+        return self._resource_spans(resource, [(scope, wires)])
 
     def _encode(self, spans: Sequence[ReadableSpan]) -> bytes:
         if not spans:
@@ -311,21 +370,46 @@ class SpanEncoder:
 
 
 class WireSpanExporter(OTLPSpanExporter):
-    """``OTLPSpanExporter`` sending what ``SpanEncoder`` writes. Leaves out the SDK
-    exporter's own metrics (off unless asked for) and its request-size cap (a batch of
-    at most ``OTEL_BSP_MAX_EXPORT_BATCH_SIZE`` calls' spans is far below it)."""
+    """``OTLPSpanExporter`` sending what ``SpanEncoder`` writes, from a queue's items:
+    wire bytes, written under ``resource`` and ``scope`` (those of the pipeline's
+    ``DirectSpans``), and spans. Leaves out the SDK exporter's own metrics (off unless
+    asked for) and its request-size cap (a batch of at most
+    ``OTEL_BSP_MAX_EXPORT_BATCH_SIZE`` calls' spans is far below it)."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(
+        self,
+        resource: Resource,
+        scope: InstrumentationScope,
+        endpoint: str | None = None,
+        timeout: float | None = None,
+    ) -> None:
+        # The endpoint as the SDK resolves it, to pick the transport for it.
+        endpoint = endpoint or _resolve_endpoint(OTEL_EXPORTER_OTLP_TRACES_ENDPOINT, "v1/traces")
+        transport = persistent_transport(endpoint)
+        if transport is None:
+            super().__init__(endpoint=endpoint, timeout=timeout)
+        else:
+            super().__init__(endpoint=endpoint, timeout=timeout, _transport=transport)
+        self._resource = resource
+        self._scope = scope
         self._encode = SpanEncoder()
 
-    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+    def export(self, spans: Sequence[SpanItem]) -> SpanExportResult:
         if self._shutdown:
             return SpanExportResult.FAILURE
         try:
-            data = self._encode(spans)
+            data = self.encode(spans)
         except Exception:  # a value the SDK's encoder refuses too
             return SpanExportResult.FAILURE
         if self._client.export(data).success:
             return SpanExportResult.SUCCESS
         return SpanExportResult.FAILURE
+
+    def encode(self, items: Sequence[SpanItem]) -> bytes:
+        """One ExportTraceServiceRequest: the wire bytes under this pipeline's header,
+        then the spans (a second ResourceSpans: a collector merges them alike)."""
+        wires = [item for item in items if type(item) is bytes]
+        data = self._encode.wired(self._resource, self._scope, wires)
+        if len(wires) == len(items):
+            return data
+        return data + self._encode([item for item in items if isinstance(item, ReadableSpan)])

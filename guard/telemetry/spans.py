@@ -11,7 +11,8 @@ and the span sink that attributes and ends it.
   time, and its finished span is handed to the batch processor whole, as the SDK's
   ``Span.end`` would hand it (``DirectSpans``). What the SDK does per span besides
   (sampler, context, lock, per-attribute validation of values the field table already
-  typed) was most of what export cost a call.
+  typed) was most of what export cost a call. With OTLP not even that: the span's
+  wire bytes are written and queued, no span object is made.
 * Content (messages, arguments, results) is on a span only when ``capture_content`` is
   on, and then only what the caller already redacted.
 """
@@ -22,7 +23,7 @@ import random
 import time
 from collections.abc import Callable, Mapping, Sequence
 from itertools import islice
-from typing import Any
+from typing import Any, NamedTuple
 
 from opentelemetry import trace
 from opentelemetry.context import Context
@@ -142,15 +143,9 @@ class DirectCallSpan(CallSpan):
         pass  # the span is made at the end, never held
 
 
-class WiredSpan(ReadableSpan):
-    """A finished span as any processor reads it, with its OTLP wire form when the
-    pipeline's exporter writes it (``wire``, written by ``DirectSpans`` as it ends)."""
-
-    wire: bytes | None = None
-
-
 # Writes a span's wire form from its pieces (``otlp_wire.wire_span``): trace id, span
-# id, trace state, parent, name, kind, start, end, attributes, status.
+# id, trace state, parent, name, kind, start, end, attributes, status; None when it
+# does not cover a value.
 WireWriter = Callable[
     [int, int, "trace.TraceState | None", "SpanContext | None", str, SpanKind, int, int,
      Mapping[str, Any], Status],
@@ -158,14 +153,24 @@ WireWriter = Callable[
 ]  # fmt: skip
 
 
+class WireOut(NamedTuple):
+    """The OTLP pipeline's way out for a span: ``write`` its wire form, ``push`` those
+    bytes to the span queue (``span_queue.WireSpanProcessor``)."""
+
+    write: WireWriter
+    push: Callable[[bytes], None]
+
+
 class DirectSpans:
     """Ends calls of an owned pipeline: the finished span, built once, to the batch
     processor (which only queues it; export is on its worker thread).
 
-    With the wire exporter (``write_wire``) the span's wire form is written here, on
-    the loop, as the span ends: the export thread then only joins bytes and sends
-    them. Written there, a batch held the GIL for milliseconds while the loop waited
-    (a request's latency); here it is a few microseconds a call, spread out.
+    With the wire exporter (``wire``) the span's wire form is written here, on the
+    loop, as the span ends, and only those bytes are queued: the export thread then
+    only joins bytes and sends them. Written there, a batch held the GIL for
+    milliseconds while the loop waited (a request's latency); here it is a few
+    microseconds a call, spread out. A span the writer does not cover goes to the
+    processor as a span (encoded by the SDK's encoder on the export thread).
     """
 
     def __init__(
@@ -173,12 +178,12 @@ class DirectSpans:
         processor: SpanProcessor,
         resource: Resource,
         scope: InstrumentationScope,
-        write_wire: WireWriter | None = None,
+        wire: WireOut | None = None,
     ) -> None:
         self._processor = processor
         self._resource = resource
         self._scope = scope
-        self._write_wire = write_wire
+        self._wire = wire
         self._max_attributes = SpanLimits().max_span_attributes
 
     @staticmethod
@@ -194,11 +199,20 @@ class DirectSpans:
             return  # the SDK would not have recorded it
         if self._max_attributes is not None and len(attributes) > self._max_attributes:
             attributes = dict(islice(attributes.items(), self._max_attributes))
+        end_ns = time.time_ns()
+        wire = self._wire
+        if wire is not None:
+            encoded = wire.write(
+                call.trace_int, call.span_int, call.state, call.parent, name, call.kind,
+                call.start_ns, end_ns, attributes, status,
+            )  # fmt: skip
+            if encoded is not None:
+                wire.push(encoded)
+                return
         context = SpanContext(
             call.trace_int, call.span_int, False, TraceFlags(call.flags), call.state
         )
-        end_ns = time.time_ns()
-        span = WiredSpan(
+        span = ReadableSpan(
             name=name,
             context=context,
             parent=call.parent,
@@ -210,11 +224,6 @@ class DirectSpans:
             end_time=end_ns,
             instrumentation_scope=self._scope,
         )
-        if self._write_wire is not None:
-            span.wire = self._write_wire(
-                call.trace_int, call.span_int, call.state, call.parent, name, call.kind,
-                call.start_ns, end_ns, attributes, status,
-            )  # fmt: skip
         self._processor.on_end(span)
 
 
@@ -340,12 +349,18 @@ class SpanSink:
 
 
 _UNSET = Status(StatusCode.UNSET)
+# One Status per failure stage: the wire writer caches a status's field by its object.
+_ERRORS: dict[str, Status] = {}
 
 
 def _status(record: CallRecord) -> Status:
     if record.failure_stage in NOT_ERRORS:
         return _UNSET
-    return Status(StatusCode.ERROR, str(record.failure_stage))
+    stage = str(record.failure_stage)
+    found = _ERRORS.get(stage)
+    if found is None:
+        found = _ERRORS[stage] = Status(StatusCode.ERROR, stage)
+    return found
 
 
 def sink(setup: SinkSetup) -> SpanSink | None:

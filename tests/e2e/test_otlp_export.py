@@ -7,7 +7,10 @@ a dead collector costs a warning and the dropped spans, nothing else.
 from __future__ import annotations
 
 import socket
+import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
 
 import structlog
 from opentelemetry.proto.trace.v1.trace_pb2 import Span as PbSpan
@@ -138,3 +141,121 @@ def test_dead_collector_costs_a_warning_not_a_request() -> None:
     warnings = [e for e in logs if e["event"] == "otlp export failed"]
     assert warnings and warnings[0]["log_level"] == "warning"
     assert warnings[0]["signal"] in {"traces", "metrics"} and warnings[0]["dropped"] >= 1
+
+
+def otlp_telemetry(endpoint: str) -> Telemetry:
+    return Telemetry(TelemetryConfig(exporter="otlp", otlp_endpoint=endpoint, records=""), "p")
+
+
+def test_shutdown_delivers_every_queued_span(monkeypatch) -> None:
+    # No export before shutdown but full batches: the queue holds most of them then.
+    monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "3600000")
+    calls = 1100  # two full batches of 512 and a partial one, below the queue's 2048
+    with OtlpReceiver() as receiver:
+        tel = otlp_telemetry(receiver.traces_url)
+        sent = [send(tel, chat_record() if n % 2 else stop_record()) for n in range(calls)]
+        tel.shutdown()
+        received = receiver.spans()
+    assert sorted(s.span_id for s in received) == sorted(sent)
+    assert {s.name for s in received} == {"chat gpt-4o", "tools/call search"}
+
+
+def test_export_reconnects_after_the_collector_restarts() -> None:
+    with OtlpReceiver() as first:
+        port = first.port
+        tel = otlp_telemetry(first.traces_url)
+        before = send(tel, chat_record())
+        tel.force_flush()
+        assert [s.span_id for s in first.spans()] == [before]
+    with structlog.testing.capture_logs() as logs:
+        send(tel, chat_record())  # the collector is down: this one is lost, and said so
+        tel.force_flush()
+    assert any(e["event"] == "otlp export failed" and e["signal"] == "traces" for e in logs)
+    with OtlpReceiver(port) as second:
+        after = send(tel, stop_record())
+        tel.force_flush()
+        assert [s.span_id for s in second.spans()] == [after]
+        tel.shutdown()
+
+
+class _Refuse(BaseHTTPRequestHandler):
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers["content-length"]))
+        self.server.posts += 1  # type: ignore[attr-defined]
+        self.send_response(400)
+        self.send_header("content-length", "0")
+        self.end_headers()
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+class RefusingCollector(ThreadingHTTPServer):
+    """Answers every export with 400 Bad Request (not retried)."""
+
+    def __init__(self) -> None:
+        super().__init__(("127.0.0.1", 0), _Refuse)
+        self.posts = 0
+        self.url = f"http://127.0.0.1:{self.server_address[1]}/v1/traces"
+        self._thread = threading.Thread(target=self.serve_forever, daemon=True)
+
+    def __enter__(self) -> RefusingCollector:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
+        self.server_close()
+
+
+def test_a_refusing_collector_costs_no_call_and_is_warned_about(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "3600000")  # one batch, at the flush
+    records = tmp_path / "records.jsonl"
+    calls = 20
+    with RefusingCollector() as collector, structlog.testing.capture_logs() as logs:
+        cfg = TelemetryConfig(exporter="otlp", otlp_endpoint=collector.url, records=str(records))
+        tel = Telemetry(cfg, "p")
+        for _ in range(calls):
+            send(tel, chat_record())
+        tel.force_flush()  # traces first: the first warning is theirs
+        tel.shutdown()
+    assert collector.posts >= 1
+    warnings = [e for e in logs if e["event"] == "otlp export failed"]
+    assert warnings[0]["signal"] == "traces" and warnings[0]["dropped"] == calls
+    # Every call finished and was recorded: export failing is not the calls' business.
+    assert len(records.read_text().splitlines()) == calls
+
+
+def test_a_span_the_wire_writer_does_not_cover_reaches_the_collector(monkeypatch) -> None:
+    from guard.telemetry import otlp_wire
+
+    wire_span = otlp_wire.wire_span
+
+    def not_covering_stops(*args: Any) -> bytes | None:
+        return None if args[4] == "tools/call search" else wire_span(*args)
+
+    monkeypatch.setattr(otlp_wire, "wire_span", not_covering_stops)
+    with OtlpReceiver() as receiver:
+        tel = otlp_telemetry(receiver.traces_url)
+        chat_id = send(tel, chat_record())
+        stop_id = send(tel, stop_record())  # handed to the queue as a span
+        # A span of the provider's own tracer, with an event (the SDK's encoder's).
+        sdk_span = tel.tracer_provider.get_tracer("other").start_span("sdk span")
+        sdk_span.add_event("event")
+        sdk_span.end()
+        tel.shutdown()
+        spans = {s.name: s for s in receiver.spans()}
+        events = [
+            len(span.events)
+            for request in receiver.trace_requests
+            for rs in request.resource_spans
+            for ss in rs.scope_spans
+            for span in ss.spans
+            if span.name == "sdk span"
+        ]
+    assert spans["chat gpt-4o"].span_id == chat_id
+    stop = spans["tools/call search"]
+    assert stop.span_id == stop_id and stop.parent_span_id == AGENT_SPAN
+    assert stop.attributes["loopguard.stall.rule"] == "identical_errors"
+    assert stop.scope_name == "loopguard" and stop.resource["service.name"] == "loopguard"
+    assert spans["sdk span"].scope_name == "other" and events == [1]

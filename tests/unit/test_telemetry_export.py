@@ -18,11 +18,13 @@ from opentelemetry.trace import NonRecordingSpan, SpanKind, Status, StatusCode
 
 from guard.engine.calls import CallRecord, FailureStage, Route, StallRule, Usage
 from guard.engine.config import TelemetryConfig
+from guard.telemetry import spans as spans_module
 from guard.telemetry.facade import Telemetry
 from guard.telemetry.otlp_wire import SpanEncoder, WireSpanExporter, wire_span
 from guard.telemetry.semconv import INSTRUMENTATION_NAME, SCHEMA_URL
-from guard.telemetry.spans import DirectCallSpan, DirectSpans, SpanSink, Tracing, WiredSpan
+from guard.telemetry.spans import DirectCallSpan, DirectSpans, SpanSink, Tracing, WireOut
 
+SCOPE = InstrumentationScope(INSTRUMENTATION_NAME, "1", SCHEMA_URL)
 TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
 UNSAMPLED = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00"
 
@@ -191,65 +193,83 @@ def test_the_wire_encoder_writes_varying_values_and_long_fields_as_the_sdk_does(
     assert ExportTraceServiceRequest.FromString(encoder([])) == encode_spans([])
 
 
-def wired_batch() -> list[ReadableSpan]:
-    """Spans ended by ``DirectSpans`` with the wire writer (their wire form written as
-    they end), with and without a parent."""
+FIXED_NS = 1_796_000_000_000_000_000
+
+
+def ended_both_ways(
+    monkeypatch: pytest.MonkeyPatch,
+) -> tuple[Spans, list[bytes], list[ReadableSpan]]:
+    """The same calls ended by ``DirectSpans`` with the wire writer (their wire bytes
+    pushed, as to the span queue) and without (their spans), with and without a parent:
+    one clock, so both ways carry the same times."""
+    monkeypatch.setattr(spans_module.time, "time_ns", lambda: FIXED_NS)
     spans = Spans()
-    scope = InstrumentationScope(INSTRUMENTATION_NAME, "1", SCHEMA_URL)
-    direct = DirectSpans(spans.processor, spans.resource, scope, wire_span)
+    wires: list[bytes] = []
+    wired = DirectSpans(spans.processor, spans.resource, SCOPE, WireOut(wire_span, wires.append))
+    plain = DirectSpans(spans.processor, spans.resource, SCOPE)
     for record in records():
         for headers in ({"traceparent": TRACEPARENT}, {}):
-            call = Tracing(spans.tracer, True, direct).start(record.span_name, headers)
-            SpanSink(spans.cfg, direct).emit(record, call)
-    return list(spans.exported.get_finished_spans())
+            call = Tracing(spans.tracer, True, wired).start(record.span_name, headers)
+            SpanSink(spans.cfg, wired).emit(record, call)
+            SpanSink(spans.cfg, plain).emit(record, call)
+    made = list(spans.exported.get_finished_spans())
+    assert len(wires) == len(made) == 2 * len(records())
+    return spans, wires, made
 
 
-def unwired(span: ReadableSpan) -> ReadableSpan:
-    """The same span without a wire form (the encoder writes it from its fields)."""
-    assert isinstance(span, WiredSpan)
-    copy = WiredSpan(
-        name=span.name, context=span.context, parent=span.parent, resource=span.resource,
-        attributes=span.attributes, kind=span.kind, status=span.status,
-        start_time=span.start_time, end_time=span.end_time,
-        instrumentation_scope=span.instrumentation_scope,
-    )  # fmt: skip
-    assert copy.wire is None
-    return copy
-
-
-def test_spans_written_as_they_end_encode_to_the_sdks_message() -> None:
-    batch = wired_batch()
-    assert all(isinstance(s, WiredSpan) and s.wire for s in batch)
+def test_spans_written_as_they_end_encode_to_the_sdks_message(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    spans, wires, made = ended_both_ways(monkeypatch)
     encoder = SpanEncoder()
-    assert ExportTraceServiceRequest.FromString(encoder(batch)) == encode_spans(batch)
-    # The wire form written at the end is byte for byte what the encoder would write
-    # from the span's fields on the export thread, alone and mixed in one batch.
-    assert encoder(batch) == encoder([unwired(s) for s in batch])
-    mixed = [s if i % 2 else unwired(s) for i, s in enumerate(batch)]
-    assert encoder(mixed) == encoder(batch)
+    joined = encoder.wired(spans.resource, SCOPE, wires)
+    assert ExportTraceServiceRequest.FromString(joined) == encode_spans(made)
+    # Byte for byte what the encoder writes from the spans' fields.
+    assert joined == encoder(made)
+    assert encoder.wired(spans.resource, SCOPE, []) == b""
 
 
-def test_a_span_the_wire_writer_does_not_cover_is_encoded_by_the_sdk() -> None:
-    batch = wired_batch()
-    # A value type the field table never produces: no wire form, and the whole batch
-    # goes to the SDK's encoder.
-    span = unwired(batch[0])
-    span._attributes = {**(span.attributes or {}), "odd": {"not": "covered"}}
-    assert (
-        wire_span(
-            1, 2, None, None, "n", SpanKind.CLIENT, 1, 2, {"odd": {"not": "covered"}}, span.status
-        )
-        is None
+def exporter(resource: Resource) -> WireSpanExporter:
+    return WireSpanExporter(resource, SCOPE, endpoint="http://127.0.0.1:9/v1/traces")
+
+
+def test_a_span_the_wire_writer_does_not_cover_is_encoded_by_the_sdk(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    spans, wires, made = ended_both_ways(monkeypatch)
+    # A value type the field table never produces: no wire form...
+    odd = {"odd": {"not": "covered"}}
+    status = Status(StatusCode.UNSET)
+    assert wire_span(1, 2, None, None, "n", SpanKind.CLIENT, 1, 2, odd, status) is None
+    # ...so DirectSpans hands the processor the span instead of bytes.
+    pushed: list[bytes] = []
+    direct = DirectSpans(spans.processor, spans.resource, SCOPE, WireOut(wire_span, pushed.append))
+    call = Tracing(spans.tracer, True, direct).start("odd", {})
+    assert isinstance(call, DirectCallSpan)
+    direct.end(call, "odd", odd, status)
+    assert pushed == []
+    fallback = spans.exported.get_finished_spans()[-1]
+    assert fallback.name == "odd" and dict(fallback.attributes or {}) == odd
+    # A queue's batch of both: the wire bytes under the pipeline's header, then the
+    # spans by the SDK's encoder.
+    sent = ExportTraceServiceRequest.FromString(exporter(spans.resource).encode([*wires, fallback]))
+    expected = encode_spans(made)
+    expected.MergeFrom(encode_spans([fallback]))
+    assert sent == expected
+    # Spans alone (no bytes): the SDK's message.
+    only = [*made, fallback]
+    assert ExportTraceServiceRequest.FromString(exporter(spans.resource).encode(only)) == (
+        encode_spans(only)
     )
-    mixed = [*batch, span]
-    assert ExportTraceServiceRequest.FromString(SpanEncoder()(mixed)) == encode_spans(mixed)
 
 
-def test_an_otlp_pipeline_writes_each_span_as_it_ends(monkeypatch: pytest.MonkeyPatch) -> None:
-    sent: list[ReadableSpan] = []
+def test_an_otlp_pipeline_queues_each_span_as_its_wire_bytes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    sent: list[object] = []
 
-    def export(self: WireSpanExporter, spans: Sequence[ReadableSpan]) -> SpanExportResult:
-        sent.extend(spans)
+    def export(self: WireSpanExporter, items: Sequence[object]) -> SpanExportResult:
+        sent.extend(items)
         return SpanExportResult.SUCCESS
 
     monkeypatch.setattr(WireSpanExporter, "export", export)
@@ -261,5 +281,9 @@ def test_an_otlp_pipeline_writes_each_span_as_it_ends(monkeypatch: pytest.Monkey
     tel.force_flush()
     tel.shutdown()
     assert len(sent) == len(records())
-    assert all(isinstance(s, WiredSpan) and s.wire for s in sent)
-    assert SpanEncoder()(sent) == SpanEncoder()([unwired(s) for s in sent])
+    assert all(type(item) is bytes for item in sent)  # no span object kept for export
+    request = ExportTraceServiceRequest.FromString(
+        exporter(tel.tracer_provider.resource).encode(sent)  # type: ignore[arg-type]
+    )
+    names = [s.name for rs in request.resource_spans for ss in rs.scope_spans for s in ss.spans]
+    assert names == [r.span_name for r in records()]
