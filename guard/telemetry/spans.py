@@ -46,6 +46,13 @@ _SDK_ROOT_FLAGS = int(TraceFlags.SAMPLED | TraceFlags.RANDOM_TRACE_ID)
 _APP_VALUE_MAX = 256
 
 
+# Ids as hex, printf-style: the same text as an f-string's ``:032x`` at half its cost
+# (five ids a call).
+_hex128 = "%032x".__mod__
+_hex64 = "%016x".__mod__
+_traceparent = "00-%032x-%016x-%02x".__mod__
+
+
 class CallSpan:
     """One call's span, from ``Telemetry.start`` to ``Telemetry.finish``.
 
@@ -90,21 +97,21 @@ class CallSpan:
         """The record's correlation id, made when first asked for (records only)."""
         if self._request_id is None:
             # Not a secret: no os.urandom system call per call.
-            self._request_id = f"{random.getrandbits(128):032x}"
+            self._request_id = _hex128(random.getrandbits(128))
         return self._request_id
 
     @property
     def trace_id(self) -> str:
-        return f"{self.trace_int:032x}"
+        return _hex128(self.trace_int)
 
     @property
     def span_id(self) -> str:
-        return f"{self.span_int:016x}"
+        return _hex64(self.span_int)
 
     def inject(self, headers: dict[str, str]) -> dict[str, str]:
         """Write ``traceparent`` (and ``tracestate``) naming this span as the parent:
         the W3C format as ``TraceContextTextMapPropagator.inject`` writes it."""
-        headers["traceparent"] = f"00-{self.trace_id}-{self.span_id}-{self.flags:02x}"
+        headers["traceparent"] = _traceparent((self.trace_int, self.span_int, self.flags))
         if self.state:
             headers["tracestate"] = self.state.to_header()
         return headers
