@@ -134,6 +134,9 @@ def _true_or_none(value: Any) -> bool | None:
     return True if value else None
 
 
+# A conversion's result type where the conversion is not a type itself.
+_CONVERTED_TYPES: dict[Callable[[Any], Any], type] = {_str_tuple: tuple, _true_or_none: bool}
+
 # fmt: off
 FIELDS: tuple[Field, ...] = (
     Field("session", attr="session", pseudonym=True),
@@ -232,6 +235,47 @@ def _span_function(spans: Sequence[Field]) -> Callable[[CallRecord], dict[str, A
     return _compile("\n".join(lines) + "\n", "span", env)
 
 
+# A field writer (``Projections.span_writer``): for an attribute key and the one type
+# its values have after the field's conversion (None: not fixed, or not worth caching),
+# a lookup of the attribute's written form by value (None: not there) and the writer
+# of a value the lookup did not have.
+FieldWriter = Callable[[str, type | None], tuple[Callable[[Any], Any], Callable[[Any], Any]]]
+
+
+def _span_type(f: Field) -> type | None:
+    """The type a span value of ``f`` always has (None: not fixed by the table, or a
+    float: floats are not cached, -0.0 equals 0.0)."""
+    if f.span_as is None:
+        return str  # the reads the table names give strings (or None)
+    found = f.span_as if isinstance(f.span_as, type) else _CONVERTED_TYPES.get(f.span_as)
+    return None if found is float else found
+
+
+def _span_writer_function(spans: Sequence[Field], writer: FieldWriter) -> Callable[..., Any]:
+    """The span projection as one generated function writing each attribute at once:
+    per field the read, the conversion, and, unless the value is None, its written
+    form: looked up by value, else written (``writer``'s pair for the field)."""
+    env: dict[str, Any] = dict(_EXPR_NAMES)
+    lines = ["def span(r):", "    o = []", "    add = o.append"]
+    for i, f in enumerate(spans):
+        kind = _span_type(f)
+        cached, write = writer(f.span or "", kind)
+        env[f"_w{i}"] = write
+        lines.append(f"    v = {_read_expr(f, i, env)}")
+        if f.span_as is not None:
+            env[f"_as{i}"] = f.span_as
+            lines.append("    if v is not None:")
+            lines.append(f"        v = _as{i}(v)")
+        lines.append("    if v is not None:")
+        if kind is None:
+            lines.append(f"        add(_w{i}(v))")
+        else:
+            env[f"_c{i}"] = cached
+            lines.append(f"        add(_c{i}(v) or _w{i}(v))")
+    lines.append("    return o")
+    return _compile("\n".join(lines) + "\n", "span writer", env)
+
+
 def _read_expr(f: Field, i: int, env: dict[str, Any]) -> str:
     """The source reading field ``f`` of the record ``r``: an attribute (checked to be
     an identifier), its expression, or its reader, passed in ``env`` by name."""
@@ -247,7 +291,7 @@ def _read_expr(f: Field, i: int, env: dict[str, Any]) -> str:
 
 def _compile(source: str, name: str, env: dict[str, Any]) -> Callable[..., dict[str, Any]]:
     exec(compile(source, f"<loopguard {name} projection>", "exec"), env)
-    function: Callable[..., dict[str, Any]] = env[name]
+    function: Callable[..., dict[str, Any]] = env[name.split()[0]]
     return function
 
 
@@ -271,6 +315,7 @@ class Projections:
         # Semconv attributes first, then the guard's own (as they read in a backend).
         spans.sort(key=lambda f: (f.span or "").startswith("loopguard."))
         self._span = _span_function(spans)
+        self._spans = tuple(spans)
         self.span_keys: tuple[str, ...] = tuple(f.span for f in spans if f.span)
         self._metric = tuple(
             (f.span, f.reader(), f.span_as, f.metric_with) for f in spans if f.metric and f.span
@@ -280,6 +325,13 @@ class Projections:
     def span(self, record: CallRecord) -> dict[str, Any]:
         """The span's attributes from the table (semconv, then loopguard.*)."""
         return self._span(record)
+
+    def span_writer(self, writer: FieldWriter) -> Callable[[CallRecord], list[Any]]:
+        """The span's attributes as ``span`` gives them, each already in its written
+        form (an OTLP KeyValue field: ``otlp_wire``), in the same order, None left off:
+        no attribute dict is built. ``writer(key, type)`` gives each field's lookup and
+        writer once, here."""
+        return _span_writer_function(self._spans, writer)
 
     def metric(self, record: CallRecord) -> dict[str, Any]:
         """Low-cardinality attributes only: never session, hashes, markers or ids."""

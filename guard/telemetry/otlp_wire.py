@@ -21,7 +21,7 @@ the exporter is "otlp" (it brings the HTTP client in).
 from __future__ import annotations
 
 import struct
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from opentelemetry.exporter.otlp.proto.common._internal import (
@@ -38,6 +38,8 @@ from opentelemetry.sdk.trace.export import SpanExportResult
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import SpanContext, SpanKind, Status, TraceState
 
+from guard.engine.calls import CallRecord
+from guard.telemetry.fields import PROJECTIONS
 from guard.telemetry.otlp_http import persistent_transport
 
 # What the span queue holds: a span's wire bytes (its pipeline's resource and scope),
@@ -125,6 +127,8 @@ def _attribute(key: str, value: Any) -> bytes:
         if type(value) is str:
             return _varying_str(_key_field(key), value.encode())
         return _field(0x4A, _key_field(key) + _field(0x12, _any_value(value)))
+    if type(value) is float:  # not cached: -0.0 equals 0.0
+        return _field(0x4A, _key_field(key) + _field(0x12, _any_value(value)))
     try:
         cache_key = (key, value, type(value))  # the type: True and 1 are equal keys
         cached = _attribute_cache.get(cache_key)
@@ -152,6 +156,44 @@ def _varying_str(key_field: bytes, value: bytes) -> bytes:
             bytes((0x4A, size)) + key_field + bytes((0x12, len(value) + 2, 0x0A, len(value)))
         ) + value
     return _field(0x4A, key_field + _field(0x12, _field(0x0A, value)))
+
+
+def _field_writer(
+    key: str, kind: type | None
+) -> tuple[Callable[[Any], Any], Callable[[Any], bytes]]:
+    """``Projections.span_writer``'s pair for one span attribute: the lookup of its
+    KeyValue field by value, and the writer of a value not found. The field's own
+    cache holds only values of ``kind`` (the one type the field table converts its
+    values to: no True found for 1), until the key is found varying."""
+    key_field = _field(0x0A, key.encode())
+    cache: dict[Any, bytes] = {}
+
+    def write(value: Any) -> bytes:
+        if type(value) is str:
+            encoded = _varying_str(key_field, value.encode())
+        else:
+            encoded = _field(0x4A, key_field + _field(0x12, _any_value(value)))
+        if type(value) is kind and len(cache) < _VARYING_AFTER:
+            cache[value] = encoded
+        return encoded
+
+    return cache.get, write
+
+
+_write_table = PROJECTIONS.span_writer(_field_writer)
+
+
+def write_fields(record: CallRecord, extra: Mapping[str, Any] | None) -> list[bytes] | None:
+    """A call's span attributes as Span.attributes fields: the field table's (as
+    ``PROJECTIONS.span`` gives them), then ``extra``'s, whose keys are none of the
+    table's; None when this encoder does not cover a value."""
+    try:
+        fields = _write_table(record)
+        if extra:
+            fields += [_attribute(key, value) for key, value in extra.items()]
+    except (NotCovered, TypeError):  # TypeError: an unhashable value where a str goes
+        return None
+    return fields
 
 
 # Span.status fields by (code, description): nearly always unset or one failure stage.
@@ -208,12 +250,13 @@ def wire_span(
     kind: SpanKind,
     start_time: int,
     end_time: int,
-    attributes: Mapping[str, Any],
+    attributes: Mapping[str, Any] | list[bytes],
     status: Status,
 ) -> bytes | None:
     """The ScopeSpans.spans field of a span with no events, links or dropped
     attributes, from its pieces (``DirectSpans`` writes it as the span ends); None
-    when this encoder does not cover a value."""
+    when this encoder does not cover a value. ``attributes``: a mapping, or its
+    Span.attributes fields already written (``write_fields``)."""
     try:
         return _span_field(
             trace_id, span_id, trace_state, parent, name, kind, start_time, end_time,
@@ -232,7 +275,7 @@ def _span_field(
     kind: SpanKind,
     start_time: int,
     end_time: int,
-    attributes: Mapping[str, Any],
+    attributes: Mapping[str, Any] | list[bytes],
     dropped_attributes: int,
     status: Status,
 ) -> bytes:
@@ -252,20 +295,23 @@ def _span_field(
     parts.append(_KIND_CLIENT if kind is SpanKind.CLIENT else _KIND[kind])
     parts.append(_pack_times(0x39, start_time, 0x41, end_time))
     append = parts.append
-    cached_field = _attribute_cache.get
-    varying = _varying
-    for key, value in attributes.items():
-        if key not in varying:
-            try:
-                found = cached_field((key, value, type(value)))
-            except TypeError:  # a list
-                found = None
-            if found is not None:
-                append(found)
-                continue
-        if value is None:
-            raise NotCovered("None value")
-        append(_attribute(key, value))
+    if type(attributes) is list:
+        parts += attributes
+    else:
+        cached_field = _attribute_cache.get
+        varying = _varying
+        for key, value in attributes.items():  # type: ignore[union-attr]
+            if key not in varying:
+                try:
+                    found = cached_field((key, value, type(value)))
+                except TypeError:  # a list
+                    found = None
+                if found is not None:
+                    append(found)
+                    continue
+            if value is None:
+                raise NotCovered("None value")
+            append(_attribute(key, value))
     if dropped_attributes:
         append(b"\x50" + _varint(dropped_attributes))
     append(_status_field(status))
