@@ -40,6 +40,7 @@ from time import time_ns
 from typing import Any
 
 from opentelemetry import trace
+from opentelemetry.context import get_current
 from opentelemetry.sdk.metrics import (
     AlwaysOffExemplarFilter,
     Counter,
@@ -67,6 +68,7 @@ from opentelemetry.sdk.metrics.view import (
 )
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+from opentelemetry.trace.propagation import _SPAN_KEY
 from opentelemetry.trace.span import INVALID_SPAN
 from opentelemetry.util.types import Attributes
 
@@ -370,7 +372,10 @@ class Aggregates:
         exemplar_filter = self._exemplar_filter
         if isinstance(exemplar_filter, AlwaysOffExemplarFilter):
             return None
-        span = trace.get_current_span()
+        # ``trace.get_current_span()`` without its two calls in between.
+        span = get_current().get(_SPAN_KEY)
+        if span is None or not isinstance(span, trace.Span):
+            span = INVALID_SPAN
         if isinstance(exemplar_filter, TraceBasedExemplarFilter):
             if span is INVALID_SPAN or not span.get_span_context().trace_flags.sampled:
                 return None

@@ -276,6 +276,35 @@ def _span_writer_function(spans: Sequence[Field], writer: FieldWriter) -> Callab
     return _compile("\n".join(lines) + "\n", "span writer", env)
 
 
+def _metric_function(metric: Sequence[Field]) -> Callable[..., Any]:
+    """The metric attributes as one generated function: per field the read, the
+    conversion, and the (key, value) pair unless the value is None; a field with
+    ``metric_with`` only when that attribute came before it."""
+    env: dict[str, Any] = dict(_EXPR_NAMES)
+    needed = {f.metric_with for f in metric if f.metric_with is not None}
+    lines = ["def metric(r):", "    k = []"]
+    flags: dict[str, str] = {}
+    for key in sorted(needed):
+        flags[key] = f"_has{len(flags)}"
+        lines.append(f"    {flags[key]} = False")
+    for i, f in enumerate(metric):
+        indent = "    "
+        if f.metric_with is not None:
+            lines.append(f"    if {flags[f.metric_with]}:")
+            indent = "        "
+        lines.append(f"{indent}v = {_read_expr(f, i, env)}")
+        if f.span_as is not None:
+            env[f"_as{i}"] = f.span_as
+            lines.append(f"{indent}if v is not None:")
+            lines.append(f"{indent}    v = _as{i}(v)")
+        lines.append(f"{indent}if v is not None:")
+        lines.append(f"{indent}    k.append(({f.span!r}, v))")
+        if f.span in flags:
+            lines.append(f"{indent}    {flags[f.span or '']} = True")
+    lines.append("    return tuple(k)")
+    return _compile("\n".join(lines) + "\n", "metric", env)
+
+
 def _read_expr(f: Field, i: int, env: dict[str, Any]) -> str:
     """The source reading field ``f`` of the record ``r``: an attribute (checked to be
     an identifier), its expression, or its reader, passed in ``env`` by name."""
@@ -317,10 +346,15 @@ class Projections:
         self._span = _span_function(spans)
         self._spans = tuple(spans)
         self.span_keys: tuple[str, ...] = tuple(f.span for f in spans if f.span)
-        self._metric = tuple(
-            (f.span, f.reader(), f.span_as, f.metric_with) for f in spans if f.metric and f.span
+        metric = [f for f in spans if f.metric]
+        self.metric_keys: tuple[str, ...] = tuple(f.span for f in metric if f.span)
+        if len(set(self.metric_keys)) != len(self.metric_keys):
+            raise ValueError("a metric attribute is declared twice")
+        # ``metric_key(record)``: the metric attributes as the items of ``metric``'s
+        # dict, in its order (a series' key, built without the dict).
+        self.metric_key: Callable[[CallRecord], tuple[tuple[str, Any], ...]] = _metric_function(
+            metric
         )
-        self.metric_keys: tuple[str, ...] = tuple(key for key, _, _, _ in self._metric)
 
     def span(self, record: CallRecord) -> dict[str, Any]:
         """The span's attributes from the table (semconv, then loopguard.*)."""
@@ -335,16 +369,7 @@ class Projections:
 
     def metric(self, record: CallRecord) -> dict[str, Any]:
         """Low-cardinality attributes only: never session, hashes, markers or ids."""
-        attrs: dict[str, Any] = {}
-        for key, read, convert, needs in self._metric:
-            if needs is not None and needs not in attrs:
-                continue
-            value = read(record)
-            if value is not None and convert is not None:
-                value = convert(value)
-            if value is not None:
-                attrs[key] = value
-        return attrs
+        return dict(self.metric_key(record))
 
 
 PROJECTIONS = Projections(FIELDS)

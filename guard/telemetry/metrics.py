@@ -164,7 +164,7 @@ class MetricSink:
 
         if gen_ai_operation(record) is None or record.failure_stage == FailureStage.LOOP_GUARD:
             return  # not a GenAI operation, or one that never ran
-        key = tuple(PROJECTIONS.metric(record).items())
+        key = PROJECTIONS.metric_key(record)
         total = record.total_s if record.total_s is not None else time.monotonic() - call.started
         self._duration.record(max(float(total), 0.0), key, 1, exemplar)
 

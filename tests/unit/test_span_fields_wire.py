@@ -21,6 +21,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 from guard.engine.calls import CallRecord, FailureStage, Route, StallRule, Usage
 from guard.engine.config import TelemetryConfig
 from guard.telemetry import spans as spans_module
+from guard.telemetry.fields import FIELDS, PROJECTIONS
 from guard.telemetry.otlp_wire import SpanEncoder, wire_span, write_fields
 from guard.telemetry.semconv import (
     ATTR_TOOL_NAME,
@@ -256,3 +257,27 @@ def test_an_attribute_of_any_other_type_is_written_as_the_dict_would() -> None:
             continue  # the dict path's
         got = wire_span(1, 2, None, None, "n", SpanKind.CLIENT, 3, 4, fields, STATUS)
         assert got == expected
+
+
+def metric_reference(record: CallRecord) -> dict[str, Any]:
+    """The metric attributes as the field table says them, field by field."""
+    attrs: dict[str, Any] = {}
+    for f in sorted(FIELDS, key=lambda f: (f.span or "").startswith("loopguard.")):
+        if not f.metric or f.span is None:
+            continue
+        if f.metric_with is not None and f.metric_with not in attrs:
+            continue
+        value = f.reader()(record)
+        if value is not None and f.span_as is not None:
+            value = f.span_as(value)
+        if value is not None:
+            attrs[f.span] = value
+    return attrs
+
+
+@settings(max_examples=200, deadline=None)
+@given(record=call_records)
+def test_the_metric_key_is_the_tables_metric_attributes_in_order(record: CallRecord) -> None:
+    expected = metric_reference(record)
+    assert PROJECTIONS.metric_key(record) == tuple(expected.items())
+    assert PROJECTIONS.metric(record) == expected
