@@ -127,7 +127,7 @@ def error_type(record: CallRecord) -> str | None:
 
 
 def _str_tuple(values: Iterable[Any]) -> tuple[str, ...] | None:
-    return tuple(str(v) for v in values) or None
+    return (tuple(map(str, values)) or None) if values else None
 
 
 def _true_or_none(value: Any) -> bool | None:

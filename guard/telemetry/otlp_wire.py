@@ -164,16 +164,28 @@ def _field_writer(
     """``Projections.span_writer``'s pair for one span attribute: the lookup of its
     KeyValue field by value, and the writer of a value not found. The field's own
     cache holds only values of ``kind`` (the one type the field table converts its
-    values to: no True found for 1), until the key is found varying."""
+    values to: no True found for 1), up to a few: a key whose values do not repeat
+    (hashes, markers, ids) has its strings written each time, after a prefix (tags
+    and sizes) looked up by the value's size."""
     key_field = _field(0x0A, key.encode())
     cache: dict[Any, bytes] = {}
+    # KeyValue field, key, AnyValue's tag and size, string_value's: one byte each size.
+    prefixes = tuple(
+        bytes((0x4A, len(key_field) + n + 4)) + key_field + bytes((0x12, n + 2, 0x0A, n))
+        for n in range(max(0, 0x80 - 4 - len(key_field)))
+    )
+    short = len(prefixes)
 
     def write(value: Any) -> bytes:
         if type(value) is str:
-            encoded = _varying_str(key_field, value.encode())
+            data = value.encode()
+            if len(data) < short:
+                encoded = prefixes[len(data)] + data
+            else:
+                encoded = _field(0x4A, key_field + _field(0x12, _field(0x0A, data)))
         else:
             encoded = _field(0x4A, key_field + _field(0x12, _any_value(value)))
-        if type(value) is kind and len(cache) < _VARYING_AFTER:
+        if len(cache) < _VARYING_AFTER and type(value) is kind:
             cache[value] = encoded
         return encoded
 
