@@ -51,7 +51,8 @@ _KIND = {kind: bytes((0x30, kind.value + 1)) for kind in SpanKind}
 # Span.flags (fixed32, field 16): "has is_remote", and "is remote" for a remote parent.
 _FLAGS_LOCAL = b"\x85\x01" + struct.pack("<I", 0x100)
 _FLAGS_REMOTE = b"\x85\x01" + struct.pack("<I", 0x300)
-_KIND_CLIENT = _KIND[SpanKind.CLIENT]
+_CLIENT = SpanKind.CLIENT  # a module global: an enum class's attribute is slower
+_KIND_CLIENT = _KIND[_CLIENT]
 # Span.start_time_unix_nano and end_time_unix_nano (fixed64 fields 7 and 8), with tags.
 _pack_times = struct.Struct("<BQBQ").pack
 _pack_double = struct.Struct("<d").pack
@@ -195,17 +196,36 @@ def _field_writer(
 _write_table = PROJECTIONS.span_writer(_field_writer)
 
 
-def write_fields(record: CallRecord, extra: Mapping[str, Any] | None) -> list[bytes] | None:
-    """A call's span attributes as Span.attributes fields: the field table's (as
-    ``PROJECTIONS.span`` gives them), then ``extra``'s, whose keys are none of the
-    table's; None when this encoder does not cover a value."""
+def wire_record(
+    trace_id: int,
+    span_id: int,
+    trace_state: TraceState | None,
+    parent: SpanContext | None,
+    name: str,
+    kind: SpanKind,
+    start_time: int,
+    end_time: int,
+    record: CallRecord,
+    extra: Mapping[str, Any] | None,
+    status: Status,
+    limit: int | None,
+) -> bytes | None:
+    """``wire_span`` of a call's span whose attributes are written straight from its
+    record: the field table's (as ``PROJECTIONS.span`` gives them), then ``extra``'s,
+    whose keys are none of the table's. None when this encoder does not cover a value
+    or there are more than ``limit`` attributes (the caller then builds the dict)."""
     try:
         fields = _write_table(record)
         if extra:
             fields += [_attribute(key, value) for key, value in extra.items()]
     except (NotCovered, TypeError):  # TypeError: an unhashable value where a str goes
         return None
-    return fields
+    if limit is not None and len(fields) > limit:
+        return None
+    return _span_field(
+        trace_id, span_id, trace_state, parent, name, kind, start_time, end_time, fields, 0,
+        status,
+    )  # fmt: skip
 
 
 # Span.status fields by (code, description): nearly always unset or one failure stage.
@@ -268,7 +288,7 @@ def wire_span(
     """The ScopeSpans.spans field of a span with no events, links or dropped
     attributes, from its pieces (``DirectSpans`` writes it as the span ends); None
     when this encoder does not cover a value. ``attributes``: a mapping, or its
-    Span.attributes fields already written (``write_fields``)."""
+    Span.attributes fields already written (``wire_record``)."""
     try:
         return _span_field(
             trace_id, span_id, trace_state, parent, name, kind, start_time, end_time,
@@ -304,7 +324,7 @@ def _span_field(
         if len(_name_fields) < 256:
             _name_fields[name] = name_field
     parts.append(name_field)
-    parts.append(_KIND_CLIENT if kind is SpanKind.CLIENT else _KIND[kind])
+    parts.append(_KIND_CLIENT if kind is _CLIENT else _KIND[kind])
     parts.append(_pack_times(0x39, start_time, 0x41, end_time))
     append = parts.append
     if type(attributes) is list:
@@ -326,7 +346,7 @@ def _span_field(
             append(_attribute(key, value))
     if dropped_attributes:
         append(b"\x50" + _varint(dropped_attributes))
-    append(_status_field(status))
+    append(_status_objects.get(status) or _status_field(status))
     append(_FLAGS_REMOTE if parent is not None and parent.is_remote else _FLAGS_LOCAL)
     body = b"".join(parts)
     size = len(body)

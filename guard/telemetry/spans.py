@@ -153,7 +153,7 @@ class DirectCallSpan(CallSpan):
 # Writes a span's wire form from its pieces (``otlp_wire.wire_span``): trace id, span
 # id, trace state, parent, name, kind, start, end, attributes, status; None when it
 # does not cover a value.
-# The attributes: a mapping, or their wire form (``WireOut.fields``).
+# The attributes: a mapping, or their wire form (``otlp_wire.wire_record``).
 WireWriter = Callable[
     [int, int, "trace.TraceState | None", "SpanContext | None", str, SpanKind, int, int,
      "Mapping[str, Any] | list[bytes]", Status],
@@ -161,16 +161,25 @@ WireWriter = Callable[
 ]  # fmt: skip
 
 
+# Writes a call's span with its attributes straight from its record
+# (``otlp_wire.wire_record``): as ``WireWriter``, then the record, the extra attributes
+# and the status, and the attribute limit; None when it does not cover them.
+RecordWriter = Callable[
+    [int, int, "trace.TraceState | None", "SpanContext | None", str, SpanKind, int, int,
+     CallRecord, "Mapping[str, Any] | None", Status, "int | None"],
+    "bytes | None",
+]  # fmt: skip
+
+
 class WireOut(NamedTuple):
     """The OTLP pipeline's way out for a span: ``write`` its wire form, ``push`` those
-    bytes to the span queue (``span_queue.WireSpanProcessor``). ``fields``: a call's
-    span attributes written straight from its record, the field table's then the
-    extra ones (``otlp_wire.write_fields``; None: a value it does not cover), so no
-    attribute dict is built."""
+    bytes to the span queue (``span_queue.WireSpanProcessor``). ``record``: a call's
+    span written with its attributes straight from its record, no attribute dict
+    built."""
 
     write: WireWriter
     push: Callable[[bytes], None]
-    fields: Callable[[CallRecord, Mapping[str, Any] | None], list[bytes] | None] | None = None
+    record: RecordWriter | None = None
 
 
 class DirectSpans:
@@ -207,7 +216,7 @@ class DirectSpans:
         status: Status,
     ) -> None:
         """End ``call`` with the record's span attributes (``span_attributes``: the
-        table's, then ``extra``). With the wire writer's ``fields`` they are written
+        table's, then ``extra``). With the wire writer's ``record`` they are written
         straight to the wire; as a dict where it does not cover them (a value, an extra
         key that is also the table's, more attributes than the limit)."""
         if not call.flags & _SAMPLED_INT:
@@ -215,19 +224,16 @@ class DirectSpans:
         wire = self._wire
         if (
             wire is not None
-            and wire.fields is not None
+            and wire.record is not None
             and (not extra or _SPAN_KEYS.isdisjoint(extra))
         ):
-            fields = wire.fields(record, extra)
-            limit = self._max_attributes
-            if fields is not None and (limit is None or len(fields) <= limit):
-                encoded = wire.write(
-                    call.trace_int, call.span_int, call.state, call.parent, name,
-                    call.kind, call.start_ns, time.time_ns(), fields, status,
-                )  # fmt: skip
-                if encoded is not None:
-                    wire.push(encoded)
-                    return
+            encoded = wire.record(
+                call.trace_int, call.span_int, call.state, call.parent, name, call.kind,
+                call.start_ns, time.time_ns(), record, extra, status, self._max_attributes,
+            )  # fmt: skip
+            if encoded is not None:
+                wire.push(encoded)
+                return
         attributes = PROJECTIONS.span(record)
         if extra:
             attributes.update(extra)

@@ -1,4 +1,4 @@
-"""Span attributes written straight from the record (``otlp_wire.write_fields``) are,
+"""Span attributes written straight from the record (``otlp_wire.wire_record``) are,
 byte for byte, what the wire writer makes of the attribute dict (``span_attributes``),
 whatever the record holds; where they cannot be, ``DirectSpans`` takes the dict path."""
 
@@ -22,7 +22,7 @@ from guard.engine.calls import CallRecord, FailureStage, Route, StallRule, Usage
 from guard.engine.config import TelemetryConfig
 from guard.telemetry import spans as spans_module
 from guard.telemetry.fields import FIELDS, PROJECTIONS
-from guard.telemetry.otlp_wire import SpanEncoder, wire_span, write_fields
+from guard.telemetry.otlp_wire import SpanEncoder, wire_record, wire_span
 from guard.telemetry.semconv import (
     ATTR_TOOL_NAME,
     CAPTURE_ATTRIBUTES,
@@ -100,10 +100,9 @@ def dict_path(record: CallRecord, cfg: TelemetryConfig) -> bytes | None:
     )
 
 
-def fused_path(record: CallRecord, cfg: TelemetryConfig) -> bytes | None:
-    fields = write_fields(record, extra_attributes(record, cfg))
-    assert fields is not None
-    return wire_span(1, 2, None, None, "n", SpanKind.CLIENT, 3, 4, fields, STATUS)
+def fused_path(record: CallRecord, cfg: TelemetryConfig, limit: int | None = None) -> bytes | None:
+    extra = extra_attributes(record, cfg)
+    return wire_record(1, 2, None, None, "n", SpanKind.CLIENT, 3, 4, record, extra, STATUS, limit)
 
 
 @settings(max_examples=400, deadline=None)
@@ -116,6 +115,7 @@ def test_fields_written_from_the_record_are_the_dicts_wire_bytes(
     if extra and not spans_module._SPAN_KEYS.isdisjoint(extra):
         return  # an app key that is the table's: DirectSpans takes the dict path
     fused = fused_path(record, cfg)
+    assert fused is not None
     assert fused == dict_path(record, cfg)
     # Twice: the second time from the fields' caches.
     assert fused_path(record, cfg) == fused
@@ -161,7 +161,7 @@ class Pipeline:
         provider.add_span_processor(self.processor)
         self.tracer = provider.get_tracer(INSTRUMENTATION_NAME, "1", schema_url=SCHEMA_URL)
         self.wires: list[bytes] = []
-        out = WireOut(wire_span, self.wires.append, write_fields)
+        out = WireOut(wire_span, self.wires.append, wire_record)
         self.wired = DirectSpans(self.processor, self.resource, SCOPE, out)
 
 
@@ -228,7 +228,7 @@ def test_more_attributes_than_the_limit_keeps_the_first_ones(
 def test_a_value_the_wire_writer_does_not_cover_goes_as_a_span() -> None:
     # A value no field conversion makes (a caller's own type where a str goes).
     record = CallRecord(operation="chat", span_name="chat", model={"odd": 1})  # type: ignore[arg-type]
-    assert write_fields(record, None) is None
+    assert fused_path(record, TelemetryConfig()) is None
     pipeline = Pipeline()
     ended(pipeline, record, TelemetryConfig())
     assert pipeline.wires == []
@@ -249,14 +249,22 @@ def test_an_attribute_of_any_other_type_is_written_as_the_dict_would() -> None:
     # A str field holding an int, a list (unhashable: the dict path), a bool.
     values: list[Any] = [7, True, ["a", "b"], 2.5]
     cfg = TelemetryConfig()
+    written = 0
     for value in values:
         record = CallRecord(operation="chat", span_name="chat", model=value)
-        fields = write_fields(record, None)
-        expected = dict_path(record, cfg)
-        if fields is None:
+        got = fused_path(record, cfg)
+        if got is None:
             continue  # the dict path's
-        got = wire_span(1, 2, None, None, "n", SpanKind.CLIENT, 3, 4, fields, STATUS)
-        assert got == expected
+        written += 1
+        assert got == dict_path(record, cfg)
+    assert written == 3  # the list is not hashable: the dict path
+
+
+def test_past_the_limit_the_record_writer_leaves_it_to_the_dict_path() -> None:
+    record = CallRecord(operation="chat", span_name="chat", model="m", tool="t")
+    count = len(span_attributes(record, TelemetryConfig()))
+    assert fused_path(record, TelemetryConfig(), limit=count) is not None
+    assert fused_path(record, TelemetryConfig(), limit=count - 1) is None
 
 
 def metric_reference(record: CallRecord) -> dict[str, Any]:
