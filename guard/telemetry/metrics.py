@@ -48,6 +48,9 @@ _MAX_CHUNK_SAMPLES = 256
 # Routes where a stall rule fired (served anyway in observe mode; nudged; stopped).
 _STALL_ROUTES = frozenset({Route.STOP_AND_REVIEW, Route.NUDGE, Route.OBSERVE})
 
+# A module global: an enum class's attribute goes through its metaclass' __getattr__.
+_LOOP_GUARD = FailureStage.LOOP_GUARD
+
 _INPUT = (ATTR_TOKEN_TYPE, "input")
 _OUTPUT = (ATTR_TOKEN_TYPE, "output")
 
@@ -162,7 +165,7 @@ class MetricSink:
                 stop_key += ((ATTR_TOOL_NAME, record.tool),)
             self._stops.add(1, stop_key, exemplar)
 
-        if gen_ai_operation(record) is None or record.failure_stage == FailureStage.LOOP_GUARD:
+        if gen_ai_operation(record) is None or record.failure_stage == _LOOP_GUARD:
             return  # not a GenAI operation, or one that never ran
         key = PROJECTIONS.metric_key(record)
         total = record.total_s if record.total_s is not None else time.monotonic() - call.started
