@@ -35,11 +35,15 @@ import threading
 import weakref
 from bisect import bisect_left
 from collections.abc import Callable, Sequence
+from contextvars import ContextVar
 from random import randrange
 from time import time_ns
 from typing import Any
 
+from opentelemetry import context as otel_context
 from opentelemetry import trace
+from opentelemetry.context import Context, get_current
+from opentelemetry.context.contextvars_context import ContextVarsRuntimeContext
 from opentelemetry.sdk.metrics import (
     AlwaysOffExemplarFilter,
     Counter,
@@ -67,8 +71,22 @@ from opentelemetry.sdk.metrics.view import (
 )
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+from opentelemetry.trace.propagation import _SPAN_KEY
 from opentelemetry.trace.span import INVALID_SPAN
 from opentelemetry.util.types import Attributes
+
+
+def _context_reader() -> Callable[[], Context]:
+    """``context.get_current``, read from its context variable where the runtime
+    context is the default one (the variable's own ``get``: no Python call between)."""
+    runtime = getattr(otel_context, "_RUNTIME_CONTEXT", None)
+    variable = getattr(runtime, "_current_context", None)
+    if type(runtime) is ContextVarsRuntimeContext and isinstance(variable, ContextVar):
+        return variable.get
+    return get_current
+
+
+_current_context = _context_reader()
 
 # An attribute set as the request path builds it: its items, in insertion order.
 AttrKey = tuple[tuple[str, Any], ...]
@@ -370,7 +388,10 @@ class Aggregates:
         exemplar_filter = self._exemplar_filter
         if isinstance(exemplar_filter, AlwaysOffExemplarFilter):
             return None
-        span = trace.get_current_span()
+        # ``trace.get_current_span()`` without the calls in between.
+        span = _current_context().get(_SPAN_KEY)
+        if span is None or not isinstance(span, trace.Span):
+            span = INVALID_SPAN
         if isinstance(exemplar_filter, TraceBasedExemplarFilter):
             if span is INVALID_SPAN or not span.get_span_context().trace_flags.sampled:
                 return None

@@ -286,7 +286,7 @@ def trace_pipeline(
         provider.add_span_processor(processor)
         return Pipeline(provider, True, guarded, processor)
     if cfg.exporter == "otlp":
-        from guard.telemetry.otlp_wire import WireSpanExporter, wire_span
+        from guard.telemetry.otlp_wire import WireSpanExporter, wire_record, wire_span
         from guard.telemetry.span_queue import WireSpanProcessor
         from guard.telemetry.spans import WireOut
 
@@ -297,7 +297,7 @@ def trace_pipeline(
         guarded = GuardedSpanExporter(exporter, warnings)
         queue = WireSpanProcessor(guarded, warnings)
         provider.add_span_processor(queue)
-        return Pipeline(provider, True, guarded, queue, WireOut(wire_span, queue.push))
+        return Pipeline(provider, True, guarded, queue, WireOut(wire_span, queue.push, wire_record))
     return Pipeline(provider, owned=True)
 
 

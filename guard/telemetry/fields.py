@@ -127,12 +127,15 @@ def error_type(record: CallRecord) -> str | None:
 
 
 def _str_tuple(values: Iterable[Any]) -> tuple[str, ...] | None:
-    return tuple(str(v) for v in values) or None
+    return (tuple(map(str, values)) or None) if values else None
 
 
 def _true_or_none(value: Any) -> bool | None:
     return True if value else None
 
+
+# A conversion's result type where the conversion is not a type itself.
+_CONVERTED_TYPES: dict[Callable[[Any], Any], type] = {_str_tuple: tuple, _true_or_none: bool}
 
 # fmt: off
 FIELDS: tuple[Field, ...] = (
@@ -232,6 +235,76 @@ def _span_function(spans: Sequence[Field]) -> Callable[[CallRecord], dict[str, A
     return _compile("\n".join(lines) + "\n", "span", env)
 
 
+# A field writer (``Projections.span_writer``): for an attribute key and the one type
+# its values have after the field's conversion (None: not fixed, or not worth caching),
+# a lookup of the attribute's written form by value (None: not there) and the writer
+# of a value the lookup did not have.
+FieldWriter = Callable[[str, type | None], tuple[Callable[[Any], Any], Callable[[Any], Any]]]
+
+
+def _span_type(f: Field) -> type | None:
+    """The type a span value of ``f`` always has (None: not fixed by the table, or a
+    float: floats are not cached, -0.0 equals 0.0)."""
+    if f.span_as is None:
+        return str  # the reads the table names give strings (or None)
+    found = f.span_as if isinstance(f.span_as, type) else _CONVERTED_TYPES.get(f.span_as)
+    return None if found is float else found
+
+
+def _span_writer_function(spans: Sequence[Field], writer: FieldWriter) -> Callable[..., Any]:
+    """The span projection as one generated function writing each attribute at once:
+    per field the read, the conversion, and, unless the value is None, its written
+    form: looked up by value, else written (``writer``'s pair for the field)."""
+    env: dict[str, Any] = dict(_EXPR_NAMES)
+    lines = ["def span(r):", "    o = []", "    add = o.append"]
+    for i, f in enumerate(spans):
+        kind = _span_type(f)
+        cached, write = writer(f.span or "", kind)
+        env[f"_w{i}"] = write
+        lines.append(f"    v = {_read_expr(f, i, env)}")
+        if f.span_as is not None:
+            env[f"_as{i}"] = f.span_as
+            lines.append("    if v is not None:")
+            lines.append(f"        v = _as{i}(v)")
+        lines.append("    if v is not None:")
+        if kind is None:
+            lines.append(f"        add(_w{i}(v))")
+        else:
+            env[f"_c{i}"] = cached
+            lines.append(f"        add(_c{i}(v) or _w{i}(v))")
+    lines.append("    return o")
+    return _compile("\n".join(lines) + "\n", "span writer", env)
+
+
+def _metric_function(metric: Sequence[Field]) -> Callable[..., Any]:
+    """The metric attributes as one generated function: per field the read, the
+    conversion, and the (key, value) pair unless the value is None; a field with
+    ``metric_with`` only when that attribute came before it."""
+    env: dict[str, Any] = dict(_EXPR_NAMES)
+    needed = {f.metric_with for f in metric if f.metric_with is not None}
+    lines = ["def metric(r):", "    k = []"]
+    flags: dict[str, str] = {}
+    for key in sorted(needed):
+        flags[key] = f"_has{len(flags)}"
+        lines.append(f"    {flags[key]} = False")
+    for i, f in enumerate(metric):
+        indent = "    "
+        if f.metric_with is not None:
+            lines.append(f"    if {flags[f.metric_with]}:")
+            indent = "        "
+        lines.append(f"{indent}v = {_read_expr(f, i, env)}")
+        if f.span_as is not None:
+            env[f"_as{i}"] = f.span_as
+            lines.append(f"{indent}if v is not None:")
+            lines.append(f"{indent}    v = _as{i}(v)")
+        lines.append(f"{indent}if v is not None:")
+        lines.append(f"{indent}    k.append(({f.span!r}, v))")
+        if f.span in flags:
+            lines.append(f"{indent}    {flags[f.span or '']} = True")
+    lines.append("    return tuple(k)")
+    return _compile("\n".join(lines) + "\n", "metric", env)
+
+
 def _read_expr(f: Field, i: int, env: dict[str, Any]) -> str:
     """The source reading field ``f`` of the record ``r``: an attribute (checked to be
     an identifier), its expression, or its reader, passed in ``env`` by name."""
@@ -247,7 +320,7 @@ def _read_expr(f: Field, i: int, env: dict[str, Any]) -> str:
 
 def _compile(source: str, name: str, env: dict[str, Any]) -> Callable[..., dict[str, Any]]:
     exec(compile(source, f"<loopguard {name} projection>", "exec"), env)
-    function: Callable[..., dict[str, Any]] = env[name]
+    function: Callable[..., dict[str, Any]] = env[name.split()[0]]
     return function
 
 
@@ -271,28 +344,32 @@ class Projections:
         # Semconv attributes first, then the guard's own (as they read in a backend).
         spans.sort(key=lambda f: (f.span or "").startswith("loopguard."))
         self._span = _span_function(spans)
+        self._spans = tuple(spans)
         self.span_keys: tuple[str, ...] = tuple(f.span for f in spans if f.span)
-        self._metric = tuple(
-            (f.span, f.reader(), f.span_as, f.metric_with) for f in spans if f.metric and f.span
+        metric = [f for f in spans if f.metric]
+        self.metric_keys: tuple[str, ...] = tuple(f.span for f in metric if f.span)
+        if len(set(self.metric_keys)) != len(self.metric_keys):
+            raise ValueError("a metric attribute is declared twice")
+        # ``metric_key(record)``: the metric attributes as the items of ``metric``'s
+        # dict, in its order (a series' key, built without the dict).
+        self.metric_key: Callable[[CallRecord], tuple[tuple[str, Any], ...]] = _metric_function(
+            metric
         )
-        self.metric_keys: tuple[str, ...] = tuple(key for key, _, _, _ in self._metric)
 
     def span(self, record: CallRecord) -> dict[str, Any]:
         """The span's attributes from the table (semconv, then loopguard.*)."""
         return self._span(record)
 
+    def span_writer(self, writer: FieldWriter) -> Callable[[CallRecord], list[Any]]:
+        """The span's attributes as ``span`` gives them, each already in its written
+        form (an OTLP KeyValue field: ``otlp_wire``), in the same order, None left off:
+        no attribute dict is built. ``writer(key, type)`` gives each field's lookup and
+        writer once, here."""
+        return _span_writer_function(self._spans, writer)
+
     def metric(self, record: CallRecord) -> dict[str, Any]:
         """Low-cardinality attributes only: never session, hashes, markers or ids."""
-        attrs: dict[str, Any] = {}
-        for key, read, convert, needs in self._metric:
-            if needs is not None and needs not in attrs:
-                continue
-            value = read(record)
-            if value is not None and convert is not None:
-                value = convert(value)
-            if value is not None:
-                attrs[key] = value
-        return attrs
+        return dict(self.metric_key(record))
 
 
 PROJECTIONS = Projections(FIELDS)

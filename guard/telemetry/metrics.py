@@ -48,6 +48,9 @@ _MAX_CHUNK_SAMPLES = 256
 # Routes where a stall rule fired (served anyway in observe mode; nudged; stopped).
 _STALL_ROUTES = frozenset({Route.STOP_AND_REVIEW, Route.NUDGE, Route.OBSERVE})
 
+# A module global: an enum class's attribute goes through its metaclass' __getattr__.
+_LOOP_GUARD = FailureStage.LOOP_GUARD
+
 _INPUT = (ATTR_TOKEN_TYPE, "input")
 _OUTPUT = (ATTR_TOKEN_TYPE, "output")
 
@@ -162,9 +165,9 @@ class MetricSink:
                 stop_key += ((ATTR_TOOL_NAME, record.tool),)
             self._stops.add(1, stop_key, exemplar)
 
-        if gen_ai_operation(record) is None or record.failure_stage == FailureStage.LOOP_GUARD:
+        if gen_ai_operation(record) is None or record.failure_stage == _LOOP_GUARD:
             return  # not a GenAI operation, or one that never ran
-        key = tuple(PROJECTIONS.metric(record).items())
+        key = PROJECTIONS.metric_key(record)
         total = record.total_s if record.total_s is not None else time.monotonic() - call.started
         self._duration.record(max(float(total), 0.0), key, 1, exemplar)
 

@@ -21,7 +21,7 @@ the exporter is "otlp" (it brings the HTTP client in).
 from __future__ import annotations
 
 import struct
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from opentelemetry.exporter.otlp.proto.common._internal import (
@@ -38,6 +38,8 @@ from opentelemetry.sdk.trace.export import SpanExportResult
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import SpanContext, SpanKind, Status, TraceState
 
+from guard.engine.calls import CallRecord
+from guard.telemetry.fields import PROJECTIONS
 from guard.telemetry.otlp_http import persistent_transport
 
 # What the span queue holds: a span's wire bytes (its pipeline's resource and scope),
@@ -49,7 +51,8 @@ _KIND = {kind: bytes((0x30, kind.value + 1)) for kind in SpanKind}
 # Span.flags (fixed32, field 16): "has is_remote", and "is remote" for a remote parent.
 _FLAGS_LOCAL = b"\x85\x01" + struct.pack("<I", 0x100)
 _FLAGS_REMOTE = b"\x85\x01" + struct.pack("<I", 0x300)
-_KIND_CLIENT = _KIND[SpanKind.CLIENT]
+_CLIENT = SpanKind.CLIENT  # a module global: an enum class's attribute is slower
+_KIND_CLIENT = _KIND[_CLIENT]
 # Span.start_time_unix_nano and end_time_unix_nano (fixed64 fields 7 and 8), with tags.
 _pack_times = struct.Struct("<BQBQ").pack
 _pack_double = struct.Struct("<d").pack
@@ -125,6 +128,8 @@ def _attribute(key: str, value: Any) -> bytes:
         if type(value) is str:
             return _varying_str(_key_field(key), value.encode())
         return _field(0x4A, _key_field(key) + _field(0x12, _any_value(value)))
+    if type(value) is float:  # not cached: -0.0 equals 0.0
+        return _field(0x4A, _key_field(key) + _field(0x12, _any_value(value)))
     try:
         cache_key = (key, value, type(value))  # the type: True and 1 are equal keys
         cached = _attribute_cache.get(cache_key)
@@ -152,6 +157,75 @@ def _varying_str(key_field: bytes, value: bytes) -> bytes:
             bytes((0x4A, size)) + key_field + bytes((0x12, len(value) + 2, 0x0A, len(value)))
         ) + value
     return _field(0x4A, key_field + _field(0x12, _field(0x0A, value)))
+
+
+def _field_writer(
+    key: str, kind: type | None
+) -> tuple[Callable[[Any], Any], Callable[[Any], bytes]]:
+    """``Projections.span_writer``'s pair for one span attribute: the lookup of its
+    KeyValue field by value, and the writer of a value not found. The field's own
+    cache holds only values of ``kind`` (the one type the field table converts its
+    values to: no True found for 1), up to a few: a key whose values do not repeat
+    (hashes, markers, ids) has its strings written each time, after a prefix (tags
+    and sizes) looked up by the value's size."""
+    key_field = _field(0x0A, key.encode())
+    cache: dict[Any, bytes] = {}
+    # KeyValue field, key, AnyValue's tag and size, string_value's: one byte each size.
+    prefixes = tuple(
+        bytes((0x4A, len(key_field) + n + 4)) + key_field + bytes((0x12, n + 2, 0x0A, n))
+        for n in range(max(0, 0x80 - 4 - len(key_field)))
+    )
+    short = len(prefixes)
+
+    def write(value: Any) -> bytes:
+        if type(value) is str:
+            data = value.encode()
+            if len(data) < short:
+                encoded = prefixes[len(data)] + data
+            else:
+                encoded = _field(0x4A, key_field + _field(0x12, _field(0x0A, data)))
+        else:
+            encoded = _field(0x4A, key_field + _field(0x12, _any_value(value)))
+        if len(cache) < _VARYING_AFTER and type(value) is kind:
+            cache[value] = encoded
+        return encoded
+
+    return cache.get, write
+
+
+_write_table = PROJECTIONS.span_writer(_field_writer)
+
+
+def wire_record(
+    trace_id: int,
+    span_id: int,
+    trace_state: TraceState | None,
+    parent: SpanContext | None,
+    name: str,
+    kind: SpanKind,
+    start_time: int,
+    end_time: int,
+    record: CallRecord,
+    extra: Mapping[str, Any] | None,
+    status: Status,
+    limit: int | None,
+) -> bytes | None:
+    """``wire_span`` of a call's span whose attributes are written straight from its
+    record: the field table's (as ``PROJECTIONS.span`` gives them), then ``extra``'s,
+    whose keys are none of the table's. None when this encoder does not cover a value
+    or there are more than ``limit`` attributes (the caller then builds the dict)."""
+    try:
+        fields = _write_table(record)
+        if extra:
+            fields += [_attribute(key, value) for key, value in extra.items()]
+    except (NotCovered, TypeError):  # TypeError: an unhashable value where a str goes
+        return None
+    if limit is not None and len(fields) > limit:
+        return None
+    return _span_field(
+        trace_id, span_id, trace_state, parent, name, kind, start_time, end_time, fields, 0,
+        status,
+    )  # fmt: skip
 
 
 # Span.status fields by (code, description): nearly always unset or one failure stage.
@@ -208,12 +282,13 @@ def wire_span(
     kind: SpanKind,
     start_time: int,
     end_time: int,
-    attributes: Mapping[str, Any],
+    attributes: Mapping[str, Any] | list[bytes],
     status: Status,
 ) -> bytes | None:
     """The ScopeSpans.spans field of a span with no events, links or dropped
     attributes, from its pieces (``DirectSpans`` writes it as the span ends); None
-    when this encoder does not cover a value."""
+    when this encoder does not cover a value. ``attributes``: a mapping, or its
+    Span.attributes fields already written (``wire_record``)."""
     try:
         return _span_field(
             trace_id, span_id, trace_state, parent, name, kind, start_time, end_time,
@@ -232,7 +307,7 @@ def _span_field(
     kind: SpanKind,
     start_time: int,
     end_time: int,
-    attributes: Mapping[str, Any],
+    attributes: Mapping[str, Any] | list[bytes],
     dropped_attributes: int,
     status: Status,
 ) -> bytes:
@@ -249,26 +324,29 @@ def _span_field(
         if len(_name_fields) < 256:
             _name_fields[name] = name_field
     parts.append(name_field)
-    parts.append(_KIND_CLIENT if kind is SpanKind.CLIENT else _KIND[kind])
+    parts.append(_KIND_CLIENT if kind is _CLIENT else _KIND[kind])
     parts.append(_pack_times(0x39, start_time, 0x41, end_time))
     append = parts.append
-    cached_field = _attribute_cache.get
-    varying = _varying
-    for key, value in attributes.items():
-        if key not in varying:
-            try:
-                found = cached_field((key, value, type(value)))
-            except TypeError:  # a list
-                found = None
-            if found is not None:
-                append(found)
-                continue
-        if value is None:
-            raise NotCovered("None value")
-        append(_attribute(key, value))
+    if type(attributes) is list:
+        parts += attributes
+    else:
+        cached_field = _attribute_cache.get
+        varying = _varying
+        for key, value in attributes.items():  # type: ignore[union-attr]
+            if key not in varying:
+                try:
+                    found = cached_field((key, value, type(value)))
+                except TypeError:  # a list
+                    found = None
+                if found is not None:
+                    append(found)
+                    continue
+            if value is None:
+                raise NotCovered("None value")
+            append(_attribute(key, value))
     if dropped_attributes:
         append(b"\x50" + _varint(dropped_attributes))
-    append(_status_field(status))
+    append(_status_objects.get(status) or _status_field(status))
     append(_FLAGS_REMOTE if parent is not None and parent.is_remote else _FLAGS_LOCAL)
     body = b"".join(parts)
     size = len(body)

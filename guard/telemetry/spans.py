@@ -153,19 +153,33 @@ class DirectCallSpan(CallSpan):
 # Writes a span's wire form from its pieces (``otlp_wire.wire_span``): trace id, span
 # id, trace state, parent, name, kind, start, end, attributes, status; None when it
 # does not cover a value.
+# The attributes: a mapping, or their wire form (``otlp_wire.wire_record``).
 WireWriter = Callable[
     [int, int, "trace.TraceState | None", "SpanContext | None", str, SpanKind, int, int,
-     Mapping[str, Any], Status],
+     "Mapping[str, Any] | list[bytes]", Status],
+    "bytes | None",
+]  # fmt: skip
+
+
+# Writes a call's span with its attributes straight from its record
+# (``otlp_wire.wire_record``): as ``WireWriter``, then the record, the extra attributes
+# and the status, and the attribute limit; None when it does not cover them.
+RecordWriter = Callable[
+    [int, int, "trace.TraceState | None", "SpanContext | None", str, SpanKind, int, int,
+     CallRecord, "Mapping[str, Any] | None", Status, "int | None"],
     "bytes | None",
 ]  # fmt: skip
 
 
 class WireOut(NamedTuple):
     """The OTLP pipeline's way out for a span: ``write`` its wire form, ``push`` those
-    bytes to the span queue (``span_queue.WireSpanProcessor``)."""
+    bytes to the span queue (``span_queue.WireSpanProcessor``). ``record``: a call's
+    span written with its attributes straight from its record, no attribute dict
+    built."""
 
     write: WireWriter
     push: Callable[[bytes], None]
+    record: RecordWriter | None = None
 
 
 class DirectSpans:
@@ -192,6 +206,38 @@ class DirectSpans:
         self._scope = scope
         self._wire = wire
         self._max_attributes = SpanLimits().max_span_attributes
+
+    def end_record(
+        self,
+        call: DirectCallSpan,
+        name: str,
+        record: CallRecord,
+        extra: dict[str, Any] | None,
+        status: Status,
+    ) -> None:
+        """End ``call`` with the record's span attributes (``span_attributes``: the
+        table's, then ``extra``). With the wire writer's ``record`` they are written
+        straight to the wire; as a dict where it does not cover them (a value, an extra
+        key that is also the table's, more attributes than the limit)."""
+        if not call.flags & _SAMPLED_INT:
+            return  # the SDK would not have recorded it
+        wire = self._wire
+        if (
+            wire is not None
+            and wire.record is not None
+            and (not extra or _SPAN_KEYS.isdisjoint(extra))
+        ):
+            encoded = wire.record(
+                call.trace_int, call.span_int, call.state, call.parent, name, call.kind,
+                call.start_ns, time.time_ns(), record, extra, status, self._max_attributes,
+            )  # fmt: skip
+            if encoded is not None:
+                wire.push(encoded)
+                return
+        attributes = PROJECTIONS.span(record)
+        if extra:
+            attributes.update(extra)
+        self.end(call, name, attributes, status)
 
     @staticmethod
     def usable(provider: TracerProvider) -> bool:
@@ -304,10 +350,25 @@ def _random_id(bits: int) -> int:
     return value
 
 
+_SPAN_KEYS = frozenset(PROJECTIONS.span_keys)
+
+
 def span_attributes(record: CallRecord, cfg: TelemetryConfig) -> dict[str, Any]:
     """The span's attributes for a record: the field table's, then the app's decision
     (under ``cfg.app_namespace``), then captured content when capture is on."""
     attrs = PROJECTIONS.span(record)
+    extra = extra_attributes(record, cfg)
+    if extra:
+        attrs.update(extra)  # as set one by one: a key set again keeps its place
+    return attrs
+
+
+def extra_attributes(record: CallRecord, cfg: TelemetryConfig) -> dict[str, Any] | None:
+    """The span's attributes besides the field table's: the app's decision, captured
+    content; None when there are none to look at."""
+    if not record.app and not cfg.capture_content:
+        return None
+    attrs: dict[str, Any] = {}
     namespace = cfg.app_namespace
     for name, value in record.app.items():
         key = name.strip().lower().replace("-", "_")
@@ -331,9 +392,9 @@ class SpanSink:
 
     def emit(self, record: CallRecord, call: CallSpan) -> None:
         if self._direct is not None and isinstance(call, DirectCallSpan):
-            self._direct.end(
-                call, record.span_name or call.name, span_attributes(record, self._cfg),
-                _status(record),
+            self._direct.end_record(
+                call, record.span_name or call.name, record,
+                extra_attributes(record, self._cfg), _status(record),
             )  # fmt: skip
             return
         span = call.span
