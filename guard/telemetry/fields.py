@@ -218,17 +218,23 @@ def _record_function(recorded: Sequence[Field]) -> Callable[..., dict[str, Any]]
     return _compile(source, "record", env)
 
 
+def _span_value_lines(f: Field, i: int, env: dict[str, Any]) -> list[str]:
+    """Generated lines setting ``v`` to field ``f``'s span value: the read, then the
+    field's conversion unless the value is None (both span projections start so)."""
+    lines = [f"    v = {_read_expr(f, i, env)}"]
+    if f.span_as is not None:
+        env[f"_as{i}"] = f.span_as
+        lines += ["    if v is not None:", f"        v = _as{i}(v)"]
+    return lines
+
+
 def _span_function(spans: Sequence[Field]) -> Callable[[CallRecord], dict[str, Any]]:
     """The span projection as one generated function: per field a read, the
     conversion when there is one, and the attribute set unless the value is None."""
     env: dict[str, Any] = dict(_EXPR_NAMES)
     lines = ["def span(r):", "    a = {}"]
     for i, f in enumerate(spans):
-        lines.append(f"    v = {_read_expr(f, i, env)}")
-        if f.span_as is not None:
-            env[f"_as{i}"] = f.span_as
-            lines.append("    if v is not None:")
-            lines.append(f"        v = _as{i}(v)")
+        lines += _span_value_lines(f, i, env)
         lines.append("    if v is not None:")
         lines.append(f"        a[{f.span!r}] = v")
     lines.append("    return a")
@@ -261,11 +267,7 @@ def _span_writer_function(spans: Sequence[Field], writer: FieldWriter) -> Callab
         kind = _span_type(f)
         cached, write = writer(f.span or "", kind)
         env[f"_w{i}"] = write
-        lines.append(f"    v = {_read_expr(f, i, env)}")
-        if f.span_as is not None:
-            env[f"_as{i}"] = f.span_as
-            lines.append("    if v is not None:")
-            lines.append(f"        v = _as{i}(v)")
+        lines += _span_value_lines(f, i, env)
         lines.append("    if v is not None:")
         if kind is None:
             lines.append(f"        add(_w{i}(v))")
