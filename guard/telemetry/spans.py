@@ -164,7 +164,7 @@ WireWriter = Callable[
 # Writes a call's span with its attributes straight from its record
 # (``otlp_wire.wire_record``): as ``WireWriter``, then the record, the extra attributes
 # and the status, and the attribute limit; None when it does not cover them.
-RecordWriter = Callable[
+RecordSpanWriter = Callable[
     [int, int, "trace.TraceState | None", "SpanContext | None", str, SpanKind, int, int,
      CallRecord, "Mapping[str, Any] | None", Status, "int | None"],
     "bytes | None",
@@ -179,7 +179,7 @@ class WireOut(NamedTuple):
 
     write: WireWriter
     push: Callable[[bytes], None]
-    record: RecordWriter | None = None
+    record: RecordSpanWriter | None = None
 
 
 class DirectSpans:
