@@ -44,6 +44,23 @@ def free_port(host: str = "127.0.0.1") -> int:
         return sock.getsockname()[1]
 
 
+# Sockets behind ``dead_port``: held open (never listening) until the process ends.
+_DEAD: list[socket.socket] = []
+
+
+def dead_port(host: str = "127.0.0.1") -> int:
+    """A port where nothing listens, for as long as the test process runs.
+
+    Bound without SO_REUSEADDR and never listening: a connection is refused, and no
+    server a test starts later can be given the same port (a port that was merely free
+    a moment ago can be, and then the "dead" upstream answers).
+    """
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind((host, 0))
+    _DEAD.append(sock)
+    return sock.getsockname()[1]
+
+
 class _ThreadServer(uvicorn.Server):
     # Signals belong to the test runner's main thread, not to an in-test server.
     @contextlib.contextmanager

@@ -23,7 +23,7 @@ from pathlib import Path
 import httpx
 import pytest
 from proxy_harness import ToolServer, guarded_proxy, loopguard_serve, proxy_config
-from servers import free_port, run_server
+from servers import dead_port, free_port, run_server
 
 SHUTDOWN_TIMEOUT_S = 2.0
 # Far beyond what the bound allows: without it, each export waits this long.
@@ -109,7 +109,7 @@ def test_serve_exits_within_the_shutdown_timeout_with_a_collector_that_never_ans
 
 def test_a_dead_redis_costs_one_warning_not_one_per_call(capsys: pytest.CaptureFixture) -> None:
     tools = ToolServer()
-    dead = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
+    dead = f"redis://127.0.0.1:{dead_port()}/0"  # nothing listens there
     calls = 200
     with run_server(tools.app()) as upstream:
         config = proxy_config(upstream, store={"backend": "redis", "url": dead})

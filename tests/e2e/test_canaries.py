@@ -51,7 +51,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from otlp_receiver import OtlpReceiver
-from servers import free_port, run_server
+from servers import dead_port, run_server
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -361,7 +361,7 @@ def run_proxy_traffic(emitted: Emitted, stack: ExitStack, seen: Seen) -> dict[st
     tools = stack.enter_context(run_server(tool_app(seen)))
     models = stack.enter_context(run_server(_Recording(fake.app(), seen)))
     mcp_upstream = stack.enter_context(run_server(_Recording(mcp_app(), seen)))
-    dead = f"http://127.0.0.1:{free_port()}"
+    dead = f"http://127.0.0.1:{dead_port()}"
     config = emitted.config(
         [
             {"prefix": "/tools", "upstream": tools, "adapter": "http-tool"},

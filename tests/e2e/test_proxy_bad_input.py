@@ -17,7 +17,7 @@ from typing import Any
 import httpx
 import pytest
 from proxy_harness import ToolServer, guarded_proxy, proxy_config, read_json_answer, wait_for
-from servers import free_port, run_server
+from servers import dead_port, run_server
 
 
 @pytest.fixture
@@ -111,7 +111,7 @@ def test_unknown_route_is_404(tools: tuple[ToolServer, str]) -> None:
 
 
 def test_healthz_answers_without_touching_upstreams() -> None:
-    dead = f"http://127.0.0.1:{free_port()}"
+    dead = f"http://127.0.0.1:{dead_port()}"
     with guarded_proxy(proxy_config(dead)) as (url, records):
         response = httpx.get(f"{url}/healthz")
     assert response.status_code == 200
@@ -169,7 +169,7 @@ def test_dot_segments_are_refused(tools: tuple[ToolServer, str]) -> None:
 
 
 def test_upstream_refused_is_502() -> None:
-    dead = f"http://127.0.0.1:{free_port()}"
+    dead = f"http://127.0.0.1:{dead_port()}"
     with guarded_proxy(proxy_config(dead)) as (url, records):
         response = httpx.post(f"{url}/tools/lookup", json={}, timeout=5)
     assert_problem(response, 502, "upstream-unavailable")

@@ -15,7 +15,7 @@ import subprocess
 
 import httpx
 from proxy_harness import ToolServer, guarded_proxy, loopguard_serve, proxy_config
-from servers import free_port, run_server
+from servers import dead_port, free_port, run_server
 
 
 def redis_config(upstream: str, url: str, prefix: str):
@@ -48,7 +48,7 @@ def test_replicas_share_the_session_history(redis_url: str) -> None:
 
 def test_a_dead_store_fails_open_and_says_so() -> None:
     tools = ToolServer()
-    dead = f"redis://127.0.0.1:{free_port()}/0"
+    dead = f"redis://127.0.0.1:{dead_port()}/0"
     with contextlib.ExitStack() as stack:
         upstream = stack.enter_context(run_server(tools.app()))
         proxy, records = stack.enter_context(guarded_proxy(redis_config(upstream, dead, "dead:")))

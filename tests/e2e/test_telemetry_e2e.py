@@ -33,7 +33,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind
 from otlp_receiver import OtlpReceiver
-from servers import free_port, run_server
+from servers import dead_port, run_server
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -366,7 +366,7 @@ def test_spans_reach_an_otlp_receiver_through_the_proxy() -> None:
 def test_calls_succeed_with_the_otlp_receiver_down(monkeypatch: pytest.MonkeyPatch) -> None:
     # A short export timeout keeps the (bounded) shutdown attempts short for the suite.
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_TIMEOUT", "0.5")
-    dead = f"http://127.0.0.1:{free_port()}/v1/traces"  # nothing listens there
+    dead = f"http://127.0.0.1:{dead_port()}/v1/traces"  # nothing listens there
     with upstreams() as (heard, _, route_list):
         with run_server(ProxyApp(otlp_config(dead, route_list))) as proxy:
             for n in range(5):
