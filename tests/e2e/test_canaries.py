@@ -392,7 +392,8 @@ def run_proxy_traffic(emitted: Emitted, stack: ExitStack, seen: Seen) -> dict[st
                 "/tools/lookup_order", content=broken, headers={"content-type": "application/json"}
             ),
         )
-        note("tool_down", http.post("/down/lookup_order", json=ARGS))
+        down = note("tool_down", http.post("/down/lookup_order", json=ARGS))
+        assert down.status_code == 502, down.text  # refused: nothing took the dead port
 
         # OpenAI Chat Completions: text and tool-call replies, streamed and not.
         fake.reply = Reply(text=f"Your order {ORDER} ships to {EMAIL}. {API_KEY} {PLAIN}")
