@@ -123,21 +123,26 @@ def _key_field(key: str) -> bytes:
     return found
 
 
+def _key_value(key_field: bytes, value: Any) -> bytes:
+    """A Span.attributes field (KeyValue): the key's field, then the AnyValue."""
+    return _field(0x4A, key_field + _field(0x12, _any_value(value)))
+
+
 def _attribute(key: str, value: Any) -> bytes:
     if key in _varying:
         if type(value) is str:
             return _varying_str(_key_field(key), value.encode())
-        return _field(0x4A, _key_field(key) + _field(0x12, _any_value(value)))
+        return _key_value(_key_field(key), value)
     if type(value) is float:  # not cached: -0.0 equals 0.0
-        return _field(0x4A, _key_field(key) + _field(0x12, _any_value(value)))
+        return _key_value(_key_field(key), value)
     try:
         cache_key = (key, value, type(value))  # the type: True and 1 are equal keys
         cached = _attribute_cache.get(cache_key)
     except TypeError:  # a list: not hashable, not cached
-        return _field(0x4A, _key_field(key) + _field(0x12, _any_value(value)))
+        return _key_value(_key_field(key), value)
     if cached is not None:
         return cached
-    encoded = _field(0x4A, _key_field(key) + _field(0x12, _any_value(value)))
+    encoded = _key_value(_key_field(key), value)
     if len(_attribute_cache) >= _ATTRIBUTE_CACHE_MAX:
         _attribute_cache.clear()
         _distinct.clear()
@@ -183,9 +188,9 @@ def _field_writer(
             if len(data) < short:
                 encoded = prefixes[len(data)] + data
             else:
-                encoded = _field(0x4A, key_field + _field(0x12, _field(0x0A, data)))
+                encoded = _varying_str(key_field, data)
         else:
-            encoded = _field(0x4A, key_field + _field(0x12, _any_value(value)))
+            encoded = _key_value(key_field, value)
         if len(cache) < _VARYING_AFTER and type(value) is kind:
             cache[value] = encoded
         return encoded
