@@ -218,13 +218,14 @@ def _record_function(recorded: Sequence[Field]) -> Callable[..., dict[str, Any]]
     return _compile(source, "record", env)
 
 
-def _span_value_lines(f: Field, i: int, env: dict[str, Any]) -> list[str]:
+def _span_value_lines(f: Field, i: int, env: dict[str, Any], indent: str = "    ") -> list[str]:
     """Generated lines setting ``v`` to field ``f``'s span value: the read, then the
-    field's conversion unless the value is None (both span projections start so)."""
-    lines = [f"    v = {_read_expr(f, i, env)}"]
+    field's conversion unless the value is None (the span and metric projections all
+    start so)."""
+    lines = [f"{indent}v = {_read_expr(f, i, env)}"]
     if f.span_as is not None:
         env[f"_as{i}"] = f.span_as
-        lines += ["    if v is not None:", f"        v = _as{i}(v)"]
+        lines += [f"{indent}if v is not None:", f"{indent}    v = _as{i}(v)"]
     return lines
 
 
@@ -294,11 +295,7 @@ def _metric_function(metric: Sequence[Field]) -> Callable[..., Any]:
         if f.metric_with is not None:
             lines.append(f"    if {flags[f.metric_with]}:")
             indent = "        "
-        lines.append(f"{indent}v = {_read_expr(f, i, env)}")
-        if f.span_as is not None:
-            env[f"_as{i}"] = f.span_as
-            lines.append(f"{indent}if v is not None:")
-            lines.append(f"{indent}    v = _as{i}(v)")
+        lines += _span_value_lines(f, i, env, indent)
         lines.append(f"{indent}if v is not None:")
         lines.append(f"{indent}    k.append(({f.span!r}, v))")
         if f.span in flags:
