@@ -234,10 +234,7 @@ class DirectSpans:
             if encoded is not None:
                 wire.push(encoded)
                 return
-        attributes = PROJECTIONS.span(record)
-        if extra:
-            attributes.update(extra)
-        self.end(call, name, attributes, status)
+        self.end(call, name, _with_extra(record, extra), status)
 
     @staticmethod
     def usable(provider: TracerProvider) -> bool:
@@ -356,10 +353,15 @@ _SPAN_KEYS = frozenset(PROJECTIONS.span_keys)
 def span_attributes(record: CallRecord, cfg: TelemetryConfig) -> dict[str, Any]:
     """The span's attributes for a record: the field table's, then the app's decision
     (under ``cfg.app_namespace``), then captured content when capture is on."""
+    return _with_extra(record, extra_attributes(record, cfg))
+
+
+def _with_extra(record: CallRecord, extra: dict[str, Any] | None) -> dict[str, Any]:
+    """The field table's attributes, then ``extra``'s (as set one by one: a key set
+    again keeps its place)."""
     attrs = PROJECTIONS.span(record)
-    extra = extra_attributes(record, cfg)
     if extra:
-        attrs.update(extra)  # as set one by one: a key set again keeps its place
+        attrs.update(extra)
     return attrs
 
 
