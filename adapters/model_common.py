@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import time
 import uuid
 from collections.abc import Iterable
@@ -148,8 +149,14 @@ class ModelObserver:
 
     Subclasses implement ``on_event`` (one SSE event; return True to hide it from the
     client) and ``on_json`` (a whole non-streamed body), and set ``terminal`` when
-    the stream's closing event arrives.
+    the stream's closing event arrives. A subclass that hides events names them in
+    ``may_hide``: a bytes pattern every event it could hide matches.
     """
+
+    # Hiding: stream bytes in which this finds nothing hold no event to hide, so they
+    # pass on unread (read one step late, like a stream nothing is hidden from). None:
+    # any event might be hidden, and every event is read before it passes.
+    may_hide: re.Pattern[bytes] | None = None
 
     # Model responses carry no guarded tool outcomes: nothing to record early.
     settled = False
@@ -165,8 +172,12 @@ class ModelObserver:
         self._json_overflow = False
         # Set by subclasses (Chat Completions with injected usage): hide chosen events.
         self.hiding = False
-        self._held = bytearray()
+        self._held = bytearray()  # received, not yet passed on
         self._held_at = 0  # absolute stream offset of self._held[0]
+        # Hiding, and every byte so far was passed on unread or read: False once a
+        # block that may be hidden (or a "\r", which only the parser can split on)
+        # has arrived; from then on every block is read before it passes.
+        self._passing_unread = True
         self._deferred: tuple[bytes, float] | None = None
         # What is learned.
         self.first_output_at: float | None = None
@@ -191,7 +202,7 @@ class ModelObserver:
                     self._json += chunk
             return chunk
         if self.hiding:
-            return self._feed_hiding(chunk, parser.feed(chunk), now)
+            return self._feed_hiding(chunk, now)
         # Read each chunk one step late, after it has been passed on: a chunk carrying
         # the first token often carries dozens of events behind it, and reading them
         # first would delay the token by as much. Each chunk keeps its arrival time.
@@ -264,12 +275,26 @@ class ModelObserver:
                 data = loads_json(data)
         return self.on_event(event, data, now)
 
-    def _feed_hiding(self, chunk: bytes, events: list[SSEEvent], now: float) -> bytes:
+    def _feed_hiding(self, chunk: bytes, now: float) -> bytes:
         # Complete blocks go on at once; only the unfinished tail (at most one event) is
         # held until its blank line shows whether it is the one to hide. A tail still held
         # when the stream breaks is an event no client would dispatch anyway.
         held = self._held
         held += chunk
+        if self._passing_unread:
+            passed = self._pass_unread(chunk, now)
+            if passed is not None:
+                return passed
+            # From here on every block is read before it passes: the parser first
+            # catches up with what went on unread, then reads what is held.
+            self._passing_unread = False
+            deferred = self._deferred
+            if deferred is not None:
+                self._deferred = None
+                self._read(*deferred)
+            chunk = bytes(held)
+        assert self._parser is not None
+        events = self._parser.feed(chunk)
         out = bytearray()
         at = self._held_at
         for event in events:
@@ -284,6 +309,30 @@ class ModelObserver:
             at = safe
         self._held_at = at
         return bytes(out)
+
+    def _pass_unread(self, chunk: bytes, now: float) -> bytes | None:
+        """Pass the held complete blocks on unread, when ``may_hide`` finds nothing in
+        them; None when it does, or the stream has a ``\\r`` (blocks may then end in
+        ways only the parser tells). Unread blocks are read one step late, at the next
+        chunk (or at the end)."""
+        if b"\r" in chunk or self.may_hide is None:
+            return None
+        held = self._held
+        # With "\n" line endings only, blocks end exactly where "\n\n" does: everything
+        # up to the last one is complete blocks.
+        end = held.rfind(b"\n\n") + 2
+        if end < 2:
+            return b""  # no block complete yet
+        if self.may_hide.search(held, 0, end):
+            return None
+        out = bytes(held[:end])
+        del held[:end]
+        self._held_at += end
+        deferred = self._deferred
+        self._deferred = (out, now)
+        if deferred is not None:
+            self._read(*deferred)
+        return out
 
 
 def usage_of(

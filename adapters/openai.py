@@ -275,6 +275,9 @@ class OpenAIObserver(ModelObserver):
     ``"object": "response"``), so the observer needs no request path.
     """
 
+    # The one event hidden: the usage chunk, whose usage is an object, never null.
+    may_hide = re.compile(rb'"usage"\s*:\s*[^n\s]')
+
     def __init__(self, status: int, headers: dict[str, str], *, hide_usage: bool) -> None:
         super().__init__(status, headers)
         self.hiding = hide_usage and self._sse

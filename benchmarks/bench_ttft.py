@@ -1,12 +1,15 @@
 """TTFT benchmark: time to first token seen by a client, direct vs through loopguard.
 
     python benchmarks/bench_ttft.py [--requests 300] [--chunks 100] [--first-delay-ms 5]
+                                    [--chunk-delay-ms 0]
 
 Three uvicorn processes (uvloop + httptools):
 
 - the fake Chat Completions upstream of the tests (``tests/fake_models.py``): a
   role-only first chunk at once, then ``--chunks`` content chunks, the first after
-  ``--first-delay-ms``;
+  ``--first-delay-ms``, the others ``--chunk-delay-ms`` apart (0: in one burst, the
+  worst case for a proxy on a small machine: the upstream, the proxy and the client
+  all want a core while the first token is on its way; a model paces its tokens);
 - loopguard (``guard.doors.proxy.ProxyApp``) with an ``openai`` route in front of it, durable
   records written to a temp file, no exporter;
 - ``bare``: the floor passthrough of ``bench_proxy.py`` (raw ASGI over aiohttp, no
@@ -45,7 +48,9 @@ from benchmarks.bench_proxy import free_port, serve_app  # noqa: E402  (after th
 TEXT = "Loopguard measures the first token and passes every byte on as it arrives. " * 20
 
 
-def run_role(role: str, port: int, upstream: str, chunks: int, first_delay: float) -> None:
+def run_role(
+    role: str, port: int, upstream: str, chunks: int, first_delay: float, chunk_delay: float
+) -> None:
     if role == "bare":
         from benchmarks.bench_proxy import FloorProxy
 
@@ -54,7 +59,8 @@ def run_role(role: str, port: int, upstream: str, chunks: int, first_delay: floa
         from guard.devtools.fakes import Behaviour, FakeModels, Reply
 
         fake = FakeModels(
-            reply=Reply(text=TEXT), behaviour=Behaviour(first_delay=first_delay, chunks=chunks)
+            reply=Reply(text=TEXT),
+            behaviour=Behaviour(first_delay=first_delay, chunk_delay=chunk_delay, chunks=chunks),
         )
         app = fake.app()
     else:
@@ -86,6 +92,8 @@ def start(role: str, port: int, args: argparse.Namespace, upstream: str = "") ->
         str(args.chunks),
         "--first-delay-ms",
         str(args.first_delay_ms),
+        "--chunk-delay-ms",
+        str(args.chunk_delay_ms),
     ]
     return subprocess.Popen(command)
 
@@ -158,7 +166,8 @@ async def bench(args: argparse.Namespace, upstream: str, bare: str, proxy: str) 
                 totals[name].append(total * 1000)
     print(
         f"TTFT, streamed chat completion, {args.chunks} chunks, first content after "
-        f"{args.first_delay_ms} ms, {args.requests} requests per path (interleaved)"
+        f"{args.first_delay_ms} ms, then every {args.chunk_delay_ms} ms, "
+        f"{args.requests} requests per path (interleaved)"
     )
     print(f"{'path':<10} {'ttft p50':>10} {'ttft p99':>10} {'total p50':>10} {'total p99':>10}")
     for name in targets:
@@ -181,12 +190,20 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=20)
     parser.add_argument("--chunks", type=int, default=100)
     parser.add_argument("--first-delay-ms", type=float, default=5.0)
+    parser.add_argument("--chunk-delay-ms", type=float, default=0.0)
     parser.add_argument("--role", choices=["upstream", "bare", "proxy"], help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--upstream", default="", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.role:
-        run_role(args.role, args.port, args.upstream, args.chunks, args.first_delay_ms / 1000)
+        run_role(
+            args.role,
+            args.port,
+            args.upstream,
+            args.chunks,
+            args.first_delay_ms / 1000,
+            args.chunk_delay_ms / 1000,
+        )
         return
     ports = {"upstream": free_port(), "bare": free_port(), "proxy": free_port()}
     urls = {role: f"http://127.0.0.1:{port}" for role, port in ports.items()}

@@ -58,3 +58,33 @@ def test_bench_proxy_runs_the_floors_loopguard_and_litellm_when_installed() -> N
     else:
         assert rows[("litellm", "16")] > 0
         assert "loopguard-openai: " in result.stdout and "of litellm at c=16" in result.stdout
+
+
+def test_bench_ttft_times_all_three_paths_paced_and_in_a_burst() -> None:
+    """The TTFT benchmark's three processes and its client, on a few short streams."""
+    for pacing in ("0", "1"):
+        result = subprocess.run(
+            [
+                sys.executable,
+                "benchmarks/bench_ttft.py",
+                *("--requests", "6", "--warmup", "1", "--chunks", "5"),
+                *("--first-delay-ms", "2", "--chunk-delay-ms", pacing),
+            ],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert result.returncode == 0, result.stderr
+        rows = {
+            line.split()[0]: line.split()[1:]
+            for line in result.stdout.splitlines()
+            if line.split()[:1] in (["direct"], ["bare"], ["loopguard"])
+        }
+        assert set(rows) == {"direct", "bare", "loopguard"}
+        # Nothing arrives before the injected first delay, through any path.
+        assert all(float(cells[0].removesuffix("ms")) >= 2.0 for cells in rows.values())
+        # The other four chunks follow at the pace asked for.
+        paced = 2.0 + 4 * float(pacing)
+        assert all(float(cells[2].removesuffix("ms")) >= paced for cells in rows.values())
+        assert f"then every {float(pacing)} ms" in result.stdout
