@@ -199,7 +199,7 @@ class McpObserver:
         self._outcomes: list[Outcome | None] = [None] * len(invocations)
         self._header_marker = headers.get(PROGRESS_HEADER) if len(invocations) == 1 else None
         media = headers.get("content-type", "").split(";")[0].strip().lower()
-        self._sse = SSEParser() if media == "text/event-stream" else None
+        self._sse = SSEParser(MAX_JSON_BODY) if media == "text/event-stream" else None
         self._json: bytearray | None = bytearray() if _is_json_type(media) else None
         self._overflow = False
         # A 2xx JSON or SSE answer is expected to carry every response we wait for.
@@ -231,8 +231,15 @@ class McpObserver:
         if self._json and not self._overflow:
             self._take_text(self._json)
             self._json = bytearray()
-        complete = not self._expects or self._overflow or all(o is not None for o in self._outcomes)
-        return Observation(outcomes=list(self._outcomes), complete=complete)
+        unread = self._sse.skipped if self._sse is not None else 0
+        # Too large to read is not cut short: the record says which (sse_event_too_large).
+        complete = (
+            not self._expects
+            or self._overflow
+            or unread > 0
+            or all(o is not None for o in self._outcomes)
+        )
+        return Observation(outcomes=list(self._outcomes), complete=complete, unread_events=unread)
 
     def _take_text(self, text: str | bytes | bytearray) -> None:
         try:

@@ -242,6 +242,7 @@ class ModelObserver:
             finish_reasons=tuple(self.finish_reasons),
             complete=complete,
             requested_tools=self.tools.result(),
+            unread_events=self._parser.skipped if self._parser is not None else 0,
         )
 
     # -- for subclasses ----------------------------------------------------------------
@@ -322,7 +323,10 @@ class ModelObserver:
         # up to the last one is complete blocks.
         end = held.rfind(b"\n\n") + 2
         if end < 2:
-            return b""  # no block complete yet
+            # No block complete yet. One past the parser's bound goes to the parser,
+            # which skips it (and lets it pass): never held without limit.
+            assert self._parser is not None
+            return b"" if len(held) <= self._parser.max_block else None
         if self.may_hide.search(held, 0, end):
             return None
         out = bytes(held[:end])

@@ -10,8 +10,10 @@ Each event also carries the byte span it occupied in the stream, so an observer 
 cut out one event (the usage chunk loopguard asked for on the client's behalf) and
 pass every other byte on unchanged.
 
-It keeps only the current unfinished line and event: memory is bounded by the
-largest single event, never by the stream.
+It keeps only the current unfinished line and event, and never more than
+``max_block`` bytes of it: a block (event) that grows past that is skipped to its
+end, its bytes counted as finished but never dispatched (``skipped`` counts them).
+Memory is bounded by ``max_block``, never by the stream or by what an upstream sends.
 """
 
 from __future__ import annotations
@@ -20,6 +22,9 @@ from dataclasses import dataclass
 
 _CR = 0x0D
 _LF = 0x0A
+
+# The largest unfinished block kept by default: far above any model API's event.
+MAX_BLOCK_BYTES = 8 * 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,26 +53,38 @@ class SSEParser:
     __slots__ = (
         "_buf",
         "_data",
+        "_data_bytes",
         "_event",
         "_has_data",
         "_last_id",
         "_line",
         "_offset",
         "_pending_cr",
+        "_skip_tail",
+        "_skipping",
         "_slow",
         "_started",
         "boundary",
+        "max_block",
+        "skipped",
     )
 
-    def __init__(self) -> None:
+    def __init__(self, max_block: int = MAX_BLOCK_BYTES) -> None:
+        self.max_block = max_block
         # Fast path: the bytes after ``boundary`` (an unfinished block).
         self._buf = bytearray()
         self._slow = False
         # General path: the current unfinished line, and the fields of the current event.
         self._line = bytearray()
         self._data: list[bytes] = []
+        self._data_bytes = 0
         self._has_data = False
         self._event = ""
+        # Skipping an oversized block to its end; fast path: the last byte skipped, to
+        # find a blank line cut across chunks.
+        self._skipping = False
+        self._skip_tail = b""
+        self.skipped = 0
         self._last_id: str | None = None
         # Bytes consumed so far; the absolute offset of the next byte fed.
         self._offset = 0
@@ -85,7 +102,13 @@ class SSEParser:
     @property
     def pending(self) -> bool:
         """True when part of an event (or line) has been read but not yet dispatched."""
-        return bool(self._buf) or bool(self._line) or self._has_data or bool(self._event)
+        return (
+            bool(self._buf)
+            or bool(self._line)
+            or self._has_data
+            or bool(self._event)
+            or self._skipping
+        )
 
     def feed(self, chunk: bytes) -> list[SSEEvent]:
         if not self._started and chunk:
@@ -100,6 +123,8 @@ class SSEParser:
         if b"\r" in chunk:
             # Switch for good: replay the unfinished block through the general path.
             self._slow = True
+            if self._skipping and self._skip_tail != b"\n":
+                self._line[:] = b"-"  # skipping mid-line: its end is not a blank line
             held = bytes(self._buf)
             self._buf.clear()
             self._offset -= len(held)
@@ -109,12 +134,18 @@ class SSEParser:
     # -- fast path: "\n" line endings -----------------------------------------------------
 
     def _feed_blocks(self, chunk: bytes) -> list[SSEEvent]:
+        if self._skipping:
+            chunk = self._skip_to_block_end(chunk)
+            if self._skipping:
+                return []
         buf = self._buf
         buf += chunk
         self._offset += len(chunk)
         self._skip_blank_lines()
         last = buf.rfind(b"\n\n")
         if last == -1:
+            if len(buf) > self.max_block:
+                self._start_skipping()
             return []
         events: list[SSEEvent] = []
         at = self.boundary
@@ -156,7 +187,40 @@ class SSEParser:
         del buf[: last + 2]
         self.boundary = at
         self._skip_blank_lines()
+        if len(buf) > self.max_block:
+            self._start_skipping()
         return events
+
+    def _start_skipping(self) -> None:
+        """The unfinished block is over ``max_block``: drop it, skip to its end."""
+        self.skipped += 1
+        self._skipping = True
+        self._skip_tail = bytes(self._buf[-1:])
+        self._buf.clear()
+        if self._line:  # general path, mid-line: its end is not a blank line
+            self._line[:] = b"-"
+        self._data = []
+        self._data_bytes = 0
+        self._has_data = False
+        self._event = ""
+        self.boundary = self._offset
+
+    def _skip_to_block_end(self, chunk: bytes) -> bytes:
+        """Fast path, skipping: consume ``chunk`` up to the blank line that ends the
+        skipped block; the bytes after it (b"" while the block goes on)."""
+        tail = self._skip_tail
+        end = (tail + chunk).find(b"\n\n")
+        if end == -1:
+            if chunk:
+                self._skip_tail = chunk[-1:]
+            used = len(chunk)
+        else:
+            self._skipping = False
+            self._skip_tail = b""
+            used = end + 2 - len(tail)
+        self._offset += used
+        self.boundary = self._offset
+        return chunk[used:]
 
     def _skip_blank_lines(self) -> None:
         # A "\n" at a block boundary is a whole blank line with nothing to dispatch: it
@@ -190,7 +254,10 @@ class SSEParser:
             cr = chunk.find(b"\r", pos)
             lf = chunk.find(b"\n", pos)
             if cr == -1 and lf == -1:
-                self._line += chunk[pos:]
+                if self._skipping:
+                    self._line[:] = b"-"  # a line is going on: what it holds is not kept
+                else:
+                    self._line += chunk[pos:]
                 break
             if cr == -1 or (lf != -1 and lf < cr):
                 eol, nxt = lf, lf + 1
@@ -209,17 +276,24 @@ class SSEParser:
                 line = chunk[pos:eol]
             pos = nxt
             if line:
-                self._field(line)
+                if not self._skipping:
+                    self._field(line)
                 continue
             # A blank line: dispatch the event, if any data was given.
             end = base + nxt
             if self._has_data:
                 events.append(self._dispatch(self._event, self._data, self.boundary, end))
             self._data = []
+            self._data_bytes = 0
             self._has_data = False
             self._event = ""
+            self._skipping = False
             self.boundary = end
         self._offset = base + n
+        if self._skipping:
+            self.boundary = self._offset
+        elif len(self._line) + self._data_bytes > self.max_block:
+            self._start_skipping()
         return events
 
     def _field(self, line: bytes) -> None:
@@ -227,7 +301,9 @@ class SSEParser:
             return
         name, value = _split_field(line)
         if name == "data":
-            self._data.append(value.encode())
+            data = value.encode()
+            self._data.append(data)
+            self._data_bytes += len(data) + 1
             self._has_data = True
         elif name == "event":
             self._event = value

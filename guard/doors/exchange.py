@@ -594,9 +594,14 @@ class Exchange:
 
     def _apply_observation(self, obs: Observation) -> None:
         record = self.record
-        if not obs.complete and record.failure_stage is FailureStage.PASSED:
-            record.failure_stage = FailureStage.STREAM
-            record.error_type = "incomplete_stream"
+        if record.failure_stage is FailureStage.PASSED:
+            if not obs.complete:
+                record.failure_stage = FailureStage.STREAM
+                record.error_type = "incomplete_stream"
+            elif obs.unread_events:
+                # Passed on whole, but not read: the record lacks what they carried.
+                record.failure_stage = FailureStage.STREAM
+                record.error_type = "sse_event_too_large"
         record.usage = obs.usage
         record.response_id = obs.response_id
         record.response_model = (

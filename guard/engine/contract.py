@@ -164,6 +164,9 @@ class Observation:
     complete: bool = True
     # Tool calls the model asked for in this response (model adapters).
     requested_tools: list[ToolInvocation] = field(default_factory=list)
+    # Stream events too large to read (over the SSE parser's bound): passed on unread,
+    # so what they carried is missing from the rest.
+    unread_events: int = 0
 
 
 class ResponseObserver(Protocol):

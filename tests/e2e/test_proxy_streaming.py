@@ -97,3 +97,48 @@ async def test_a_client_that_stops_reading_holds_the_upstream_back() -> None:
             async for chunk in chunks:  # the agent reads on: everything arrives
                 total += len(chunk)
         assert total == server.flood_sent == 256 * mib
+
+
+async def test_an_oversized_stream_event_passes_unread_and_the_rest_is_read() -> None:
+    """A 9 MiB SSE event (over the parser's 8 MiB bound) in a model stream: every byte
+    reaches the client, loopguard keeps none of it, reads on after it (the usage chunk
+    it asked for is still cut out), and the record says what it could not read."""
+    from starlette.applications import Starlette
+    from starlette.responses import StreamingResponse
+    from starlette.routing import Route
+
+    def chunk(text: str | None, **extra: object) -> bytes:
+        delta = {"content": text} if text else {}
+        body = {"id": "c1", "model": "m", "choices": [{"index": 0, "delta": delta}], **extra}
+        return b"data: " + json.dumps(body).encode() + b"\n\n"
+
+    usage = {"id": "c1", "choices": [], "usage": {"prompt_tokens": 7, "completion_tokens": 3}}
+    usage_event = b"data: " + json.dumps(usage).encode() + b"\n\n"
+    piece = b"x" * (64 * 1024)
+    big = [b'data: {"huge": "', *([piece] * 144), b'"}\n\n']  # 9 MiB, in 64 KiB writes
+    events = [chunk("Hel"), *big, chunk("lo"), usage_event, b"data: [DONE]\n\n"]
+
+    async def chat(request: object) -> StreamingResponse:
+        async def body():  # type: ignore[no-untyped-def]
+            for event in events:
+                yield event
+
+        return StreamingResponse(body(), media_type="text/event-stream")
+
+    app = Starlette(routes=[Route("/v1/chat/completions", chat, methods=["POST"])])
+    route = {"prefix": "/openai", "upstream": "", "adapter": "openai", "inject_stream_usage": True}
+    with run_server(app) as upstream:
+        config = proxy_config(upstream, routes=[{**route, "upstream": upstream}])
+        with guarded_proxy(config) as (url, records):
+            async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+                request = {
+                    "model": "m",
+                    "stream": True,
+                    "messages": [{"role": "user", "content": "hi"}],
+                }
+                response = await client.post("/openai/v1/chat/completions", json=request)
+    assert response.status_code == 200
+    assert response.content == b"".join(events).replace(usage_event, b"")
+    (record,) = records
+    assert (record["failure_stage"], record["error_type"]) == ("stream", "sse_event_too_large")
+    assert (record["input_tokens"], record["output_tokens"]) == (7, 3)  # read after the skip

@@ -137,3 +137,70 @@ def test_blank_line_alone_in_a_chunk_after_a_block_is_consumed() -> None:
         parser = SSEParser()
         assert parser.feed(stream[:cut]) + parser.feed(stream[cut:]) == []
         assert (parser.pending, parser.boundary) == (False, len(stream))
+
+
+# -- bounded: an oversized event is skipped, never kept --------------------------------------
+
+_SMALL = 64  # max_block in these tests
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    events=st.lists(st.tuples(_event, st.booleans()), max_size=8),
+    eol=st.sampled_from([b"\n", b"\r\n", b"\r"]),
+    data=st.data(),
+)
+def test_oversized_events_are_skipped_and_the_rest_parsed(events, eol, data) -> None:
+    # Small events fit in max_block; huge ones (data only) exceed it by more than any chunk,
+    # so however the stream is cut, each huge one overflows while unfinished.
+    chunk = 24
+    parts, expected = [], []
+    for (name, lines, ping, own), huge in events:
+        if huge:
+            parts.append(_encode([(None, ["h" * (3 * _SMALL), "h" * _SMALL], ping, own)], eol))
+        else:
+            # ASCII, six characters: a block of at most 59 bytes, whatever the line ending.
+            lines = ["".join(c for c in line if c.isascii())[:6] for line in lines]
+            name = name[:6] if name else name
+            parts.append(_encode([(name, lines, ping, own)], eol))
+            expected.append((name or "", "\n".join(lines), None))
+    stream = b"".join(parts)
+    # Cut at most every `chunk` bytes, plus wherever hypothesis likes.
+    cuts = sorted(
+        {*range(chunk, len(stream), chunk), *data.draw(st.lists(st.integers(0, len(stream))))}
+    )
+    parser = SSEParser(max_block=_SMALL)
+    got, last = [], 0
+    for cut in [*cuts, len(stream)]:
+        got += parser.feed(stream[last:cut])
+        last = cut
+        # Memory stays bounded: at most one block's worth, plus the chunk being read.
+        assert len(parser._buf) + len(parser._line) + parser._data_bytes <= _SMALL + chunk
+    assert fields(got) == expected
+    assert parser.skipped == sum(huge for _, huge in events)
+    assert not parser.pending
+    # (A cut between the "\r" and "\n" of a final "\r\n" leaves the "\n" to the next block.)
+    assert parser.boundary == len(stream) or stream.endswith(b"\r\n")
+
+
+def test_skipped_bytes_count_as_finished_at_once() -> None:
+    # An observer that holds bytes until their block ends (hiding an event) may pass a
+    # skipped block's bytes as they come: the boundary follows them.
+    parser = SSEParser(max_block=16)
+    assert fields(parser.feed(b"data: a\n\ndata: " + b"x" * 20)) == [("", "a", None)]
+    assert (parser.skipped, parser.boundary, parser.pending) == (1, 35, True)
+    assert parser.feed(b"x" * 5) == [] and parser.boundary == 40
+    events = parser.feed(b"\n\ndata: b\n\n")
+    assert fields(events) == [("", "b", None)]
+    assert not parser.pending and parser.boundary == 51
+
+
+def test_skip_ending_in_a_blank_line_cut_across_chunks() -> None:
+    for eol in (b"\n", b"\r\n", b"\r"):
+        stream = b"data: " + b"y" * 40 + eol + eol + b"data: after" + eol + eol
+        for cut in range(30, len(stream) + 1):
+            parser = SSEParser(max_block=16)
+            events = []
+            for piece in (stream[:30], stream[30:cut], stream[cut:]):  # 30 bytes: over 16
+                events += parser.feed(piece)
+            assert fields(events) == [("", "after", None)], (eol, cut)
