@@ -143,7 +143,7 @@ class AnthropicObserver(ModelObserver):
         elif kind == "message_delta":
             stop_reason = (data.get("delta") or {}).get("stop_reason")
             if stop_reason:
-                self.finish_reasons.append(stop_reason)
+                self.finished(stop_reason)
             self._usage(data.get("usage"))
         elif kind == "message_stop":
             self.terminal = True
@@ -155,7 +155,7 @@ class AnthropicObserver(ModelObserver):
         self.response_id = body.get("id")
         self.response_model = body.get("model")
         if body.get("stop_reason"):
-            self.finish_reasons.append(body["stop_reason"])
+            self.finished(body["stop_reason"])
         for n, block in enumerate(body.get("content") or ()):
             if isinstance(block, dict) and block.get("type") == "tool_use":
                 self.tools.start(n, block.get("name"), block.get("id"))

@@ -39,6 +39,10 @@ from guard.engine.problem import ROUTE_HEADER
 
 # A non-streamed answer bigger than this is passed on but not parsed (no usage, no tools).
 MAX_JSON_OBSERVE_BYTES = 8 * 1024 * 1024
+# Tool calls kept from one model response (parallel calls; far above what APIs send).
+MAX_TOOL_CALLS = 128
+# Finish reasons kept from one response (one per choice; ``n`` is at most 128).
+MAX_FINISH_REASONS = 128
 # Explicit conversation id a client may send; otherwise one is derived from the content.
 CONVERSATION_HEADER = "x-loopguard-conversation"
 
@@ -113,35 +117,73 @@ def parse_arguments(arguments: Any) -> Any:
 
 
 class ToolCallAssembler:
-    """Tool calls streamed as fragments: name and id first, arguments in pieces."""
+    """Tool calls streamed as fragments: name and id first, arguments in pieces.
 
-    __slots__ = ("_calls",)
+    Bounded: past ``MAX_TOOL_CALLS`` calls or ``MAX_JSON_OBSERVE_BYTES`` characters of
+    arguments in one response, it gives up and keeps nothing (``result()`` is empty: a
+    conversation continued from this response is then untracked, never guessed).
+    """
+
+    __slots__ = ("_calls", "_size", "overflowed")
 
     def __init__(self) -> None:
         self._calls: dict[Any, list[Any]] = {}  # key -> [name, call_id, [fragments]]
+        self._size = 0  # characters of arguments kept
+        self.overflowed = False
 
     def start(self, key: Any, name: str | None, call_id: Any = None, arguments: str = "") -> None:
-        entry = self._calls.setdefault(key, [None, None, []])
+        entry = self._entry(key)
+        if entry is None:
+            return
         if name:
             entry[0] = name
         if call_id is not None:
             entry[1] = call_id
         if arguments:
-            entry[2].append(arguments)
+            self._keep(entry, arguments)
 
     def add(self, key: Any, fragment: str) -> None:
         if fragment:
-            self._calls.setdefault(key, [None, None, []])[2].append(fragment)
+            entry = self._entry(key)
+            if entry is not None:
+                self._keep(entry, fragment)
 
     def replace(self, key: Any, arguments: str) -> None:
         """The full arguments, when the API repeats them at the end of a call."""
-        self._calls.setdefault(key, [None, None, []])[2] = [arguments]
+        entry = self._entry(key)
+        if entry is not None:
+            self._size -= sum(map(len, entry[2]))
+            entry[2] = []
+            self._keep(entry, arguments)
 
     def result(self) -> list[ToolInvocation]:
         return [
             ToolInvocation(name or "", parse_arguments("".join(parts)), call_id)
             for name, call_id, parts in self._calls.values()
         ]
+
+    def _entry(self, key: Any) -> list[Any] | None:
+        if self.overflowed:
+            return None
+        entry = self._calls.get(key)
+        if entry is None:
+            if len(self._calls) >= MAX_TOOL_CALLS:
+                self._overflow()
+                return None
+            entry = self._calls[key] = [None, None, []]
+        return entry
+
+    def _keep(self, entry: list[Any], fragment: str) -> None:
+        self._size += len(fragment)
+        if self._size > MAX_JSON_OBSERVE_BYTES:
+            self._overflow()
+        else:
+            entry[2].append(fragment)
+
+    def _overflow(self) -> None:
+        self.overflowed = True
+        self._calls.clear()
+        self._size = 0
 
 
 class ModelObserver:
@@ -258,6 +300,12 @@ class ModelObserver:
         """Handle an event without decoding its JSON, when its text says enough (the
         bulk of a stream: plain text deltas). False: decode it and call ``on_event``."""
         return False
+
+    def finished(self, reason: Any) -> None:
+        """A choice's (or the response's) finish reason. Upstream input, so bounded:
+        strings only, at most ``MAX_FINISH_REASONS`` of them, each cut to 64 characters."""
+        if isinstance(reason, str) and len(self.finish_reasons) < MAX_FINISH_REASONS:
+            self.finish_reasons.append(reason[:64])
 
     def output(self, now: float) -> None:
         """This event carried output (a text or tool-call delta): first token, chunk count."""

@@ -318,7 +318,7 @@ class OpenAIObserver(ModelObserver):
         self.response_model = body.get("model")
         for choice in body.get("choices") or ():
             if choice.get("finish_reason"):
-                self.finish_reasons.append(choice["finish_reason"])
+                self.finished(choice["finish_reason"])
             for n, call in enumerate(dig(choice, "message", "tool_calls") or ()):
                 function = call.get("function") or {}
                 self.tools.start(
@@ -359,7 +359,7 @@ class OpenAIObserver(ModelObserver):
                         function.get("arguments") or "",
                     )
                 if choice.get("finish_reason"):
-                    self.finish_reasons.append(choice["finish_reason"])
+                    self.finished(choice["finish_reason"])
         if carried:
             self.output(now)
         usage = data.get("usage")
@@ -396,7 +396,7 @@ class OpenAIObserver(ModelObserver):
         self.response_model = response.get("model") or self.response_model
         reason = dig(response, "incomplete_details", "reason") or response.get("status")
         if reason:
-            self.finish_reasons.append(reason)
+            self.finished(reason)
         usage = response.get("usage")
         if isinstance(usage, dict):
             self.usage = usage_of(

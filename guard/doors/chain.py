@@ -25,6 +25,7 @@ its chain is what loopguard relays.
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import orjson
@@ -56,20 +57,31 @@ class Chain:
         self.stopped = stopped
 
 
-async def rebuild(engine: Engine, parsed: ParsedRequest) -> Chain:
-    """The stored history this request continues, with its own results appended."""
-    steps: list[Stored] = []
+async def rebuild(engine: Engine, parsed: ParsedRequest, *, offload: bool = False) -> Chain:
+    """The stored history this request continues, with its own results appended.
+    ``offload``: a large request, whose results are marked and calls hashed in a worker
+    thread, off the event loop (only the store is awaited here)."""
     key = None
     if parsed.conversation is not None:
         key = _CONVERSATION_KEY + engine.pseudonym(parsed.conversation)
     elif parsed.continues is not None:
         key = _KEY + parsed.continues
-    else:
-        return Chain(steps + _inline(engine, parsed), True)
-    get = getattr(engine.store, "get_state", None)
-    raw = await get(key) if get is not None else None
-    if parsed.conversation is None:
-        key = None  # the next state is kept under the new response's id
+    raw = None
+    if key is not None:
+        get = getattr(engine.store, "get_state", None)
+        raw = await get(key) if get is not None else None
+        if parsed.conversation is None:
+            key = None  # the next state is kept under the new response's id
+
+    def build() -> Chain:
+        return _build(engine, parsed, key, raw)
+
+    return await asyncio.to_thread(build) if offload else build()
+
+
+def _build(engine: Engine, parsed: ParsedRequest, key: str | None, raw: Any) -> Chain:
+    if parsed.conversation is None and parsed.continues is None:
+        return Chain(_inline(engine, parsed), True)  # continues nothing kept
     if raw is None:
         return Chain(_inline(engine, parsed), False, key)
     state = orjson.loads(raw)
@@ -101,17 +113,24 @@ def history(chain: Chain) -> list[HistoryStep]:
     ]
 
 
-async def remember(engine: Engine, chain: Chain, observation: Observation) -> None:
+async def remember(
+    engine: Engine, chain: Chain, observation: Observation, *, offload: bool = False
+) -> None:
     """Keep the history and the calls of a relayed response under its id (or its
-    conversation's key)."""
+    conversation's key). ``offload``: a large response, whose calls' parameters are
+    redacted and hashed in a worker thread, off the event loop."""
     response_id = observation.response_id
     if not response_id:  # no response id: the upstream made no response
         return
-    calls = {
-        str(call.call_id): [call.tool, engine.fingerprint(call.params)]
-        for call in observation.requested_tools
-        if call.call_id is not None
-    }
+
+    def calls_of() -> dict[str, list[str]]:
+        return {
+            str(call.call_id): [call.tool, engine.fingerprint(call.params)]
+            for call in observation.requested_tools
+            if call.call_id is not None
+        }
+
+    calls = await asyncio.to_thread(calls_of) if offload else calls_of()
     await _keep(engine, chain.key or _KEY + response_id, chain, {"c": calls})
 
 

@@ -361,8 +361,15 @@ class Exchange:
         server-side are put back first, which needs the store)."""
         if decision is None:
             nudge_first = self.route.nudge if self.route is not None else False
-            history = await self._continue_chain(parsed, parsed.history or [])
-            decision = analyze(self.engine, history, nudge_first=nudge_first)
+            # A large request's marking, hashing and judging: off the event loop.
+            offload = len(self.request.body) > OFFLOAD_BYTES
+            history = await self._continue_chain(parsed, parsed.history or [], offload)
+            if offload:
+                decision = await asyncio.to_thread(
+                    analyze, self.engine, history, nudge_first=nudge_first
+                )
+            else:
+                decision = analyze(self.engine, history, nudge_first=nudge_first)
         body = self._forward_body(parsed)
         if decision.verdict is None:
             return body
@@ -376,12 +383,12 @@ class Exchange:
         return await self._stop(decision.verdict)
 
     async def _continue_chain(
-        self, parsed: ParsedRequest, history: list[HistoryStep]
+        self, parsed: ParsedRequest, history: list[HistoryStep], offload: bool
     ) -> list[HistoryStep]:
         """The history with the turns kept server-side put back (judged only when the
         request continues after tool results, as a full history is)."""
         try:
-            kept = self._chain = await chain.rebuild(self.engine, parsed)
+            kept = self._chain = await chain.rebuild(self.engine, parsed, offload=offload)
         except Exception as exc:  # the store is down: judge what the request carries
             self.engine.store_failed(self.record, exc)
             return history
@@ -588,7 +595,8 @@ class Exchange:
     async def _remember_chain(self, obs: Observation) -> None:
         assert self._chain is not None
         try:
-            await chain.remember(self.engine, self._chain, obs)
+            offload = self._response_bytes > OFFLOAD_BYTES  # large calls: off the event loop
+            await chain.remember(self.engine, self._chain, obs, offload=offload)
         except Exception as exc:  # the answer goes out all the same
             self.engine.store_failed(self.record, exc)
 

@@ -44,6 +44,8 @@ class StatefulFake:
         self.requests: list[dict[str, Any]] = []
         # Conversations API: conversation id -> the items appended to it.
         self.conversations: dict[str, list[Any]] = {}
+        # Characters of padding in every call's arguments (a large call).
+        self.padding = 0
 
     def app(self) -> Starlette:
         return Starlette(
@@ -81,7 +83,9 @@ class StatefulFake:
             "id": f"fc_{n}",
             "call_id": f"call_{n}",
             "name": "lookup_tracking",
-            "arguments": json.dumps({"order_id": "A1"}),
+            "arguments": json.dumps(
+                {"order_id": "A1", **({"note": "n" * self.padding} if self.padding else {})}
+            ),
             "status": "completed",
         }
         response = {
@@ -137,7 +141,12 @@ def stack() -> Iterator[tuple[StatefulFake, str, str, list[dict[str, Any]]]]:
 
 
 def run_agent(
-    client: openai.OpenAI, first: Any, *, stream: bool, conversation: str | None = None
+    client: openai.OpenAI,
+    first: Any,
+    *,
+    stream: bool,
+    conversation: str | None = None,
+    result: str = "in transit",
 ) -> tuple[int, list[str], Any]:
     """An agent loop on server-side state: runs the tool for each call, sends only its
     result (continuing the last response, or adding to ``conversation``). Returns the
@@ -151,7 +160,7 @@ def run_agent(
         output = {
             "type": "function_call_output",
             "call_id": calls[0].call_id,
-            "output": "in transit",
+            "output": result,
         }
         state: dict[str, Any] = (
             {"conversation": conversation}
@@ -188,6 +197,20 @@ def test_a_stuck_agent_on_previous_response_id_is_nudged_then_stopped(stack, str
         4,
         "lookup_tracking",
     )
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_large_calls_and_results_on_server_side_state_are_judged_the_same(stack, stream) -> None:
+    # 300 KB of arguments in every call and of output in every result: over the size
+    # whose hashing, marking and judging run off the event loop; the same verdicts.
+    fake, _, base, records = stack
+    fake.padding = 300_000
+    client = openai.OpenAI(base_url=base, api_key="k", max_retries=0)
+    first = client.responses.create(model="gpt-test", input="where is A1?", tools=[TOOL])
+    runs, routes, last = run_agent(client, first, stream=stream, result="in transit " * 30_000)
+    assert routes == ["serve", "serve", "nudge", "stop_and_review"]
+    assert runs == 4 and last.id.startswith("resp_loopguard_")
+    assert records[-1]["route"] == "stop_and_review"
 
 
 def test_a_response_loopguard_never_saw_is_served_and_marked_untracked(stack) -> None:
