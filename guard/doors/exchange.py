@@ -286,7 +286,9 @@ class Exchange:
                 nudge_first = self.route.nudge if self.route is not None else False
                 decision = analyze(engine, parsed.history, nudge_first=nudge_first)
                 return _Prepared(parsed, [], decision, MALFORMED)
-            hashes = [engine.fingerprint(invocation.params) for invocation in parsed.invocations]
+            hashes: list[str] = []  # a loop: a comprehension is one more object per call
+            for invocation in parsed.invocations:
+                hashes.append(engine.fingerprint(invocation.params))
         except RecursionError:
             return self._unparsed(parsed, "the request is nested too deep to redact", TOO_DEEP)
         return _Prepared(parsed, hashes, None, MALFORMED)
