@@ -326,7 +326,11 @@ class Exchange:
     async def _admit_tool_calls(self, parsed: ParsedRequest, hashes: list[str]) -> Answer | bytes:
         flows = self.flows
         session = self.session
-        for invocation, params_hash in zip(parsed.invocations, hashes, strict=True):
+        invocations = parsed.invocations
+        # By index, not zip(): a zip, its two iterators and its pair would live across
+        # the store's await on every call. One hash per invocation (_prepare).
+        for index in range(len(invocations)):
+            invocation, params_hash = invocations[index], hashes[index]
             # The verdict, and the call's in-flight reservation when it is let through
             # (inline, not a coroutine of its own: one level less on every call).
             tool = invocation.tool
@@ -631,7 +635,9 @@ class Exchange:
         outcomes = obs.outcomes
         seen = len(outcomes)  # one per invocation; an observer may have seen fewer
         record = self.record
-        for index, flow in enumerate(self.flows):
+        flows = self.flows
+        for index in range(len(flows)):  # not enumerate(): no objects living across awaits
+            flow = flows[index]
             outcome = flow.outcome = outcomes[index] if index < seen else None
             if outcome is None:
                 continue
