@@ -49,7 +49,9 @@ class HttpToolAdapter:
     # -- request ---------------------------------------------------------------------
 
     def parse(self, request: RequestView) -> ParsedRequest:
-        segments = list(filter(None, request.path.split("/")))  # the non-empty segments
+        segments = request.path.strip("/").split("/")
+        if "" in segments:  # "//" inside the path, or no path at all: non-empty segments only
+            segments = [segment for segment in segments if segment]
         index = self.tool_segment
         if len(segments) <= index:
             # The route's root or a path without a tool segment: served, not guarded.

@@ -286,7 +286,9 @@ class Exchange:
                 nudge_first = self.route.nudge if self.route is not None else False
                 decision = analyze(engine, parsed.history, nudge_first=nudge_first)
                 return _Prepared(parsed, [], decision, MALFORMED)
-            hashes = [engine.fingerprint(invocation.params) for invocation in parsed.invocations]
+            hashes: list[str] = []  # a loop: a comprehension is one more object per call
+            for invocation in parsed.invocations:
+                hashes.append(engine.fingerprint(invocation.params))
         except RecursionError:
             return self._unparsed(parsed, "the request is nested too deep to redact", TOO_DEEP)
         return _Prepared(parsed, hashes, None, MALFORMED)
@@ -324,7 +326,11 @@ class Exchange:
     async def _admit_tool_calls(self, parsed: ParsedRequest, hashes: list[str]) -> Answer | bytes:
         flows = self.flows
         session = self.session
-        for invocation, params_hash in zip(parsed.invocations, hashes, strict=True):
+        invocations = parsed.invocations
+        # By index, not zip(): a zip, its two iterators and its pair would live across
+        # the store's await on every call. One hash per invocation (_prepare).
+        for index in range(len(invocations)):
+            invocation, params_hash = invocations[index], hashes[index]
             # The verdict, and the call's in-flight reservation when it is let through
             # (inline, not a coroutine of its own: one level less on every call).
             tool = invocation.tool
@@ -344,12 +350,16 @@ class Exchange:
         record.params_hash = flows[0].params_hash
         if self.engine.capturing:
             self.engine.capture(record, _ARGUMENTS, self._shown_params(flows[0]), as_json=jsonable)
-        blocking = [flow.verdict for flow in flows if flow.verdict.action == "block"]
-        if not blocking:
+        # A loop, not a comprehension: on every call, and nearly always finding none.
+        for flow in flows:
+            if flow.verdict.action == "block":
+                first = flow.verdict
+                break
+        else:
             return self._forward_body(parsed)
-        self._note_stall(blocking[0])
+        self._note_stall(first)
         if all(flow.verdict.blocked for flow in flows):
-            return await self._stop(blocking[0])
+            return await self._stop(first)
         record.route = Route.OBSERVE
         return self._forward_body(parsed)
 
@@ -638,7 +648,9 @@ class Exchange:
         outcomes = obs.outcomes
         seen = len(outcomes)  # one per invocation; an observer may have seen fewer
         record = self.record
-        for index, flow in enumerate(self.flows):
+        flows = self.flows
+        for index in range(len(flows)):  # not enumerate(): no objects living across awaits
+            flow = flows[index]
             outcome = flow.outcome = outcomes[index] if index < seen else None
             if outcome is None:
                 continue

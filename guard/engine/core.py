@@ -8,7 +8,7 @@ telemetry through its own ``TelemetryPort``; the doors build the real one.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
 from guard.engine.breaker import BreakerStore, RateLimitedWarning
@@ -104,8 +104,12 @@ class Engine:
             history = await self.store.history_for_call(session, tool, params_hash)
         return self.detector.evaluate(history, tool, params_hash)
 
-    async def record(self, session: str, step: Step) -> None:
-        await self.store.append(session, step, self.config.loop.window)
+    # record, settle and release only forward to the store: plain functions handing back
+    # the store's coroutine (awaited by the caller), not coroutines of their own -- one
+    # allocation and one level of resuming less on every call.
+
+    def record(self, session: str, step: Step) -> Coroutine[Any, Any, None]:
+        return self.store.append(session, step, self.config.loop.window)
 
     async def admit_call(
         self, session: str, tool: str, params_hash: str
@@ -124,11 +128,11 @@ class Engine:
             return verdict, None
         return verdict, token
 
-    async def settle(self, session: str, token: str, step: Step) -> None:
-        await self.store.settle(session, token, step, self.config.loop.window)
+    def settle(self, session: str, token: str, step: Step) -> Coroutine[Any, Any, None]:
+        return self.store.settle(session, token, step, self.config.loop.window)
 
-    async def release(self, session: str, token: str) -> None:
-        await self.store.release(session, token)
+    def release(self, session: str, token: str) -> Coroutine[Any, Any, None]:
+        return self.store.release(session, token)
 
     def capture(
         self, record: CallRecord, key: str, value: Any, as_json: Callable[[Any], Any] | None = None

@@ -48,7 +48,6 @@ class Detector:
         self._configured = len(self._limits)
         # Per Limits: fewer of K's steps than this and no call rule can fire.
         self._min_calls: dict[Limits, int] = {}
-        self._allows: dict[tuple[str, str], Verdict] = {}
 
     def _resolve(self, tool: str) -> Limits:
         """The tool's limits: its own overrides, over its profile's, over ``[loop]``."""
@@ -101,13 +100,16 @@ class Detector:
         return found
 
     def evaluate(self, history: Sequence[Step], tool: str, params_hash: str) -> Verdict:
+        # An allow verdict is built per call, not cached per (tool, params hash): nearly
+        # every call is new, so such a cache mostly missed, and each miss kept a key and
+        # a verdict alive (more work for the garbage collector than its hits saved).
         if not history:
             # The common case (the store answers [] for a call not in the window): no
             # step can make a rule fire, so skip the pass and its allocations.
-            return self._allow(tool, params_hash)
+            return Verdict("allow", tool, params_hash)
         limits = self._limits.get(tool) or self.limits_for(tool)
         if limits.mode == "off":
-            return self._allow(tool, params_hash)
+            return Verdict("allow", tool, params_hash)
         n = len(history)
         start = n - self.window if n > self.window else 0
         # Markers seen so far, per tool: string lookups only (a (tool, marker) tuple per
@@ -160,7 +162,7 @@ class Detector:
         if len(mine) < (self._min_calls.get(limits) or self._min_calls_for(limits)):
             rules = self._tool_rules  # too few of K's own steps for the call rules
             if not rules:
-                return self._allow(tool, params_hash)
+                return Verdict("allow", tool, params_hash)
         else:
             rules = self.rules
         window = CallWindow(history, mine, reset, tool, reset_other, start, max(fresh, reset))
@@ -169,17 +171,7 @@ class Detector:
             if steps is not None:
                 enforced = limits.mode == "enforce"
                 return Verdict("block", tool, params_hash, rule.name, len(steps), enforced, steps)
-        return self._allow(tool, params_hash)
-
-    def _allow(self, tool: str, params_hash: str) -> Verdict:
-        # Verdicts are immutable: the allow verdict for a call is built once.
-        key = (tool, params_hash)
-        verdict = self._allows.get(key)
-        if verdict is None:
-            if len(self._allows) >= 4096:
-                self._allows.clear()
-            verdict = self._allows[key] = Verdict("allow", tool, params_hash)
-        return verdict
+        return Verdict("allow", tool, params_hash)
 
 
 __all__ = ["Detector", "Limits"]

@@ -256,23 +256,24 @@ class Redactor:
 
     def _list(self, value: list[Any]) -> list[Any]:
         strings = self._str_cache
+        # out.append(...), not a local bound method: 3.11 specializes the call, and the
+        # bound method would be one more object per list.
         out: list[Any] = []
-        append = out.append
         for v in value:
             t = type(v)
             if t is str:
                 # A subscript, not .get(): a hit (nearly every string) is cheaper, and
                 # a miss costs one scrub anyway.
                 try:
-                    append(strings[v])
+                    out.append(strings[v])
                 except KeyError:
-                    append(self.scrub(v))
+                    out.append(self.scrub(v))
             elif t is dict:
-                append(self._dict(v))
+                out.append(self._dict(v))
             elif t is bool or v is None or (t is int and -_CARD_MIN < v < _CARD_MIN):
-                append(v)
+                out.append(v)
             else:
-                append(self.redact(v))
+                out.append(self.redact(v))
         return out
 
     def _dict(self, value: dict[Any, Any]) -> dict[Any, Any]:
