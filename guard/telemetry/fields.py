@@ -207,8 +207,6 @@ FIELDS: tuple[Field, ...] = (
 # fmt: on
 
 
-
-
 def _record_function(recorded: Sequence[Field]) -> Callable[..., dict[str, Any]]:
     """The record projection as one generated function: a single dict display in the
     record's order, each value read as the table says (an attribute, a reader, the
