@@ -55,10 +55,6 @@ _INPUT = (ATTR_TOKEN_TYPE, "input")
 _OUTPUT = (ATTR_TOKEN_TYPE, "output")
 
 
-def _no_exemplar() -> None:
-    return None  # SDK instruments keep their own
-
-
 class _SdkHistogram:
     """An SDK histogram behind ``HistogramTotals``' methods: for providers whose readers
     ``aggregates`` cannot serve (views, another aggregation, not the SDK's). The SDK
@@ -145,7 +141,7 @@ class MetricSink:
             self._stops = totals.counter(*_STOPS)
             self._exemplar_ids: Callable[[], Ids | None] = totals.exemplar_ids
         else:
-            self._exemplar_ids = _no_exemplar
+            self._exemplar_ids = aggregates.no_exemplar
             self._duration, self._tokens, self._ttfc, self._per_chunk = (
                 _SdkHistogram(meter, *spec) for spec in (_DURATION, _TOKENS, _TTFC, _PER_CHUNK)
             )
