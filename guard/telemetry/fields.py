@@ -240,12 +240,14 @@ def _span_value_lines(
     so)."""
     inner = indent + "    "
     lines = [f"{indent}v = {_read_expr(f, i, env)}", f"{indent}if v is not None:"]
-    if f.span_as is not None:
+    if f.span_as in _NEVER_NONE:
+        # A type: a value of it already (the usual) is not converted (no call).
         env[f"_as{i}"] = f.span_as
-        lines.append(f"{inner}v = _as{i}(v)")
-        if f.span_as not in _NEVER_NONE:
-            lines.append(f"{inner}if v is not None:")
-            inner += "    "
+        lines += [f"{inner}if type(v) is not _as{i}:", f"{inner}    v = _as{i}(v)"]
+    elif f.span_as is not None:
+        env[f"_as{i}"] = f.span_as
+        lines += [f"{inner}v = _as{i}(v)", f"{inner}if v is not None:"]
+        inner += "    "
     return lines, inner
 
 
