@@ -353,11 +353,13 @@ def _span_field(
         append(b"\x50" + _varint(dropped_attributes))
     append(_status_objects.get(status) or _status_field(status))
     append(_FLAGS_REMOTE if parent is not None and parent.is_remote else _FLAGS_LOCAL)
-    body = b"".join(parts)
-    size = len(body)
+    # The field's tag and size go before the first part: the span is copied once.
+    size = sum(map(len, parts))
     if 0x80 <= size < 0x4000:  # the usual span
-        return bytes((0x12, (size & 0x7F) | 0x80, size >> 7)) + body
-    return _field(0x12, body)
+        parts[0] = bytes((0x12, (size & 0x7F) | 0x80, size >> 7)) + parts[0]
+    else:
+        parts[0] = _ONE_BYTE[0x12] + _varint(size) + parts[0]
+    return b"".join(parts)
 
 
 def _resource(resource: Resource) -> bytes:
@@ -425,13 +427,20 @@ class SpanEncoder:
         )
 
     def _resource_spans(self, resource: Resource, scopes: list[tuple[Any, list[bytes]]]) -> bytes:
-        """One ResourceSpans field: the resource's scopes, each with its encoded spans."""
-        scope_spans = []
+        """One ResourceSpans field: the resource's scopes, each with its encoded spans.
+        Sizes are summed first and the whole written by one join: a batch's spans are
+        copied once (nesting each level by concatenation copied them at every level)."""
+        body: list[bytes] = []
         resource_head = resource_tail = b""
         for scope, encoded in scopes:
             head, resource_head, resource_tail = self._header(resource, scope)
-            scope_spans.append(_field(0x12, head + b"".join(encoded) + self._tail(scope)))
-        return _field(0x0A, resource_head + b"".join(scope_spans) + resource_tail)
+            tail = self._tail(scope)
+            size = len(head) + sum(map(len, encoded)) + len(tail)
+            body += (_ONE_BYTE[0x12] + _varint(size), head)
+            body += encoded
+            body.append(tail)
+        size = len(resource_head) + sum(map(len, body)) + len(resource_tail)
+        return b"".join([_ONE_BYTE[0x0A] + _varint(size), resource_head, *body, resource_tail])
 
     def _header(self, resource: Resource, scope: Any) -> tuple[bytes, bytes, bytes]:
         key = (id(resource), id(scope))
