@@ -301,10 +301,11 @@ def _span_writer_function(spans: Sequence[Field], writer: FieldWriter) -> Callab
     return _compile("\n".join(lines) + "\n", "span writer", env)
 
 
-def _metric_function(metric: Sequence[Field]) -> Callable[..., Any]:
+def _metric_function(metric: Sequence[Field], required: str | None = None) -> Callable[..., Any]:
     """The metric attributes as one generated function: per field the read, the
     conversion, and the (key, value) pair unless the value is None; a field with
-    ``metric_with`` only when that attribute came before it."""
+    ``metric_with`` only when that attribute came before it. ``required``: an
+    attribute without which the function returns None."""
     env: dict[str, Any] = dict(_EXPR_NAMES)
     needed = {f.metric_with for f in metric if f.metric_with is not None}
     lines = ["def metric(r):", "    k = []"]
@@ -320,6 +321,10 @@ def _metric_function(metric: Sequence[Field]) -> Callable[..., Any]:
         head, inner = _span_value_lines(f, i, env, indent)
         lines += head
         lines.append(f"{inner}k.append(({f.span!r}, v))")
+        if f.span == required:
+            if f.metric_with is not None or f.span_as not in (None, *_NEVER_NONE):
+                raise ValueError(f"metric attribute {required}: read it as it is to require it")
+            lines += [f"{indent}else:", f"{indent}    return None"]
         if f.span in flags:
             lines.append(f"{inner}{flags[f.span or '']} = True")
     lines.append("    return tuple(k)")
@@ -376,6 +381,12 @@ class Projections:
         self.metric_key: Callable[[CallRecord], tuple[tuple[str, Any], ...]] = _metric_function(
             metric
         )
+        # ``operation_metric_key(record)``: ``metric_key``, or None when the call is not
+        # a GenAI operation (no gen_ai.operation.name: the GenAI metrics skip it).
+        self.operation_metric_key: Callable[[CallRecord], tuple[tuple[str, Any], ...] | None] = (
+            _metric_function(metric, ATTR_OPERATION) if ATTR_OPERATION in self.metric_keys
+            else lambda record: None
+        )  # fmt: skip
 
     def span(self, record: CallRecord) -> dict[str, Any]:
         """The span's attributes from the table (semconv, then loopguard.*)."""
