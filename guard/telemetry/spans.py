@@ -130,7 +130,7 @@ class DirectCallSpan(CallSpan):
         parent: SpanContext | None,
         ids: tuple[int, int, int, trace.TraceState | None],
     ) -> None:
-        super().__init__(None, *ids)
+        CallSpan.__init__(self, None, *ids)  # no super object made per call
         self.name = name
         self.kind = kind
         self.parent = parent
