@@ -142,12 +142,8 @@ def _str_tuple(values: Iterable[Any]) -> tuple[str, ...] | None:
     return (tuple(map(str, values)) or None) if values else None
 
 
-def _true_or_none(value: Any) -> bool | None:
-    return True if value else None
-
-
 # A conversion's result type where the conversion is not a type itself.
-_CONVERTED_TYPES: dict[Callable[[Any], Any], type] = {_str_tuple: tuple, _true_or_none: bool}
+_CONVERTED_TYPES: dict[Callable[[Any], Any], type] = {_str_tuple: tuple}
 
 # fmt: off
 FIELDS: tuple[Field, ...] = (
@@ -197,8 +193,9 @@ FIELDS: tuple[Field, ...] = (
     Field("total_ms", expr="None if r.total_s is None else round(r.total_s * 1000.0, 3)"),
     Field("output_tps", LG_OUTPUT_THROUGHPUT, attr="output_tps", span_as=float),
     Field("output_chunks", attr="output_chunks"),
-    Field("timing_malformed", LG_TIMING_MALFORMED, attr="timing_malformed",
-          span_as=_true_or_none),
+    # On the span only when true (read so: no conversion called for the usual false).
+    Field("timing_malformed", attr="timing_malformed"),
+    Field(span=LG_TIMING_MALFORMED, expr="r.timing_malformed or None", span_as=bool),
     # On spans the app's fields are attributes of their own, under the app namespace.
     Field("app", expr="dict(r.app)"),
     # The policy the call was scrubbed under, so a record says how to read its hashes.
