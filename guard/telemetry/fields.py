@@ -20,7 +20,7 @@ Rules the table keeps:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from operator import attrgetter
 from typing import Any
@@ -263,9 +263,9 @@ def _span_function(spans: Sequence[Field]) -> Callable[[CallRecord], dict[str, A
 
 # A field writer (``Projections.span_writer``): for an attribute key and the one type
 # its values have after the field's conversion (None: not fixed, or not worth caching),
-# the attribute's written form by value (subscripted: a mapping answering every value,
-# from its cache or by writing it) and the writer the mapping falls back to.
-FieldWriter = Callable[[str, type | None], tuple[Mapping[Any, Any], Callable[[Any], Any]]]
+# a lookup of the attribute's written form by value (None: not there) and the writer
+# of a value the lookup did not have.
+FieldWriter = Callable[[str, type | None], tuple[Callable[[Any], Any], Callable[[Any], Any]]]
 
 
 def _span_type(f: Field) -> type | None:
@@ -280,8 +280,7 @@ def _span_type(f: Field) -> type | None:
 def _span_writer_function(spans: Sequence[Field], writer: FieldWriter) -> Callable[..., Any]:
     """The span projection as one generated function writing each attribute at once:
     per field the read, the conversion, and, unless the value is None, its written
-    form: subscripted by value (``writer``'s mapping for the field: no call when it is
-    cached)."""
+    form: looked up by value, else written (``writer``'s pair for the field)."""
     env: dict[str, Any] = dict(_EXPR_NAMES)
     lines = ["def span(r):", "    o = []", "    add = o.append"]
     for i, f in enumerate(spans):
@@ -294,7 +293,7 @@ def _span_writer_function(spans: Sequence[Field], writer: FieldWriter) -> Callab
             lines.append(f"{inner}add(_w{i}(v))")
         else:
             env[f"_c{i}"] = cached
-            lines.append(f"{inner}add(_c{i}[v])")
+            lines.append(f"{inner}add(_c{i}(v) or _w{i}(v))")
     lines.append("    return o")
     return _compile("\n".join(lines) + "\n", "span writer", env)
 

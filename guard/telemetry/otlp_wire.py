@@ -164,29 +164,17 @@ def _varying_str(key_field: bytes, value: bytes) -> bytes:
     return _field(0x4A, key_field + _field(0x12, _field(0x0A, value)))
 
 
-class _FieldCache(dict[Any, bytes]):
-    """One field's written forms by value; a value not there is written (and kept, by
-    the writer, while it is one to keep): subscripting it always answers, and a hit is
-    no call."""
-
-    __slots__ = ("_write",)
-
-    def __init__(self, write: Callable[[Any], bytes]) -> None:
-        super().__init__()
-        self._write = write
-
-    def __missing__(self, value: Any) -> bytes:
-        return self._write(value)
-
-
-def _field_writer(key: str, kind: type | None) -> tuple[_FieldCache, Callable[[Any], bytes]]:
-    """``Projections.span_writer``'s pair for one span attribute: its KeyValue field by
-    value (a ``_FieldCache``), and the writer of a value not there. The field's cache
-    holds only values of ``kind`` (the one type the field table converts its values
-    to: no True found for 1), up to a few: a key whose values do not repeat (hashes,
-    markers, ids) has its strings written each time, after a prefix (tags and sizes)
-    looked up by the value's size."""
+def _field_writer(
+    key: str, kind: type | None
+) -> tuple[Callable[[Any], Any], Callable[[Any], bytes]]:
+    """``Projections.span_writer``'s pair for one span attribute: the lookup of its
+    KeyValue field by value, and the writer of a value not found. The field's own
+    cache holds only values of ``kind`` (the one type the field table converts its
+    values to: no True found for 1), up to a few: a key whose values do not repeat
+    (hashes, markers, ids) has its strings written each time, after a prefix (tags
+    and sizes) looked up by the value's size."""
     key_field = _field(0x0A, key.encode())
+    cache: dict[Any, bytes] = {}
     # KeyValue field, key, AnyValue's tag and size, string_value's: one byte each size.
     prefixes = tuple(
         bytes((0x4A, len(key_field) + n + 4)) + key_field + bytes((0x12, n + 2, 0x0A, n))
@@ -207,8 +195,7 @@ def _field_writer(key: str, kind: type | None) -> tuple[_FieldCache, Callable[[A
             cache[value] = encoded
         return encoded
 
-    cache = _FieldCache(write)
-    return cache, write
+    return cache.get, write
 
 
 _write_table = PROJECTIONS.span_writer(_field_writer)
