@@ -102,6 +102,38 @@ _OVERFLOW: AttrKey = (("otel.metric.overflow", True),)
 _Offered = tuple[float, int, int | None, int | None]
 
 
+def no_exemplar() -> None:
+    """No exemplar (an always-off filter; SDK instruments keep their own)."""
+    return None
+
+
+def _current_span() -> trace.Span | None:
+    """``trace.get_current_span()`` without the calls in between; None without one."""
+    span = _current_context().get(_SPAN_KEY)
+    if span is None or not isinstance(span, trace.Span) or span is INVALID_SPAN:
+        return None
+    return span
+
+
+def _current_ids() -> Ids:
+    span = _current_span()
+    if span is None:
+        return (None, None)
+    ctx = span.get_span_context()
+    return (ctx.span_id, ctx.trace_id)
+
+
+def _trace_based_exemplar() -> Ids | None:
+    """The SDK's default filter: an exemplar only within a sampled span."""
+    span = _current_span()
+    if span is None:
+        return None
+    ctx = span.get_span_context()
+    if not ctx.trace_flags.sampled:
+        return None
+    return (ctx.span_id, ctx.trace_id)
+
+
 class _Totals:
     """One series: bucket counts (histograms; a one-slot list for a counter), sum,
     min, max, when its first value came, and the exemplars offered since the last
@@ -358,6 +390,12 @@ class Aggregates:
         self._sdk_config = provider._sdk_config
         self._scope = scope
         self._exemplar_filter = provider._sdk_config.exemplar_filter
+        # ``exemplar_ids()``: the ids an exemplar of this call's values carries (span
+        # id, trace id: the current span's, None without one), or None when the
+        # provider's exemplar filter keeps none. Asked once per call, not per value:
+        # the SDK's filters look at the context only (a custom filter is asked without
+        # a value). A function picked for the filter once, here.
+        self.exemplar_ids: Callable[[], Ids | None] = self._exemplar_reader()
         # Taken on the request path (uncontended: once per value, or per batch of
         # chunk gaps) and by a collection to drain the pending totals.
         self._lock = threading.Lock()
@@ -380,27 +418,22 @@ class Aggregates:
 
         provider.add_metric_reader = add_and_attach  # type: ignore[method-assign,assignment]
 
-    def exemplar_ids(self) -> Ids | None:
-        """The ids an exemplar of this call's values carries (span id, trace id: the
-        current span's, None without one), or None when the provider's exemplar filter
-        keeps none. Asked once per call, not per value: the SDK's filters look at the
-        context only (a custom filter is asked without a value)."""
+    def _exemplar_reader(self) -> Callable[[], Ids | None]:
+        """``exemplar_ids`` for this provider's filter: the SDK's two usual filters
+        recognized here, once, not per call (each test an ABC instance check)."""
         exemplar_filter = self._exemplar_filter
         if isinstance(exemplar_filter, AlwaysOffExemplarFilter):
-            return None
-        # ``trace.get_current_span()`` without the calls in between.
-        span = _current_context().get(_SPAN_KEY)
-        if span is None or not isinstance(span, trace.Span):
-            span = INVALID_SPAN
+            return no_exemplar
         if isinstance(exemplar_filter, TraceBasedExemplarFilter):
-            if span is INVALID_SPAN or not span.get_span_context().trace_flags.sampled:
+            return _trace_based_exemplar
+        should_sample = exemplar_filter.should_sample
+
+        def filtered() -> Ids | None:
+            if not should_sample(0, time_ns(), None, None):  # type: ignore[arg-type]
                 return None
-        elif not exemplar_filter.should_sample(0, time_ns(), None, None):  # type: ignore[arg-type]
-            return None
-        if span is INVALID_SPAN:
-            return (None, None)
-        ctx = span.get_span_context()
-        return (ctx.span_id, ctx.trace_id)
+            return _current_ids()
+
+        return filtered
 
     def histogram(
         self, name: str, unit: str, description: str, boundaries: Sequence[float]

@@ -98,44 +98,52 @@ class Field:
         if self.get is not None:
             return self.get
         if self.expr is not None:
-            reader: Reader = eval(f"lambda r: {self.expr}", dict(_EXPR_NAMES))
-            return reader
+            return _expression_reader(self.expr)
         if self.attr is None:
             raise ValueError(f"field {self.record or self.span}: give attr or get")
         return attrgetter(self.attr)
 
 
-def gen_ai_operation(record: CallRecord) -> str | None:
-    """gen_ai.operation.name for a record; None where the call is not a GenAI operation
-    (passthrough, MCP methods other than tools/call)."""
-    if record.operation == "chat":
-        return OP_CHAT
-    if record.operation == "execute_tool":
-        return OP_EXECUTE_TOOL
-    if record.operation == "mcp" and (
-        record.mcp_method == "tools/call" or (record.mcp_method is None and record.tool)
-    ):
-        return OP_EXECUTE_TOOL
-    return None
+# Readers the generated projections inline as expressions over the record ``r`` (no
+# call per field); the functions below are built from the same text, for other callers.
+# gen_ai.operation.name: None where the call is not a GenAI operation (passthrough,
+# MCP methods other than tools/call).
+_GEN_AI_OPERATION = (
+    "(_OPERATIONS.get(r.operation) if r.operation != 'mcp' else"
+    " _EXECUTE_TOOL if r.mcp_method == 'tools/call' or (r.mcp_method is None and r.tool)"
+    " else None)"
+)
+# error.type: the caller's low-cardinality error, else the failure stage.
+_ERROR_TYPE = (
+    "(r.error_type if r.failure_stage in NOT_ERRORS else r.error_type or str(r.failure_stage))"
+)
 
 
-def error_type(record: CallRecord) -> str | None:
-    """error.type: the caller's low-cardinality error, else the failure stage."""
-    if record.failure_stage in NOT_ERRORS:
-        return record.error_type
-    return record.error_type or str(record.failure_stage)
+# The names a field's ``expr`` may use besides builtins.
+_EXPR_NAMES: dict[str, Any] = {
+    "NOT_ERRORS": NOT_ERRORS,
+    "_OPERATIONS": {"chat": OP_CHAT, "execute_tool": OP_EXECUTE_TOOL},
+    "_EXECUTE_TOOL": OP_EXECUTE_TOOL,
+}
+
+
+def _expression_reader(expr: str) -> Reader:
+    reader: Reader = eval(f"lambda r: {expr}", dict(_EXPR_NAMES))
+    return reader
+
+
+gen_ai_operation: Reader = _expression_reader(_GEN_AI_OPERATION)
+gen_ai_operation.__doc__ = "gen_ai.operation.name for a record (None: not a GenAI operation)."
+error_type: Reader = _expression_reader(_ERROR_TYPE)
+error_type.__doc__ = "error.type: the caller's low-cardinality error, else the failure stage."
 
 
 def _str_tuple(values: Iterable[Any]) -> tuple[str, ...] | None:
     return (tuple(map(str, values)) or None) if values else None
 
 
-def _true_or_none(value: Any) -> bool | None:
-    return True if value else None
-
-
 # A conversion's result type where the conversion is not a type itself.
-_CONVERTED_TYPES: dict[Callable[[Any], Any], type] = {_str_tuple: tuple, _true_or_none: bool}
+_CONVERTED_TYPES: dict[Callable[[Any], Any], type] = {_str_tuple: tuple}
 
 # fmt: off
 FIELDS: tuple[Field, ...] = (
@@ -146,10 +154,10 @@ FIELDS: tuple[Field, ...] = (
     Field("route", LG_ROUTE, expr="str(r.route)"),
     Field("failure_stage", LG_FAILURE_STAGE, expr="str(r.failure_stage)"),
     Field("error_type", attr="error_type"),
-    Field(span=ATTR_ERROR_TYPE, get=error_type, metric=True),
+    Field(span=ATTR_ERROR_TYPE, expr=_ERROR_TYPE, metric=True),
     Field("status_code", ATTR_HTTP_STATUS, attr="status_code", span_as=int),
     Field("operation", attr="operation"),
-    Field(span=ATTR_OPERATION, get=gen_ai_operation, metric=True),
+    Field(span=ATTR_OPERATION, expr=_GEN_AI_OPERATION, metric=True),
     Field("tool", ATTR_TOOL_NAME, attr="tool"),
     Field("model", ATTR_REQUEST_MODEL, attr="model", metric=True),
     Field("response_model", ATTR_RESPONSE_MODEL, attr="response_model"),
@@ -167,8 +175,9 @@ FIELDS: tuple[Field, ...] = (
     Field("repeat_count", LG_REPEAT_COUNT, attr="repeat_count", span_as=int),
     Field("stall_rule", LG_STALL_RULE, expr="str(r.stall_rule) if r.stall_rule else None"),
     Field("stream", ATTR_STREAM, attr="stream", span_as=bool),
-    Field("finish_reasons", ATTR_FINISH_REASONS, expr="list(r.finish_reasons)",
-          span_as=_str_tuple),
+    # The span's read: no list made, no conversion called, for none (the usual call).
+    Field("finish_reasons", expr="list(r.finish_reasons)"),
+    Field(span=ATTR_FINISH_REASONS, expr="r.finish_reasons or None", span_as=_str_tuple),
     Field("input_tokens", ATTR_INPUT_TOKENS,
           expr="r.usage.input_tokens if r.usage else None", span_as=int),
     Field("output_tokens", ATTR_OUTPUT_TOKENS,
@@ -184,18 +193,15 @@ FIELDS: tuple[Field, ...] = (
     Field("total_ms", expr="None if r.total_s is None else round(r.total_s * 1000.0, 3)"),
     Field("output_tps", LG_OUTPUT_THROUGHPUT, attr="output_tps", span_as=float),
     Field("output_chunks", attr="output_chunks"),
-    Field("timing_malformed", LG_TIMING_MALFORMED, attr="timing_malformed",
-          span_as=_true_or_none),
+    # On the span only when true (read so: no conversion called for the usual false).
+    Field("timing_malformed", attr="timing_malformed"),
+    Field(span=LG_TIMING_MALFORMED, expr="r.timing_malformed or None", span_as=bool),
     # On spans the app's fields are attributes of their own, under the app namespace.
     Field("app", expr="dict(r.app)"),
     # The policy the call was scrubbed under, so a record says how to read its hashes.
     Field("scrub_policy", LG_SCRUB_POLICY, attr="scrub_policy"),
 )
 # fmt: on
-
-
-# The names a field's ``expr`` may use besides builtins.
-_EXPR_NAMES: dict[str, Any] = {}
 
 
 def _record_function(recorded: Sequence[Field]) -> Callable[..., dict[str, Any]]:
@@ -218,15 +224,28 @@ def _record_function(recorded: Sequence[Field]) -> Callable[..., dict[str, Any]]
     return _compile(source, "record", env)
 
 
-def _span_value_lines(f: Field, i: int, env: dict[str, Any], indent: str = "    ") -> list[str]:
-    """Generated lines setting ``v`` to field ``f``'s span value: the read, then the
-    field's conversion unless the value is None (the span and metric projections all
-    start so)."""
-    lines = [f"{indent}v = {_read_expr(f, i, env)}"]
-    if f.span_as is not None:
+# Conversions that never give None: the value is present once it was read so.
+_NEVER_NONE: frozenset[Callable[[Any], Any]] = frozenset({bool, int, float, str})
+
+
+def _span_value_lines(
+    f: Field, i: int, env: dict[str, Any], indent: str = "    "
+) -> tuple[list[str], str]:
+    """Generated lines setting ``v`` to field ``f``'s span value (the read, then the
+    field's conversion unless the value is None) and testing it is not None; and the
+    indent of what follows when it is not (the span and metric projections all start
+    so)."""
+    inner = indent + "    "
+    lines = [f"{indent}v = {_read_expr(f, i, env)}", f"{indent}if v is not None:"]
+    if f.span_as in _NEVER_NONE:
+        # A type: a value of it already (the usual) is not converted (no call).
         env[f"_as{i}"] = f.span_as
-        lines += [f"{indent}if v is not None:", f"{indent}    v = _as{i}(v)"]
-    return lines
+        lines += [f"{inner}if type(v) is not _as{i}:", f"{inner}    v = _as{i}(v)"]
+    elif f.span_as is not None:
+        env[f"_as{i}"] = f.span_as
+        lines += [f"{inner}v = _as{i}(v)", f"{inner}if v is not None:"]
+        inner += "    "
+    return lines, inner
 
 
 def _span_function(spans: Sequence[Field]) -> Callable[[CallRecord], dict[str, Any]]:
@@ -235,9 +254,9 @@ def _span_function(spans: Sequence[Field]) -> Callable[[CallRecord], dict[str, A
     env: dict[str, Any] = dict(_EXPR_NAMES)
     lines = ["def span(r):", "    a = {}"]
     for i, f in enumerate(spans):
-        lines += _span_value_lines(f, i, env)
-        lines.append("    if v is not None:")
-        lines.append(f"        a[{f.span!r}] = v")
+        head, inner = _span_value_lines(f, i, env)
+        lines += head
+        lines.append(f"{inner}a[{f.span!r}] = v")
     lines.append("    return a")
     return _compile("\n".join(lines) + "\n", "span", env)
 
@@ -268,21 +287,22 @@ def _span_writer_function(spans: Sequence[Field], writer: FieldWriter) -> Callab
         kind = _span_type(f)
         cached, write = writer(f.span or "", kind)
         env[f"_w{i}"] = write
-        lines += _span_value_lines(f, i, env)
-        lines.append("    if v is not None:")
+        head, inner = _span_value_lines(f, i, env)
+        lines += head
         if kind is None:
-            lines.append(f"        add(_w{i}(v))")
+            lines.append(f"{inner}add(_w{i}(v))")
         else:
             env[f"_c{i}"] = cached
-            lines.append(f"        add(_c{i}(v) or _w{i}(v))")
+            lines.append(f"{inner}add(_c{i}(v) or _w{i}(v))")
     lines.append("    return o")
     return _compile("\n".join(lines) + "\n", "span writer", env)
 
 
-def _metric_function(metric: Sequence[Field]) -> Callable[..., Any]:
+def _metric_function(metric: Sequence[Field], required: str | None = None) -> Callable[..., Any]:
     """The metric attributes as one generated function: per field the read, the
     conversion, and the (key, value) pair unless the value is None; a field with
-    ``metric_with`` only when that attribute came before it."""
+    ``metric_with`` only when that attribute came before it. ``required``: an
+    attribute without which the function returns None."""
     env: dict[str, Any] = dict(_EXPR_NAMES)
     needed = {f.metric_with for f in metric if f.metric_with is not None}
     lines = ["def metric(r):", "    k = []"]
@@ -295,11 +315,15 @@ def _metric_function(metric: Sequence[Field]) -> Callable[..., Any]:
         if f.metric_with is not None:
             lines.append(f"    if {flags[f.metric_with]}:")
             indent = "        "
-        lines += _span_value_lines(f, i, env, indent)
-        lines.append(f"{indent}if v is not None:")
-        lines.append(f"{indent}    k.append(({f.span!r}, v))")
+        head, inner = _span_value_lines(f, i, env, indent)
+        lines += head
+        lines.append(f"{inner}k.append(({f.span!r}, v))")
+        if f.span == required:
+            if f.metric_with is not None or f.span_as not in (None, *_NEVER_NONE):
+                raise ValueError(f"metric attribute {required}: read it as it is to require it")
+            lines += [f"{indent}else:", f"{indent}    return None"]
         if f.span in flags:
-            lines.append(f"{indent}    {flags[f.span or '']} = True")
+            lines.append(f"{inner}{flags[f.span or '']} = True")
     lines.append("    return tuple(k)")
     return _compile("\n".join(lines) + "\n", "metric", env)
 
@@ -354,6 +378,12 @@ class Projections:
         self.metric_key: Callable[[CallRecord], tuple[tuple[str, Any], ...]] = _metric_function(
             metric
         )
+        # ``operation_metric_key(record)``: ``metric_key``, or None when the call is not
+        # a GenAI operation (no gen_ai.operation.name: the GenAI metrics skip it).
+        self.operation_metric_key: Callable[[CallRecord], tuple[tuple[str, Any], ...] | None] = (
+            _metric_function(metric, ATTR_OPERATION) if ATTR_OPERATION in self.metric_keys
+            else lambda record: None
+        )  # fmt: skip
 
     def span(self, record: CallRecord) -> dict[str, Any]:
         """The span's attributes from the table (semconv, then loopguard.*)."""

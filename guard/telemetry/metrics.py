@@ -17,7 +17,7 @@ from opentelemetry.semconv._incubating.metrics import gen_ai_metrics
 from guard.engine.calls import CallRecord, FailureStage, Route
 from guard.telemetry import aggregates
 from guard.telemetry.aggregates import Aggregates, AttrKey, CounterTotals, HistogramTotals, Ids
-from guard.telemetry.fields import PROJECTIONS, gen_ai_operation
+from guard.telemetry.fields import PROJECTIONS
 from guard.telemetry.semconv import (
     ATTR_TOKEN_TYPE,
     ATTR_TOOL_NAME,
@@ -53,10 +53,6 @@ _LOOP_GUARD = FailureStage.LOOP_GUARD
 
 _INPUT = (ATTR_TOKEN_TYPE, "input")
 _OUTPUT = (ATTR_TOKEN_TYPE, "output")
-
-
-def _no_exemplar() -> None:
-    return None  # SDK instruments keep their own
 
 
 class _SdkHistogram:
@@ -145,7 +141,7 @@ class MetricSink:
             self._stops = totals.counter(*_STOPS)
             self._exemplar_ids: Callable[[], Ids | None] = totals.exemplar_ids
         else:
-            self._exemplar_ids = _no_exemplar
+            self._exemplar_ids = aggregates.no_exemplar
             self._duration, self._tokens, self._ttfc, self._per_chunk = (
                 _SdkHistogram(meter, *spec) for spec in (_DURATION, _TOKENS, _TTFC, _PER_CHUNK)
             )
@@ -165,9 +161,11 @@ class MetricSink:
                 stop_key += ((ATTR_TOOL_NAME, record.tool),)
             self._stops.add(1, stop_key, exemplar)
 
-        if gen_ai_operation(record) is None or record.failure_stage == _LOOP_GUARD:
-            return  # not a GenAI operation, or one that never ran
-        key = PROJECTIONS.metric_key(record)
+        if record.failure_stage == _LOOP_GUARD:
+            return  # a GenAI operation or not, it never ran
+        key = PROJECTIONS.operation_metric_key(record)
+        if key is None:
+            return  # not a GenAI operation
         total = record.total_s if record.total_s is not None else time.monotonic() - call.started
         self._duration.record(max(float(total), 0.0), key, 1, exemplar)
 

@@ -130,7 +130,7 @@ class DirectCallSpan(CallSpan):
         parent: SpanContext | None,
         ids: tuple[int, int, int, trace.TraceState | None],
     ) -> None:
-        super().__init__(None, *ids)
+        CallSpan.__init__(self, None, *ids)  # no super object made per call
         self.name = name
         self.kind = kind
         self.parent = parent
@@ -205,6 +205,10 @@ class DirectSpans:
         self._resource = resource
         self._scope = scope
         self._wire = wire
+        # The record writer and the queue's push, looked up once.
+        self._record_out: tuple[RecordSpanWriter, Callable[[bytes], None]] | None = None
+        if wire is not None and wire.record is not None:
+            self._record_out = (wire.record, wire.push)
         self._max_attributes = SpanLimits().max_span_attributes
 
     def end_record(
@@ -221,18 +225,15 @@ class DirectSpans:
         key that is also the table's, more attributes than the limit)."""
         if not call.flags & _SAMPLED_INT:
             return  # the SDK would not have recorded it
-        wire = self._wire
-        if (
-            wire is not None
-            and wire.record is not None
-            and (not extra or _SPAN_KEYS.isdisjoint(extra))
-        ):
-            encoded = wire.record(
+        out = self._record_out
+        if out is not None and (not extra or _SPAN_KEYS.isdisjoint(extra)):
+            write, push = out
+            encoded = write(
                 call.trace_int, call.span_int, call.state, call.parent, name, call.kind,
                 call.start_ns, time.time_ns(), record, extra, status, self._max_attributes,
             )  # fmt: skip
             if encoded is not None:
-                wire.push(encoded)
+                push(encoded)
                 return
         self.end(call, name, _with_extra(record, extra), status)
 
@@ -394,9 +395,12 @@ class SpanSink:
 
     def emit(self, record: CallRecord, call: CallSpan) -> None:
         if self._direct is not None and isinstance(call, DirectCallSpan):
+            # The usual call has no extra attributes and no error: no call for either.
+            cfg = self._cfg
             self._direct.end_record(
                 call, record.span_name or call.name, record,
-                extra_attributes(record, self._cfg), _status(record),
+                extra_attributes(record, cfg) if record.app or cfg.capture_content else None,
+                _UNSET if record.failure_stage in NOT_ERRORS else _status(record),
             )  # fmt: skip
             return
         span = call.span

@@ -17,7 +17,14 @@ from typing import Any
 import httpx
 import pytest
 from opentelemetry import trace
-from opentelemetry.sdk.metrics import Counter, Histogram, MeterProvider
+from opentelemetry.sdk.metrics import (
+    AlwaysOffExemplarFilter,
+    AlwaysOnExemplarFilter,
+    Counter,
+    Histogram,
+    MeterProvider,
+    TraceBasedExemplarFilter,
+)
 from opentelemetry.sdk.metrics.export import AggregationTemporality, InMemoryMetricReader
 from opentelemetry.sdk.metrics.view import (
     ExplicitBucketHistogramAggregation,
@@ -25,6 +32,7 @@ from opentelemetry.sdk.metrics.view import (
     View,
 )
 from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from prometheus_harness import samples
 
 from guard.doors.admin import Admin
@@ -387,3 +395,30 @@ def test_a_provider_nobody_holds_is_freed() -> None:
     gone = used()
     gc.collect()
     assert gone() is None
+
+
+@pytest.mark.parametrize(
+    ("exemplar_filter", "no_span", "sampled", "unsampled"),
+    [
+        (TraceBasedExemplarFilter(), None, "ids", None),
+        (AlwaysOnExemplarFilter(), (None, None), "ids", "ids"),
+        (AlwaysOffExemplarFilter(), None, None, None),
+    ],
+)
+def test_exemplar_ids_follow_the_providers_filter(
+    exemplar_filter: Any, no_span: Any, sampled: Any, unsampled: Any
+) -> None:
+    # The function for the filter is picked once; each must answer as the filter would.
+    provider = MeterProvider(
+        metric_readers=[InMemoryMetricReader()], exemplar_filter=exemplar_filter
+    )
+    found = aggregates.for_provider(provider, InstrumentationScope("t"))
+    assert found is not None
+    assert found.exemplar_ids() == no_span
+    sampled_span = TracerProvider().get_tracer("app").start_span("s")
+    unsampled_span = trace.NonRecordingSpan(trace.SpanContext(7, 9, False, trace.TraceFlags(0)))
+    for span, expected in ((sampled_span, sampled), (unsampled_span, unsampled)):
+        ctx = span.get_span_context()
+        with trace.use_span(span):
+            got = found.exemplar_ids()
+        assert got == (None if expected is None else (ctx.span_id, ctx.trace_id))

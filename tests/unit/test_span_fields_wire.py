@@ -21,7 +21,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 from guard.engine.calls import CallRecord, FailureStage, Route, StallRule, Usage
 from guard.engine.config import TelemetryConfig
 from guard.telemetry import spans as spans_module
-from guard.telemetry.fields import FIELDS, PROJECTIONS
+from guard.telemetry.fields import FIELDS, PROJECTIONS, gen_ai_operation
 from guard.telemetry.otlp_wire import SpanEncoder, wire_record, wire_span
 from guard.telemetry.semconv import (
     ATTR_TOOL_NAME,
@@ -288,4 +288,6 @@ def metric_reference(record: CallRecord) -> dict[str, Any]:
 def test_the_metric_key_is_the_tables_metric_attributes_in_order(record: CallRecord) -> None:
     expected = metric_reference(record)
     assert PROJECTIONS.metric_key(record) == tuple(expected.items())
+    operation = PROJECTIONS.operation_metric_key(record)
+    assert operation == (tuple(expected.items()) if gen_ai_operation(record) else None)
     assert PROJECTIONS.metric(record) == expected

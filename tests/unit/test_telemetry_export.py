@@ -193,6 +193,25 @@ def test_the_wire_encoder_writes_varying_values_and_long_fields_as_the_sdk_does(
     assert ExportTraceServiceRequest.FromString(encoder([])) == encode_spans([])
 
 
+def test_a_batch_of_several_resources_and_scopes_is_the_sdks_message() -> None:
+    # Spans of two resources, one of them under two scopes (one with no schema URL),
+    # interleaved: grouped and written as the SDK's encoder groups them.
+    batch = []
+    for n, (service, scope) in enumerate(
+        [("a", SCOPE), ("b", SCOPE), ("a", InstrumentationScope("other", "2")), ("b", SCOPE)] * 3
+    ):
+        provider = TracerProvider(resource=Resource.create({"service.name": service}))
+        exported = InMemorySpanExporter()
+        provider.add_span_processor(SimpleSpanProcessor(exported))
+        tracer = provider.get_tracer(scope.name, scope.version, schema_url=scope.schema_url)
+        span = tracer.start_span(f"s{n}", attributes={"n": n, "x": "y" * (n * 40)})
+        span.end()
+        batch += exported.get_finished_spans()
+    encoded = ExportTraceServiceRequest.FromString(SpanEncoder()(batch))
+    assert encoded == encode_spans(batch)
+    assert len(encoded.resource_spans) == 2
+
+
 FIXED_NS = 1_796_000_000_000_000_000
 
 
