@@ -584,7 +584,12 @@ class Exchange:
             record.failure_stage = failure
             record.error_type = error_type or record.error_type or failure.value
         if observation is None and self._observer is not None:
-            observation = self._observer.finish()
+            if self._response_bytes > OFFLOAD_BYTES:
+                # A large body's parse (a JSON answer up to the observer's bound): off
+                # the event loop, like its marking.
+                observation = await asyncio.to_thread(self._observer.finish)
+            else:
+                observation = self._observer.finish()
         try:
             if observation is not None:
                 self._apply_observation(observation)

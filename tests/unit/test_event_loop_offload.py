@@ -7,6 +7,8 @@ import re
 import threading
 from typing import Any
 
+import pytest
+
 from adapters.http_tool import HttpToolAdapter
 from guard.doors.exchange import OFFLOAD_BYTES, Exchange
 from guard.engine.config import Config
@@ -38,22 +40,41 @@ def _setup(body: bytes) -> tuple[Exchange, list[int]]:
     return Exchange(engine, config.routes[0], adapter, request), threads
 
 
-async def test_a_large_body_is_parsed_and_marked_off_the_event_loop() -> None:
+def _watch_observer(
+    exchange: Exchange, threads: list[int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Note the thread the response's observer finishes on (where it parses the body)."""
+    kind = type(exchange._observer)
+    finish = kind.finish
+
+    def watched_finish(self: Any) -> Any:
+        threads.append(threading.get_ident())
+        return finish(self)
+
+    monkeypatch.setattr(kind, "finish", watched_finish)
+
+
+async def test_a_large_body_is_parsed_and_marked_off_the_event_loop(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     body = json.dumps({"q": "1 " * OFFLOAD_BYTES}).encode()
     exchange, threads = _setup(body)
     assert await exchange.admit() == body
     exchange.response_start(200, [(b"content-type", b"application/json")])
+    _watch_observer(exchange, threads, monkeypatch)
     await exchange.response_chunk(body, last=True)
     loop_thread = threading.get_ident()
-    assert len(threads) == 2 and loop_thread not in threads
+    # The request's parse, the response's parse (the observer's finish), its marking.
+    assert len(threads) == 3 and loop_thread not in threads
 
 
-async def test_a_small_body_stays_on_the_event_loop() -> None:
+async def test_a_small_body_stays_on_the_event_loop(monkeypatch: pytest.MonkeyPatch) -> None:
     exchange, threads = _setup(b'{"q": "a"}')
     assert await exchange.admit() == b'{"q": "a"}'
     exchange.response_start(200, [(b"content-type", b"application/json")])
+    _watch_observer(exchange, threads, monkeypatch)
     await exchange.response_chunk(b"{}", last=True)
-    assert threads == [threading.get_ident()] * 2
+    assert threads == [threading.get_ident()] * 3
 
 
 def test_the_one_pass_card_scan_agrees_with_checking_every_span() -> None:
