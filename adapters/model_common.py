@@ -220,6 +220,8 @@ class ModelObserver:
         # block that may be hidden (or a "\r", which only the parser can split on)
         # has arrived; from then on every block is read before it passes.
         self._passing_unread = True
+        # Where a hidden event ended in "\r" (its "\n", if one comes next, is its own).
+        self._cut_cr_end: int | None = None
         self._deferred: tuple[bytes, float] | None = None
         # What is learned.
         self.first_output_at: float | None = None
@@ -346,9 +348,17 @@ class ModelObserver:
         events = self._parser.feed(chunk)
         out = bytearray()
         at = self._held_at
+        if self._cut_cr_end is not None and held:
+            if self._cut_cr_end == at and held[0] == 0x0A:
+                # The event cut out ended in a "\r\n" the network split: its "\n" too.
+                del held[:1]
+                at += 1
+            self._cut_cr_end = None
         for event in events:
             if self._event(event, now):
                 out += held[: event.start - at]
+                if held[event.end - at - 1] == 0x0D:  # "\r": a "\n" may follow
+                    self._cut_cr_end = event.end
                 del held[: event.end - at]
                 at = event.end
         safe = self._parser.boundary if self._parser is not None else at

@@ -250,6 +250,10 @@ class SSEParser:
             self._pending_cr = False
             if chunk[0] == _LF:
                 pos = 1
+                if self.boundary == base:
+                    # The "\r" that ended a block was a "\r\n" cut in two: its "\n"
+                    # belongs to that block, not to the next one's span.
+                    self.boundary = base + 1
         while pos < n:
             cr = chunk.find(b"\r", pos)
             lf = chunk.find(b"\n", pos)

@@ -334,6 +334,31 @@ def test_parse_names_the_span_and_the_conversation() -> None:
     assert models.operation == "passthrough"
 
 
+@pytest.mark.parametrize("eol", ["\r\n", "\r"])
+def test_hidden_usage_chunk_cut_byte_exact_with_any_line_ending(eol: str) -> None:
+    # "\r\n" blank lines cut anywhere, also between their "\r" and "\n": the usage
+    # event's bytes go, exactly; every other byte (the "\n" ending the block before it
+    # included) reaches the client, whatever the split.
+    route = RouteConfig(prefix="/", upstream="http://x", adapter="openai", inject_stream_usage=True)
+    adapter = OpenAIAdapter(route)
+    body = json.dumps({"model": "m", "messages": MESSAGES, "stream": True}).encode()
+    parsed = adapter.parse(RequestView("POST", "/v1/chat/completions", "", {}, body))
+    chunk = '{"id":"c","choices":[{"index":0,"delta":{"content":"hi"}}],"usage":null}'
+    usage = '{"id":"c","choices":[],"usage":{"prompt_tokens":5,"completion_tokens":1}}'
+    shown = f"data: {chunk}{eol}{eol}: ping{eol}{eol}".encode()
+    hidden = f"data: {usage}{eol}{eol}".encode()
+    done = f"data: [DONE]{eol}{eol}".encode()
+    stream = shown + hidden + done
+    for cut in range(len(stream) + 1):
+        for second in range(cut, len(stream) + 1, 7):
+            observer = adapter.observer(parsed, 200, {"content-type": "text/event-stream"})
+            pieces = (stream[:cut], stream[cut:second], stream[second:])
+            out = b"".join(observer.feed(piece, 1.0) for piece in pieces)
+            assert out == shown + done, (cut, second)
+            obs = observer.finish()
+            assert obs.complete and obs.usage.input_tokens == 5
+
+
 def test_hidden_usage_chunk_at_every_split_point() -> None:
     # The usage-only chunk cut out wherever the network splits the stream, and every
     # other byte passed on: events complete in a chunk go on at once.

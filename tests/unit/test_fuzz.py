@@ -96,8 +96,8 @@ def test_sse_any_bytes_any_chunking_same_events(stream: bytes, data: Any) -> Non
 
 def same_offset(stream: bytes, split: int, whole: int) -> bool:
     """Equal, or the chunk cut a "\r\n" that ends a block: the "\r" alone already
-    ends the line (the event is dispatched without waiting), so the "\n" arriving next
-    opens the following block instead (spans still tile the stream)."""
+    ends the line (the event is dispatched without waiting), so the event's span stops
+    before the "\n" arriving next (the following block starts after it)."""
     return split == whole or (split == whole - 1 and stream[split - 1 : whole] == b"\r\n")
 
 

@@ -109,8 +109,9 @@ def test_any_split_gives_the_same_events(events, eol, data) -> None:
     assert fields(whole) == expected
     split = parse_split(stream, cuts)
     assert fields(split) == expected
-    # Spans are where the events are, whatever the chunking (the "\n" of a "\r\n" may be
-    # given to the next block when a cut falls between the two).
+    # Spans are where the events are, whatever the chunking (when a cut falls between the
+    # "\r" and "\n" of the blank line ending an event, the event is dispatched at the
+    # "\r", so its span stops there; the next block starts after the "\n" all the same).
     if b"\r\n" not in stream:
         assert [(e.start, e.end) for e in split] == [(e.start, e.end) for e in whole]
     for event in split:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict
 
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from adapters.openai import OpenAIObserver
@@ -61,7 +61,14 @@ def feed_split(observer: OpenAIObserver, stream: bytes, cuts: list[int]) -> list
     return outs
 
 
+_HIDDEN_CRLF = render([("data", json.dumps(USAGE))], "\r\n")
+_FIRST = ("data", json.dumps(chunk("a")))
+
+
 @settings(max_examples=300, deadline=None)
+# Cuts between the "\r" and "\n" ending the usage event, and ending the event before it.
+@example(body=[], usage_at=0, newline="\r\n", cuts=[len(_HIDDEN_CRLF) - 1])
+@example(body=[_FIRST], usage_at=1, newline="\r\n", cuts=[len(render([_FIRST], "\r\n")) - 1])
 @given(
     body=st.lists(st.one_of(content_blocks, other_blocks), max_size=8),
     usage_at=st.integers(min_value=0, max_value=8),
@@ -83,6 +90,9 @@ def test_passing_unread_matches_reading_first(
 
     fast_out = b"".join(feed_split(fast, stream, cuts))
     assert fast_out == b"".join(feed_split(reference, stream, cuts))
+    # Byte for byte, exactly the usage event's bytes are gone (also when a cut split the
+    # "\r\n" ending it, or the one before it).
+    assert fast_out == stream.replace(render([("data", json.dumps(USAGE))], newline), b"", 1)
     # Exactly the usage chunk is gone.
     shown = [e.data for e in SSEParser().feed(fast_out)]
     assert json.dumps(USAGE) not in shown
