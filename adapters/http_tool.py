@@ -96,6 +96,7 @@ class ToolResponseObserver:
     __slots__ = ("_chunks", "_encoding", "_explicit", "_kept", "_seen", "error", "status")
     # A tool's answer is complete only when its body ends (the front door records then).
     settled = False
+    backlog = False  # read at the end (``finish``), never as it goes
 
     def __init__(self, status: int, headers: dict[str, str]) -> None:
         self.status = status
@@ -106,6 +107,9 @@ class ToolResponseObserver:
         self._chunks: list[bytes] = []
         self._kept = 0
         self._seen = 0
+
+    def read_backlog(self) -> None:
+        pass  # never left any
 
     def feed(self, chunk: bytes, now: float) -> bytes:
         self._seen += len(chunk)

@@ -52,6 +52,7 @@ from guard.engine.calls import Route, Verdict
 from guard.engine.config import RouteConfig
 from guard.engine.contract import (
     NO_FIELDS,
+    OFFLOAD_BYTES,
     Answer,
     Observation,
     Outcome,
@@ -202,13 +203,18 @@ class McpObserver:
         self._sse = SSEParser(MAX_JSON_BODY) if media == "text/event-stream" else None
         self._json: bytearray | None = bytearray() if _is_json_type(media) else None
         self._overflow = False
+        # SSE events too large to parse on the event loop, until ``read_backlog``.
+        self._backlog: list[str] = []
         # A 2xx JSON or SSE answer is expected to carry every response we wait for.
         self._expects = 200 <= status < 300 and (self._sse is not None or self._json is not None)
 
     def feed(self, chunk: bytes, now: float) -> bytes:
         if self._sse is not None:
             for event in self._sse.feed(chunk):
-                self._take_text(event.data)
+                if len(event.data) > OFFLOAD_BYTES:
+                    self._backlog.append(event.data)  # parsed off the event loop
+                else:
+                    self._take_text(event.data)
         elif self._json is not None and not self._overflow:
             if len(self._json) + len(chunk) > MAX_JSON_BODY:
                 self._overflow = True
@@ -216,6 +222,16 @@ class McpObserver:
             else:
                 self._json += chunk
         return chunk
+
+    @property
+    def backlog(self) -> bool:
+        return bool(self._backlog)
+
+    def read_backlog(self) -> None:
+        """Parse the large events ``feed`` left, in the order they came."""
+        backlog, self._backlog = self._backlog, []
+        for text in backlog:
+            self._take_text(text)
 
     @property
     def settled(self) -> bool:
@@ -228,6 +244,7 @@ class McpObserver:
         return all(o is not None for o in self._outcomes)
 
     def finish(self) -> Observation:
+        self.read_backlog()
         if self._json and not self._overflow:
             self._take_text(self._json)
             self._json = bytearray()

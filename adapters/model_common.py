@@ -202,6 +202,8 @@ class ModelObserver:
 
     # Model responses carry no guarded tool outcomes: nothing to record early.
     settled = False
+    # Read one step late, a chunk at a time (a JSON answer at the end): nothing left.
+    backlog = False
 
     def __init__(self, status: int, headers: dict[str, str]) -> None:
         content_type = headers.get("content-type", "")
@@ -260,6 +262,9 @@ class ModelObserver:
         assert self._parser is not None
         for event in self._parser.feed(chunk):
             self._event(event, at)
+
+    def read_backlog(self) -> None:
+        pass  # never left any
 
     def finish(self) -> Observation:
         complete = True

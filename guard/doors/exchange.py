@@ -43,6 +43,7 @@ from guard.engine.calls import CallRecord, FailureStage, Route, Step, Verdict
 from guard.engine.canonical import JSONTooDeep
 from guard.engine.contract import (
     NO_FIELDS,
+    OFFLOAD_BYTES,
     Adapter,
     Answer,
     HistoryStep,
@@ -73,8 +74,6 @@ _PLAIN, _LENGTH, _APP, _HOP, _CONNECTION = 0, 1, 2, 3, 4
 _response_names: dict[bytes, tuple[str, int]] = {}
 # The route header for each route, as the ASGI pair the client gets.
 _ROUTE_PAIRS = {route: (ROUTE_HEADER.encode(), route.value.encode()) for route in Route}
-# Bodies larger than this are parsed and hashed in a worker thread.
-OFFLOAD_BYTES = 256 * 1024
 # The tool of a call whose body could not be read at all (no adapter found a tool).
 UNPARSED_TOOL = "unparsed_request"
 # error_type of a request that was not understood: malformed for its protocol, nested
@@ -544,6 +543,8 @@ class Exchange:
         if observer is None:
             return chunk
         out = observer.feed(chunk, time.perf_counter())
+        if observer.backlog:  # a large event's parse: off the event loop
+            await asyncio.to_thread(observer.read_backlog)
         self._response_bytes += len(chunk)
         remaining = self._remaining
         if remaining is not None:

@@ -169,7 +169,22 @@ class Observation:
     unread_events: int = 0
 
 
+# CPU work on more bytes than this (parsing, redacting, hashing, marking) runs in a worker
+# thread, so one large request or answer never stalls the event loop.
+OFFLOAD_BYTES = 256 * 1024
+
+
 class ResponseObserver(Protocol):
+    @property
+    def backlog(self) -> bool:
+        """True when ``feed`` left a large part unread (over ``OFFLOAD_BYTES``): the
+        front door has ``read_backlog`` run in a worker thread before it asks
+        ``settled``. Observers that read little as they go keep it False (a class
+        attribute will do)."""
+        ...
+
+    def read_backlog(self) -> None: ...
+
     @property
     def settled(self) -> bool:
         """True once every guarded call's outcome has been seen, so the steps can be
@@ -220,9 +235,13 @@ class PassthroughObserver:
 
     __slots__ = ()
     settled = False
+    backlog = False
 
     def feed(self, chunk: bytes, now: float) -> bytes:
         return chunk
+
+    def read_backlog(self) -> None:
+        pass  # never left any
 
     def finish(self) -> Observation:
         return Observation()

@@ -101,3 +101,45 @@ def test_the_one_pass_card_scan_agrees_with_checking_every_span() -> None:
         groups = ["".join(rng.choices("0123456789", k=rng.randint(1, 5))) for _ in range(8)]
         run = "".join(g + rng.choice([" ", "-", ""]) for g in groups).strip(" -")
         assert _cards_in(run, lambda d: f"[CARD:{d}]", lambda d: d) == reference(run)
+
+
+async def test_a_large_mcp_sse_event_is_parsed_off_the_event_loop_and_settles_early(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # An MCP answer streamed as SSE, held open after the response (as a server may): the
+    # large response event is parsed in a worker thread, and the step is still recorded
+    # as soon as it is seen, before the stream ends.
+    from adapters.mcp import McpAdapter, McpObserver
+
+    config = Config.from_mapping(
+        {"routes": [{"prefix": "/mcp", "upstream": "http://mcp", "adapter": "mcp"}]}
+    )
+    engine = Engine(config)
+    call = {"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": "read"}}
+    headers = {"content-type": "application/json", "mcp-session-id": "m1"}
+    request = RequestView("POST", "", "", headers, json.dumps(call).encode(), "m1")
+    exchange = Exchange(engine, config.routes[0], McpAdapter(config.routes[0]), request)
+    assert await exchange.admit() == request.body
+    exchange.mark_sent()
+    exchange.response_start(200, [(b"content-type", b"text/event-stream")])
+    threads: list[int] = []
+    take = McpObserver._take_text
+
+    def watched_take(self: McpObserver, text: Any) -> None:
+        threads.append(threading.get_ident())
+        take(self, text)
+
+    monkeypatch.setattr(McpObserver, "_take_text", watched_take)
+    loop_thread = threading.get_ident()
+    small = {"jsonrpc": "2.0", "method": "notifications/progress", "params": {}}
+    await exchange.response_chunk(b"data: " + json.dumps(small).encode() + b"\n\n")
+    assert threads == [loop_thread]  # a small event: read as it passes
+    text = "x" * OFFLOAD_BYTES
+    answer = {"jsonrpc": "2.0", "id": 1, "result": {"content": [{"type": "text", "text": text}]}}
+    await exchange.response_chunk(b"data: " + json.dumps(answer).encode() + b"\n\n")
+    assert len(threads) == 2 and threads[1] != loop_thread
+    assert exchange.settled and not exchange.done  # recorded; the stream is still open
+    (flow,) = exchange.flows
+    assert flow.outcome is not None and flow.outcome.value["content"][0]["text"] == text
+    await exchange.finish()
+    await engine.aclose()
