@@ -249,14 +249,25 @@ class ModelObserver:
             return chunk
         if self.hiding:
             return self._feed_hiding(chunk, now)
-        # Read each chunk one step late, after it has been passed on: a chunk carrying
-        # the first token often carries dozens of events behind it, and reading them
-        # first would delay the token by as much. Each chunk keeps its arrival time.
+        self._read_late(chunk, now)
+        return chunk
+
+    def _read_late(self, passed: bytes, now: float) -> None:
+        """Read ``passed`` one step late, after it has gone on: when the next bytes
+        pass (or at the end). A chunk carrying the first token often carries dozens of
+        events behind it, and reading them first would delay the token by as much.
+        Each keeps its arrival time."""
         deferred = self._deferred
-        self._deferred = (chunk, now)
+        self._deferred = (passed, now)
         if deferred is not None:
             self._read(*deferred)
-        return chunk
+
+    def _read_deferred(self) -> None:
+        """Read now what waits to be read late."""
+        deferred = self._deferred
+        if deferred is not None:
+            self._deferred = None
+            self._read(*deferred)
 
     def _read(self, chunk: bytes, at: float) -> None:
         assert self._parser is not None
@@ -269,9 +280,7 @@ class ModelObserver:
     def finish(self) -> Observation:
         complete = True
         if self._parser is not None:
-            if self._deferred is not None:
-                self._read(*self._deferred)
-                self._deferred = None
+            self._read_deferred()
             complete = self.terminal
         elif self._active and not self._json_overflow and self._json:
             try:
@@ -344,10 +353,7 @@ class ModelObserver:
             # From here on every block is read before it passes: the parser first
             # catches up with what went on unread, then reads what is held.
             self._passing_unread = False
-            deferred = self._deferred
-            if deferred is not None:
-                self._deferred = None
-                self._read(*deferred)
+            self._read_deferred()
             chunk = bytes(held)
         assert self._parser is not None
         events = self._parser.feed(chunk)
@@ -366,7 +372,7 @@ class ModelObserver:
                     self._cut_cr_end = event.end
                 del held[: event.end - at]
                 at = event.end
-        safe = self._parser.boundary if self._parser is not None else at
+        safe = self._parser.boundary
         if safe > at:
             out += held[: safe - at]
             del held[: safe - at]
@@ -395,10 +401,7 @@ class ModelObserver:
         out = bytes(held[:end])
         del held[:end]
         self._held_at += end
-        deferred = self._deferred
-        self._deferred = (out, now)
-        if deferred is not None:
-            self._read(*deferred)
+        self._read_late(out, now)
         return out
 
 
