@@ -72,11 +72,9 @@ async def rebuild(engine: Engine, parsed: ParsedRequest, *, offload: bool = Fals
         raw = await get(key) if get is not None else None
         if parsed.conversation is None:
             key = None  # the next state is kept under the new response's id
-
-    def build() -> Chain:
-        return _build(engine, parsed, key, raw)
-
-    return await asyncio.to_thread(build) if offload else build()
+    if offload:
+        return await asyncio.to_thread(_build, engine, parsed, key, raw)
+    return _build(engine, parsed, key, raw)
 
 
 def _build(engine: Engine, parsed: ParsedRequest, key: str | None, raw: Any) -> Chain:

@@ -287,13 +287,12 @@ def wire_span(
     kind: SpanKind,
     start_time: int,
     end_time: int,
-    attributes: Mapping[str, Any] | list[bytes],
+    attributes: Mapping[str, Any],
     status: Status,
 ) -> bytes | None:
     """The ScopeSpans.spans field of a span with no events, links or dropped
     attributes, from its pieces (``DirectSpans`` writes it as the span ends); None
-    when this encoder does not cover a value. ``attributes``: a mapping, or its
-    Span.attributes fields already written (``wire_record``)."""
+    when this encoder does not cover a value."""
     try:
         return _span_field(
             trace_id, span_id, trace_state, parent, name, kind, start_time, end_time,

@@ -153,10 +153,9 @@ class DirectCallSpan(CallSpan):
 # Writes a span's wire form from its pieces (``otlp_wire.wire_span``): trace id, span
 # id, trace state, parent, name, kind, start, end, attributes, status; None when it
 # does not cover a value.
-# The attributes: a mapping, or their wire form (``otlp_wire.wire_record``).
 WireWriter = Callable[
     [int, int, "trace.TraceState | None", "SpanContext | None", str, SpanKind, int, int,
-     "Mapping[str, Any] | list[bytes]", Status],
+     "Mapping[str, Any]", Status],
     "bytes | None",
 ]  # fmt: skip
 
