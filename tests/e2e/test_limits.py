@@ -19,6 +19,7 @@ import resource
 import select
 import signal
 import socket
+import tracemalloc
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,7 @@ from servers import free_port, run_server
 
 from guard.doors.proxy import ProxyApp
 from guard.doors.serve import client_limits
+from guard.doors.upstream import Upstream
 
 MB = 1024 * 1024
 
@@ -40,11 +42,13 @@ class Sink:
 
     def __init__(self) -> None:
         self.received: list[tuple[int, str]] = []  # (length, sha256) per request
+        self.heads: list[dict[bytes, bytes]] = []  # the headers of each request
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return
         digest, size = hashlib.sha256(), 0
+        self.heads.append(dict(scope["headers"]))
         while True:
             message = await receive()
             chunk = message.get("body", b"")
@@ -126,6 +130,43 @@ def test_a_chunked_body_over_max_body_bytes_is_413_not_503(sink: tuple[Sink, str
     assert "retry-after" not in refused.headers  # not overload: retrying will not help
     assert app.router.body_budget.used == 0
     assert upstream.received == []
+
+
+def test_a_large_forwarded_body_goes_in_slices_and_is_never_copied_whole(
+    sink: tuple[Sink, str],
+) -> None:
+    """aiohttp, given bytes, writes them in one call joined to the request head: a
+    second copy of every large upload, and the transport buffering what the socket did
+    not take. loopguard hands it the body in slices: what the forwarding allocates
+    stays far below the body's size, and the upstream gets the same bytes and head."""
+    upstream, url = sink
+    body = _payload(7, 8 * MB)
+
+    async def forward() -> tuple[int, int]:
+        client = Upstream()
+        headers = [("x-trace", "1")]
+        tracemalloc.start()
+        try:
+            await client.open("POST", f"{url}/put", headers, b"{}")  # the pool is warm
+            tracemalloc.reset_peak()
+            before = tracemalloc.get_traced_memory()[0]
+            response = await client.open("POST", f"{url}/put", headers, body)
+            allocated = tracemalloc.get_traced_memory()[1] - before
+            status = response.status
+            response.release()
+        finally:
+            tracemalloc.stop()
+            await client.aclose()
+        return status, allocated
+
+    status, allocated = asyncio.run(forward())
+    assert status == 200
+    assert upstream.received[-1] == (len(body), hashlib.sha256(body).hexdigest())
+    head = upstream.heads[-1]
+    assert head[b"content-length"] == str(len(body)).encode()
+    assert b"transfer-encoding" not in head
+    assert b"content-type" not in head  # none added to the client's
+    assert allocated < 2 * MB, allocated  # the body is 8 MB
 
 
 def _kib(pid: int, key: str) -> int:
