@@ -86,6 +86,9 @@ class Field:
     record: str | None = None
     span: str | None = None
     attr: str | None = None
+    # ``attr`` is of the record's ``within`` object (its usage), None without one (None
+    # or false): the span projections test a run of such fields for it once.
+    within: str | None = None
     get: Reader | None = None
     expr: str | None = None
     span_as: Callable[[Any], Any] | None = None
@@ -94,11 +97,17 @@ class Field:
     # The record carries only a keyed pseudonym of the value (sessions).
     pseudonym: bool = False
 
+    def __post_init__(self) -> None:
+        if self.within is not None and (self.attr is None or self.expr or self.get):
+            raise ValueError(f"field {self.record or self.span}: within goes with attr only")
+
     def reader(self) -> Reader:
         if self.get is not None:
             return self.get
         if self.expr is not None:
             return _expression_reader(self.expr)
+        if self.within is not None:
+            return _expression_reader(_read_expr(self, 0, {}))
         if self.attr is None:
             raise ValueError(f"field {self.record or self.span}: give attr or get")
         return attrgetter(self.attr)
@@ -178,15 +187,14 @@ FIELDS: tuple[Field, ...] = (
     # The span's read: no list made, no conversion called, for none (the usual call).
     Field("finish_reasons", expr="list(r.finish_reasons)"),
     Field(span=ATTR_FINISH_REASONS, expr="r.finish_reasons or None", span_as=_str_tuple),
-    Field("input_tokens", ATTR_INPUT_TOKENS,
-          expr="r.usage.input_tokens if r.usage else None", span_as=int),
-    Field("output_tokens", ATTR_OUTPUT_TOKENS,
-          expr="r.usage.output_tokens if r.usage else None", span_as=int),
-    Field("cached_input_tokens", ATTR_CACHE_READ_TOKENS,
-          expr="r.usage.cached_input_tokens if r.usage else None", span_as=int),
+    Field("input_tokens", ATTR_INPUT_TOKENS, attr="input_tokens", within="usage", span_as=int),
+    Field("output_tokens", ATTR_OUTPUT_TOKENS, attr="output_tokens", within="usage",
+          span_as=int),
+    Field("cached_input_tokens", ATTR_CACHE_READ_TOKENS, attr="cached_input_tokens",
+          within="usage", span_as=int),
     # The record says "absent" without usage; the span then has no such attribute.
     Field("usage_source", expr="r.usage.source if r.usage else 'absent'"),
-    Field(span=LG_USAGE_SOURCE, expr="r.usage.source if r.usage else None"),
+    Field(span=LG_USAGE_SOURCE, attr="source", within="usage"),
     # Seconds as milliseconds, rounded to the microsecond (inline: no call per record).
     Field("ttft_ms", expr="None if r.ttft_s is None else round(r.ttft_s * 1000.0, 3)"),
     Field(span=ATTR_TTFC, attr="ttft_s", span_as=float),
@@ -229,14 +237,16 @@ _NEVER_NONE: frozenset[Callable[[Any], Any]] = frozenset({bool, int, float, str}
 
 
 def _span_value_lines(
-    f: Field, i: int, env: dict[str, Any], indent: str = "    "
+    f: Field, i: int, env: dict[str, Any], indent: str = "    ", read: str | None = None
 ) -> tuple[list[str], str]:
     """Generated lines setting ``v`` to field ``f``'s span value (the read, then the
     field's conversion unless the value is None) and testing it is not None; and the
     indent of what follows when it is not (the span and metric projections all start
-    so)."""
+    so). ``read``: the read's source, when not the field's own (``_span_lines``)."""
     inner = indent + "    "
-    lines = [f"{indent}v = {_read_expr(f, i, env)}", f"{indent}if v is not None:"]
+    if read is None:
+        read = _read_expr(f, i, env)
+    lines = [f"{indent}v = {read}", f"{indent}if v is not None:"]
     if f.span_as in _NEVER_NONE:
         # A type: a value of it already (the usual) is not converted (no call).
         env[f"_as{i}"] = f.span_as
@@ -248,15 +258,37 @@ def _span_value_lines(
     return lines, inner
 
 
+def _span_lines(
+    spans: Sequence[Field], env: dict[str, Any], set_value: Callable[[int, Field], str]
+) -> list[str]:
+    """The span projections' body: per field ``_span_value_lines``, then
+    ``set_value(i, f)`` (the line using ``v``) where it is not None. A run of fields
+    ``within`` one object reads it once and, without it (no usage: most calls), skips
+    them with one test."""
+    lines: list[str] = []
+    run: str | None = None
+    for i, f in enumerate(spans):
+        if f.within is None:
+            run = None
+            head, inner = _span_value_lines(f, i, env)
+        else:
+            if f.within != run:
+                run = f.within
+                _check_name(f.within, f)
+                lines += [f"    w = r.{run}", "    if w:"]
+            _check_name(f.attr, f)
+            head, inner = _span_value_lines(f, i, env, "        ", f"w.{f.attr}")
+        lines += head
+        lines.append(f"{inner}{set_value(i, f)}")
+    return lines
+
+
 def _span_function(spans: Sequence[Field]) -> Callable[[CallRecord], dict[str, Any]]:
     """The span projection as one generated function: per field a read, the
     conversion when there is one, and the attribute set unless the value is None."""
     env: dict[str, Any] = dict(_EXPR_NAMES)
     lines = ["def span(r):", "    a = {}"]
-    for i, f in enumerate(spans):
-        head, inner = _span_value_lines(f, i, env)
-        lines += head
-        lines.append(f"{inner}a[{f.span!r}] = v")
+    lines += _span_lines(spans, env, lambda i, f: f"a[{f.span!r}] = v")
     lines.append("    return a")
     return _compile("\n".join(lines) + "\n", "span", env)
 
@@ -283,17 +315,17 @@ def _span_writer_function(spans: Sequence[Field], writer: FieldWriter) -> Callab
     form: looked up by value, else written (``writer``'s pair for the field)."""
     env: dict[str, Any] = dict(_EXPR_NAMES)
     lines = ["def span(r):", "    o = []", "    add = o.append"]
-    for i, f in enumerate(spans):
+
+    def add(i: int, f: Field) -> str:
         kind = _span_type(f)
         cached, write = writer(f.span or "", kind)
         env[f"_w{i}"] = write
-        head, inner = _span_value_lines(f, i, env)
-        lines += head
         if kind is None:
-            lines.append(f"{inner}add(_w{i}(v))")
-        else:
-            env[f"_c{i}"] = cached
-            lines.append(f"{inner}add(_c{i}(v) or _w{i}(v))")
+            return f"add(_w{i}(v))"
+        env[f"_c{i}"] = cached
+        return f"add(_c{i}(v) or _w{i}(v))"
+
+    lines += _span_lines(spans, env, add)
     lines.append("    return o")
     return _compile("\n".join(lines) + "\n", "span writer", env)
 
@@ -336,9 +368,17 @@ def _read_expr(f: Field, i: int, env: dict[str, Any]) -> str:
     if f.get is not None:
         env[f"_get{i}"] = f.get
         return f"_get{i}(r)"
-    if f.attr is not None and f.attr.isidentifier():
-        return f"r.{f.attr}"
-    raise ValueError(f"field {f.record or f.span}: attr must be an attribute name")
+    _check_name(f.attr, f)
+    if f.within is not None:
+        _check_name(f.within, f)
+        return f"(r.{f.within}.{f.attr} if r.{f.within} else None)"
+    return f"r.{f.attr}"
+
+
+def _check_name(name: str | None, f: Field) -> None:
+    """Only identifiers go into generated source as attribute names."""
+    if name is None or not name.isidentifier():
+        raise ValueError(f"field {f.record or f.span}: attr must be an attribute name")
 
 
 def _compile(source: str, name: str, env: dict[str, Any]) -> Callable[..., dict[str, Any]]:

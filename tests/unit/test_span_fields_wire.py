@@ -267,6 +267,32 @@ def test_past_the_limit_the_record_writer_leaves_it_to_the_dict_path() -> None:
     assert fused_path(record, TelemetryConfig(), limit=count - 1) is None
 
 
+def span_reference(record: CallRecord) -> dict[str, Any]:
+    """The span attributes as the field table says them, field by field (no run of
+    fields within one object read together)."""
+    attrs: dict[str, Any] = {}
+    for f in sorted(FIELDS, key=lambda f: (f.span or "").startswith("loopguard.")):
+        if f.span is None:
+            continue
+        value = f.reader()(record)
+        if value is not None and f.span_as is not None:
+            value = f.span_as(value)
+        if value is not None:
+            attrs[f.span] = value
+    return attrs
+
+
+@settings(max_examples=200, deadline=None)
+@given(record=call_records)
+def test_the_span_projection_is_the_tables_span_attributes_in_order(record: CallRecord) -> None:
+    expected = span_reference(record)
+    got = PROJECTIONS.span(record)
+    assert list(got.items()) == list(expected.items())
+    # The usage fields, read together, are there exactly when the record has usage.
+    usage_keys = {f.span for f in FIELDS if f.within == "usage"}
+    assert (record.usage is not None) == bool(usage_keys & set(got))
+
+
 def metric_reference(record: CallRecord) -> dict[str, Any]:
     """The metric attributes as the field table says them, field by field."""
     attrs: dict[str, Any] = {}

@@ -225,6 +225,46 @@ def test_projections_follow_the_rows_rules() -> None:
     assert all(k.startswith("loopguard.") for k in keys[first_own:])
 
 
+def test_fields_within_the_usage_show_only_with_usage() -> None:
+    # A run of two such fields, then one apart: each read from the record's usage.
+    within = (
+        Field(span="t.input", attr="input_tokens", within="usage", span_as=int),
+        Field(span="t.source", attr="source", within="usage"),
+        Field(span="t.tool", attr="tool"),
+        Field(span="t.output", attr="output_tokens", within="usage", span_as=int),
+    )
+    projections = Projections((*FIELDS, *within))
+    keys = [f.span for f in within]
+    with_usage = tool_record(usage=Usage(input_tokens=3, output_tokens=4, source="response"))
+    for tool in ("lookup", None):  # the run after t.tool is read whatever t.tool is
+        got = projections.span(tool_record(usage=with_usage.usage, tool=tool))
+        assert [(k, got[k]) for k in got if k in keys] == [
+            ("t.input", 3), ("t.source", "response"), *([("t.tool", tool)] if tool else []),
+            ("t.output", 4),
+        ]  # fmt: skip
+    without = projections.span(tool_record(usage=None))
+    assert [k for k in without if k in keys] == ["t.tool"]
+    assert within[0].reader()(with_usage) == 3 and within[0].reader()(tool_record()) is None
+
+
+@pytest.mark.parametrize(
+    "row",
+    [
+        {"span": "t.x", "within": "usage"},  # no attribute
+        {"span": "t.x", "within": "usage", "expr": "r.usage"},
+        {"span": "t.x", "within": "usage", "attr": "input_tokens", "get": len},
+    ],
+)
+def test_a_field_within_an_object_is_read_by_attribute_only(row: dict[str, Any]) -> None:
+    with pytest.raises(ValueError, match="within"):
+        Field(**row)
+
+
+def test_a_field_within_an_object_needs_attribute_names() -> None:
+    with pytest.raises(ValueError, match="attribute name"):
+        Projections((*FIELDS, Field(span="t.x", attr="input_tokens", within="usage()")))
+
+
 def test_a_record_key_declared_twice_is_refused() -> None:
     with pytest.raises(ValueError, match="twice"):
         Projections((*FIELDS, Field("tool", attr="tool")))
