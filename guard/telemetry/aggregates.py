@@ -125,6 +125,8 @@ def _current_ids() -> Ids:
 
 def _trace_based_exemplar() -> Ids | None:
     """The SDK's default filter: an exemplar only within a sampled span."""
+    if _SPAN_KEY not in _current_context():
+        return None  # no span at all (a proxy's calls): no further call
     span = _current_span()
     if span is None:
         return None
@@ -230,7 +232,13 @@ def _fold(
         totals.max = value
     if exemplar is not None:
         offered = (value, time_ns(), *exemplar)
-        totals.exemplars = {**(totals.exemplars or {}), bucket: offered}
+        exemplars = totals.exemplars
+        if exemplars is None:
+            totals.exemplars = {bucket: offered}
+        else:
+            # In place: pending totals are folded only until drained, and a reader's
+            # state never holds their dict (``copy`` and ``merge`` make their own).
+            exemplars[bucket] = offered
 
 
 class HistogramTotals(_Instrument):

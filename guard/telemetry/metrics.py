@@ -51,6 +51,10 @@ _STALL_ROUTES = frozenset({Route.STOP_AND_REVIEW, Route.NUDGE, Route.OBSERVE})
 # A module global: an enum class's attribute goes through its metaclass' __getattr__.
 _LOOP_GUARD = FailureStage.LOOP_GUARD
 
+# Module globals: read once per call, not through the projections object.
+_operation_key = PROJECTIONS.operation_metric_key
+_monotonic = time.monotonic
+
 _INPUT = (ATTR_TOKEN_TYPE, "input")
 _OUTPUT = (ATTR_TOKEN_TYPE, "output")
 
@@ -163,11 +167,14 @@ class MetricSink:
 
         if record.failure_stage == _LOOP_GUARD:
             return  # a GenAI operation or not, it never ran
-        key = PROJECTIONS.operation_metric_key(record)
+        key = _operation_key(record)
         if key is None:
             return  # not a GenAI operation
-        total = record.total_s if record.total_s is not None else time.monotonic() - call.started
-        self._duration.record(max(float(total), 0.0), key, 1, exemplar)
+        total = record.total_s
+        total = float(total) if total is not None else _monotonic() - call.started
+        if total < 0.0:  # max(total, 0.0) without the call: NaN and -0.0 are kept
+            total = 0.0
+        self._duration.record(total, key, 1, exemplar)
 
         usage = record.usage
         if usage is not None and usage.source == "response":

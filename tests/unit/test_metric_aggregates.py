@@ -243,6 +243,20 @@ def _record_while_collecting() -> None:
     assert sum(collected) + count() == n
 
 
+def test_a_negative_duration_is_recorded_as_zero() -> None:
+    # A clock step can make a call's duration negative; an int one is recorded as is.
+    reader = InMemoryMetricReader()
+    tel = telemetry(reader)
+    for total in (-0.5, -0.0, 3):
+        record = CallRecord(operation="execute_tool", span_name="t", tool="t", total_s=total)
+        tel.finish(tel.start("t", {}), record)
+    got = points(reader)
+    (found,) = [v for k, v in got.items() if k[0] == "gen_ai.client.operation.duration" and k[1]]
+    assert found["count"] == 3 and found["sum"] == 3.0
+    assert found["min"] == 0.0 and found["max"] == 3.0
+    assert found["bucket_counts"][0] == 2
+
+
 def test_two_telemetries_on_one_provider_report_each_metric_once() -> None:
     reader = InMemoryMetricReader()
     provider = MeterProvider(metric_readers=[reader])
