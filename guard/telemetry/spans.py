@@ -204,37 +204,11 @@ class DirectSpans:
         self._resource = resource
         self._scope = scope
         self._wire = wire
-        # The record writer and the queue's push, looked up once.
+        # The record writer and the queue's push, looked up once (for ``SpanSink.emit``).
         self._record_out: tuple[RecordSpanWriter, Callable[[bytes], None]] | None = None
         if wire is not None and wire.record is not None:
             self._record_out = (wire.record, wire.push)
         self._max_attributes = SpanLimits().max_span_attributes
-
-    def end_record(
-        self,
-        call: DirectCallSpan,
-        name: str,
-        record: CallRecord,
-        extra: dict[str, Any] | None,
-        status: Status,
-    ) -> None:
-        """End ``call`` with the record's span attributes (``span_attributes``: the
-        table's, then ``extra``). With the wire writer's ``record`` they are written
-        straight to the wire; as a dict where it does not cover them (a value, an extra
-        key that is also the table's, more attributes than the limit)."""
-        if not call.flags & _SAMPLED_INT:
-            return  # the SDK would not have recorded it
-        out = self._record_out
-        if out is not None and (not extra or _SPAN_KEYS.isdisjoint(extra)):
-            write, push = out
-            encoded = write(
-                call.trace_int, call.span_int, call.state, call.parent, name, call.kind,
-                call.start_ns, time.time_ns(), record, extra, status, self._max_attributes,
-            )  # fmt: skip
-            if encoded is not None:
-                push(encoded)
-                return
-        self.end(call, name, _with_extra(record, extra), status)
 
     @staticmethod
     def usable(provider: TracerProvider) -> bool:
@@ -393,14 +367,32 @@ class SpanSink:
         self._direct = direct
 
     def emit(self, record: CallRecord, call: CallSpan) -> None:
-        if self._direct is not None and isinstance(call, DirectCallSpan):
+        """A call of ``DirectSpans`` ends with the record's span attributes
+        (``span_attributes``: the table's, then the extra ones), written straight to the
+        wire with the wire writer's ``record``, as a dict where that does not cover them
+        (a value, an extra key that is also the table's, more attributes than the
+        limit). Here, not in a method of ``DirectSpans``: one call less per span."""
+        direct = self._direct
+        if direct is not None and isinstance(call, DirectCallSpan):
             # The usual call has no extra attributes and no error: no call for either.
             cfg = self._cfg
-            self._direct.end_record(
-                call, record.span_name or call.name, record,
-                extra_attributes(record, cfg) if record.app or cfg.capture_content else None,
-                _UNSET if record.failure_stage in NOT_ERRORS else _status(record),
-            )  # fmt: skip
+            extra = extra_attributes(record, cfg) if record.app or cfg.capture_content else None
+            status = _UNSET if record.failure_stage in NOT_ERRORS else _status(record)
+            if not call.flags & _SAMPLED_INT:
+                return  # the SDK would not have recorded it
+            name = record.span_name or call.name
+            out = direct._record_out
+            if out is not None and (not extra or _SPAN_KEYS.isdisjoint(extra)):
+                write, push = out
+                encoded = write(
+                    call.trace_int, call.span_int, call.state, call.parent, name, call.kind,
+                    call.start_ns, time.time_ns(), record, extra, status,
+                    direct._max_attributes,
+                )  # fmt: skip
+                if encoded is not None:
+                    push(encoded)
+                    return
+            direct.end(call, name, _with_extra(record, extra), status)
             return
         span = call.span
         if span is None:
