@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from operator import attrgetter
 from typing import Any
 
-from guard.engine.calls import CallRecord, FailureStage
+from guard.engine.calls import CallRecord, FailureStage, Route
 from guard.telemetry.semconv import (
     ATTR_CACHE_READ_TOKENS,
     ATTR_CONVERSATION_ID,
@@ -96,6 +96,9 @@ class Field:
     metric_with: str | None = None
     # The record carries only a keyed pseudonym of the value (sessions).
     pseudonym: bool = False
+    # Its values hardly ever repeat (hashes, markers, per-message ids): the span writer
+    # writes each one, without looking it up first.
+    varies: bool = False
 
     def __post_init__(self) -> None:
         if self.within is not None and (self.attr is None or self.expr or self.get):
@@ -133,6 +136,10 @@ _EXPR_NAMES: dict[str, Any] = {
     "NOT_ERRORS": NOT_ERRORS,
     "_OPERATIONS": {"chat": OP_CHAT, "execute_tool": OP_EXECUTE_TOOL},
     "_EXECUTE_TOOL": OP_EXECUTE_TOOL,
+    # A route's or failure stage's text: ``str()`` of the member, looked up
+    # (``_TEXT.get(x) or str(x)``): ``str()`` copies the text, and the copy is hashed
+    # again by every cache it is looked up in.
+    "_TEXT": {member: str(member) for enum in (Route, FailureStage) for member in enum},
 }
 
 
@@ -160,8 +167,9 @@ FIELDS: tuple[Field, ...] = (
     Field("session_tracked", LG_SESSION_TRACKED, attr="session_tracked", span_as=bool),
     # Either the agent's own id or a keyed pseudonym (guard.doors.exchange): never content.
     Field("conversation_id", ATTR_CONVERSATION_ID, attr="conversation_id"),
-    Field("route", LG_ROUTE, expr="str(r.route)"),
-    Field("failure_stage", LG_FAILURE_STAGE, expr="str(r.failure_stage)"),
+    Field("route", LG_ROUTE, expr="_TEXT.get(r.route) or str(r.route)"),
+    Field("failure_stage", LG_FAILURE_STAGE,
+          expr="_TEXT.get(r.failure_stage) or str(r.failure_stage)"),
     Field("error_type", attr="error_type"),
     Field(span=ATTR_ERROR_TYPE, expr=_ERROR_TYPE, metric=True),
     Field("status_code", ATTR_HTTP_STATUS, attr="status_code", span_as=int),
@@ -170,17 +178,17 @@ FIELDS: tuple[Field, ...] = (
     Field("tool", ATTR_TOOL_NAME, attr="tool"),
     Field("model", ATTR_REQUEST_MODEL, attr="model", metric=True),
     Field("response_model", ATTR_RESPONSE_MODEL, attr="response_model"),
-    Field("response_id", ATTR_RESPONSE_ID, attr="response_id"),
+    Field("response_id", ATTR_RESPONSE_ID, attr="response_id", varies=True),
     Field("provider", ATTR_PROVIDER, attr="provider", metric=True),
     Field("mcp_method", ATTR_MCP_METHOD, attr="mcp_method"),
     Field(span=ATTR_MCP_SESSION, attr="mcp_session_id"),
-    Field(span=ATTR_JSONRPC_ID, attr="jsonrpc_request_id", span_as=str),
+    Field(span=ATTR_JSONRPC_ID, attr="jsonrpc_request_id", span_as=str, varies=True),
     Field(span=ATTR_SERVER_ADDRESS, attr="server_address", metric=True),
     # Conditionally required with server.address (semconv).
     Field(span=ATTR_SERVER_PORT, attr="server_port", span_as=int,
           metric=True, metric_with=ATTR_SERVER_ADDRESS),
-    Field("params_hash", LG_PARAMS_HASH, attr="params_hash"),
-    Field("progress_marker", LG_PROGRESS_MARKER, attr="progress_marker"),
+    Field("params_hash", LG_PARAMS_HASH, attr="params_hash", varies=True),
+    Field("progress_marker", LG_PROGRESS_MARKER, attr="progress_marker", varies=True),
     Field("repeat_count", LG_REPEAT_COUNT, attr="repeat_count", span_as=int),
     Field("stall_rule", LG_STALL_RULE, expr="str(r.stall_rule) if r.stall_rule else None"),
     Field("stream", ATTR_STREAM, attr="stream", span_as=bool),
@@ -301,8 +309,10 @@ FieldWriter = Callable[[str, type | None], tuple[Callable[[Any], Any], Callable[
 
 
 def _span_type(f: Field) -> type | None:
-    """The type a span value of ``f`` always has (None: not fixed by the table, or a
-    float: floats are not cached, -0.0 equals 0.0)."""
+    """The type a span value of ``f`` always has (None: not fixed by the table, values
+    that vary, or a float: floats are not cached, -0.0 equals 0.0)."""
+    if f.varies:
+        return None
     if f.span_as is None:
         return str  # the reads the table names give strings (or None)
     found = f.span_as if isinstance(f.span_as, type) else _CONVERTED_TYPES.get(f.span_as)

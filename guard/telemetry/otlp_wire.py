@@ -195,7 +195,7 @@ def _field_writer(
                 encoded = _varying_str(key_field, data)
         else:
             encoded = _key_value(key_field, value)
-        if len(cache) < _VARYING_AFTER and type(value) is kind:
+        if type(value) is kind and len(cache) < _VARYING_AFTER:
             cache[value] = encoded
         return encoded
 

@@ -293,6 +293,29 @@ def test_the_span_projection_is_the_tables_span_attributes_in_order(record: Call
     assert (record.usage is not None) == bool(usage_keys & set(got))
 
 
+def test_values_that_vary_are_written_without_a_lookup() -> None:
+    kinds: dict[str, type | None] = {}
+
+    def writer(key: str, kind: type | None) -> tuple[Any, Any]:
+        kinds[key] = kind
+
+        def lookup(value: Any) -> None:
+            assert kind is not None, f"{key}: looked up"
+
+        return lookup, lambda value: (key, value)
+
+    write = PROJECTIONS.span_writer(writer)
+    record = CallRecord(
+        operation="execute_tool", span_name="t", tool="t", params_hash="h", progress_marker="m"
+    )
+    written = dict(write(record))
+    assert written["loopguard.params.hash"] == "h" and written[ATTR_TOOL_NAME] == "t"
+    varying = {f.span for f in FIELDS if f.varies}
+    assert {"loopguard.params.hash", "loopguard.progress.marker"} <= varying
+    assert {key for key, kind in kinds.items() if kind is None} >= varying
+    assert kinds[ATTR_TOOL_NAME] is str
+
+
 def metric_reference(record: CallRecord) -> dict[str, Any]:
     """The metric attributes as the field table says them, field by field."""
     attrs: dict[str, Any] = {}

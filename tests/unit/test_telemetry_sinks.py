@@ -12,7 +12,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from guard.engine.calls import CallRecord, Usage
+from guard.engine.calls import CallRecord, FailureStage, Route, Usage
 from guard.engine.config import Config, TelemetryConfig
 from guard.engine.core import Engine
 from guard.engine.telemetry_port import NullTelemetry, TelemetryPort
@@ -263,6 +263,20 @@ def test_a_field_within_an_object_is_read_by_attribute_only(row: dict[str, Any])
 def test_a_field_within_an_object_needs_attribute_names() -> None:
     with pytest.raises(ValueError, match="attribute name"):
         Projections((*FIELDS, Field(span="t.x", attr="input_tokens", within="usage()")))
+
+
+@pytest.mark.parametrize(
+    ("route", "stage"),
+    [*zip(Route, FailureStage, strict=False), ("serve", "passed"), ("own", "stage")],
+)
+def test_a_route_and_a_failure_stage_show_as_their_text(route: Any, stage: Any) -> None:
+    record = tool_record(route=route, failure_stage=stage)
+    row = PROJECTIONS.record(record, str.upper)
+    span = PROJECTIONS.span(record)
+    for got in (row["route"], span["loopguard.route"]):
+        assert got == str(route) and type(got) is str
+    for got in (row["failure_stage"], span["loopguard.failure.stage"]):
+        assert got == str(stage) and type(got) is str
 
 
 def test_a_record_key_declared_twice_is_refused() -> None:
