@@ -186,15 +186,19 @@ def _field_writer(
     )
     short = len(prefixes)
 
-    def write(value: Any) -> bytes:
+    def written(value: Any) -> bytes:
         if type(value) is str:
             data = value.encode()
             if len(data) < short:
-                encoded = prefixes[len(data)] + data
-            else:
-                encoded = _varying_str(key_field, data)
-        else:
-            encoded = _key_value(key_field, value)
+                return prefixes[len(data)] + data
+            return _varying_str(key_field, data)
+        return _key_value(key_field, value)
+
+    if kind is None:  # nothing cached: the lookup is never asked
+        return cache.get, written
+
+    def write(value: Any) -> bytes:
+        encoded = written(value)
         if type(value) is kind and len(cache) < _VARYING_AFTER:
             cache[value] = encoded
         return encoded
