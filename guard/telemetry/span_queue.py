@@ -69,6 +69,8 @@ class WireSpanProcessor(SpanProcessor):
         self._drops = drops
         self._max_queue = max_queue_size
         self._batch = max_export_batch_size
+        # Below this many queued, a push neither drops nor completes a batch.
+        self._calm = max_export_batch_size - 1
         self._delay_s = schedule_delay_millis / 1e3
         # Appended at the right, taken from the left; full, an append drops the oldest.
         self._queue: deque[bytes | ReadableSpan] = deque(maxlen=max_queue_size)
@@ -99,6 +101,9 @@ class WireSpanProcessor(SpanProcessor):
     def push(self, item: bytes | ReadableSpan) -> None:
         """Queue one span's wire bytes (``otlp_wire.wire_span``), or a span."""
         queue = self._queue
+        if len(queue) < self._calm and not self._shutdown:
+            queue.append(item)  # the usual: room, and short of a batch to wake the thread for
+            return
         if self._shutdown:
             return
         if len(queue) == self._max_queue:

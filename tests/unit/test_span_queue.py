@@ -95,6 +95,17 @@ def test_a_full_batch_wakes_the_export_thread() -> None:
     assert exporter.items == wires(8)
 
 
+def test_below_a_batch_the_thread_sleeps_and_after_shutdown_nothing_is_queued() -> None:
+    exporter = Recorder()
+    queue = processor(exporter, max_export_batch_size=8)
+    for wire in wires(7):
+        queue.push(wire)
+    assert not exporter.entered.is_set() and len(queue._queue) == 7
+    queue.shutdown()
+    queue.push(b"late")
+    assert exporter.items == wires(7) and len(queue._queue) == 0
+
+
 def test_the_schedule_delay_exports_a_partial_batch() -> None:
     exporter = Recorder()
     queue = processor(exporter, schedule_delay_millis=10, max_export_batch_size=512)
