@@ -57,9 +57,10 @@ class CallSpan:
     """One call's span, from ``Telemetry.start`` to ``Telemetry.finish``.
 
     The ids live here as ints, read once: ``traceparent`` for the upstream and the
-    record's ids come from them. ``span`` is the SDK span when spans are recorded, else
-    None (nothing would read it; no OTel objects are built per call). ``started`` is the
-    monotonic start; ``chunk_gaps`` what the caller passed to ``finish`` (for the sinks).
+    record's ids come from them. ``span`` is the SDK span when spans are recorded
+    (``SdkCallSpan``), else None (nothing would read it; no OTel objects are built per
+    call). ``started`` is the monotonic start; ``chunk_gaps`` what the caller passed to
+    ``finish`` (for the sinks).
     """
 
     __slots__ = (
@@ -67,22 +68,23 @@ class CallSpan:
         "chunk_gaps",
         "finished",
         "flags",
-        "span",
         "span_int",
         "started",
         "state",
         "trace_int",
     )
 
+    # A class attribute, not a slot: a call without an SDK span sets nothing (a
+    # ``DirectCallSpan``'s is a property: a slot set here went through its setter).
+    span: trace.Span | None = None
+
     def __init__(
         self,
-        span: trace.Span | None,
         trace_id: int,
         span_id: int,
         flags: int,
         state: trace.TraceState | None,
     ) -> None:
-        self.span = span
         self.trace_int = trace_id
         self.span_int = span_id
         self.flags = flags
@@ -117,6 +119,17 @@ class CallSpan:
         return headers
 
 
+class SdkCallSpan(CallSpan):
+    """A call with the SDK's span (spans recorded by a pipeline the telemetry was
+    given)."""
+
+    __slots__ = ("span",)
+
+    def __init__(self, span: trace.Span, ctx: SpanContext) -> None:
+        CallSpan.__init__(self, ctx.trace_id, ctx.span_id, ctx.trace_flags, ctx.trace_state)
+        self.span = span
+
+
 class DirectCallSpan(CallSpan):
     """A call whose span is built whole when it finishes (``DirectSpans``): its name,
     kind, parent and wall-clock start are kept until then."""
@@ -130,24 +143,21 @@ class DirectCallSpan(CallSpan):
         parent: SpanContext | None,
         ids: tuple[int, int, int, trace.TraceState | None],
     ) -> None:
-        CallSpan.__init__(self, None, *ids)  # no super object made per call
+        trace_id, span_id, flags, state = ids  # no star call: it is not inlined
+        CallSpan.__init__(self, trace_id, span_id, flags, state)  # no super object made
         self.name = name
         self.kind = kind
         self.parent = parent
         self.start_ns = time.time_ns()
 
     @property
-    def span(self) -> trace.Span:
+    def span(self) -> trace.Span:  # type: ignore[override]  # read-only: never set
         """A non-recording stand-in with this call's ids, made when asked: a caller that
         makes it the current span (the in-process guard) gets children in this trace."""
         context = SpanContext(
             self.trace_int, self.span_int, False, TraceFlags(self.flags), self.state
         )
         return trace.NonRecordingSpan(context)
-
-    @span.setter
-    def span(self, _value: object) -> None:
-        pass  # the span is made at the end, never held
 
 
 # Writes a span's wire form from its pieces (``otlp_wire.wire_span``): trace id, span
@@ -278,10 +288,9 @@ class Tracing:
             ids = _call_ids(parent_ctx, _SDK_ROOT_FLAGS)
             return DirectCallSpan(span_name, kind, parent_ctx, ids)
         if not self._recording:
-            return CallSpan(None, *_call_ids(_valid_parent(parent), _SAMPLED_INT))
+            return CallSpan(*_call_ids(_valid_parent(parent), _SAMPLED_INT))
         span = self._tracer.start_span(span_name, context=parent, kind=kind)
-        ctx = span.get_span_context()
-        return CallSpan(span, ctx.trace_id, ctx.span_id, ctx.trace_flags, ctx.trace_state)
+        return SdkCallSpan(span, span.get_span_context())
 
     def _parent_context(self, headers: Mapping[str, str], lowercase: bool) -> Context | None:
         """The agent's trace context, None when it sent none (a new trace)."""

@@ -139,6 +139,9 @@ def test_given_providers_still_record(tmp_path) -> None:
     tel = Telemetry(TelemetryConfig(records=""), "p", tracer_provider=TracerProvider())
     call = tel.start("x", {})
     assert call.span.is_recording()
+    ctx = call.span.get_span_context()  # the call's ids are its SDK span's
+    assert (call.trace_int, call.span_int) == (ctx.trace_id, ctx.span_id)
+    assert call.flags == ctx.trace_flags
     tel.finish(call, _tool_record())
     tel.shutdown()
 
