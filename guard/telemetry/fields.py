@@ -370,6 +370,39 @@ def _metric_function(metric: Sequence[Field], required: str | None = None) -> Ca
     return _compile("\n".join(lines) + "\n", "metric", env)
 
 
+# Distinct metric field values whose attributes ``_cached_metric_function`` keeps.
+_METRIC_KEYS_CACHED = 1024
+
+
+def _cached_metric_function(
+    metric: Sequence[Field], key_of: Callable[[CallRecord], Any], size: int = _METRIC_KEYS_CACHED
+) -> Callable[..., Any]:
+    """``key_of`` (a metric function) looked up by the metric fields' values as read
+    (before the conversions, None tests and ``metric_with``): its result is a function
+    of those values alone. One tuple of the values and one dict lookup per call, and
+    the same key object each time (a series found by identity), where building the key
+    made a tuple per attribute and compared them all. Values that compare equal give
+    one key, as they give one series anyway; unhashable ones are not cached."""
+    env: dict[str, Any] = dict(_EXPR_NAMES)
+    reads = ", ".join(_read_expr(f, i, env) for i, f in enumerate(metric))
+    env.update(_key_of=key_of, _keys={}, _SIZE=size)
+    lines = [
+        "def metric(r):",
+        f"    v = ({reads},)",
+        "    try:",
+        "        return _keys[v]",
+        "    except KeyError:",
+        "        pass",
+        "    except TypeError:",
+        "        return _key_of(r)",
+        "    k = _key_of(r)",
+        "    if len(_keys) < _SIZE:",
+        "        _keys[v] = k",
+        "    return k",
+    ]
+    return _compile("\n".join(lines) + "\n", "metric", env)
+
+
 def _read_expr(f: Field, i: int, env: dict[str, Any]) -> str:
     """The source reading field ``f`` of the record ``r``: an attribute (checked to be
     an identifier), its expression, or its reader, passed in ``env`` by name."""
@@ -429,10 +462,11 @@ class Projections:
             metric
         )
         # ``operation_metric_key(record)``: ``metric_key``, or None when the call is not
-        # a GenAI operation (no gen_ai.operation.name: the GenAI metrics skip it).
+        # a GenAI operation (no gen_ai.operation.name: the GenAI metrics skip it). Cached
+        # by the fields' values: the metric sink's key per call.
         self.operation_metric_key: Callable[[CallRecord], tuple[tuple[str, Any], ...] | None] = (
-            _metric_function(metric, ATTR_OPERATION) if ATTR_OPERATION in self.metric_keys
-            else lambda record: None
+            _cached_metric_function(metric, _metric_function(metric, ATTR_OPERATION))
+            if ATTR_OPERATION in self.metric_keys else lambda record: None
         )  # fmt: skip
 
     def span(self, record: CallRecord) -> dict[str, Any]:

@@ -21,9 +21,17 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 from guard.engine.calls import CallRecord, FailureStage, Route, StallRule, Usage
 from guard.engine.config import TelemetryConfig
 from guard.telemetry import spans as spans_module
-from guard.telemetry.fields import FIELDS, PROJECTIONS, gen_ai_operation
+from guard.telemetry.fields import (
+    FIELDS,
+    PROJECTIONS,
+    Projections,
+    _cached_metric_function,
+    _metric_function,
+    gen_ai_operation,
+)
 from guard.telemetry.otlp_wire import SpanEncoder, wire_record, wire_span
 from guard.telemetry.semconv import (
+    ATTR_OPERATION,
     ATTR_TOOL_NAME,
     CAPTURE_ATTRIBUTES,
     INSTRUMENTATION_NAME,
@@ -339,4 +347,35 @@ def test_the_metric_key_is_the_tables_metric_attributes_in_order(record: CallRec
     assert PROJECTIONS.metric_key(record) == tuple(expected.items())
     operation = PROJECTIONS.operation_metric_key(record)
     assert operation == (tuple(expected.items()) if gen_ai_operation(record) else None)
+    assert PROJECTIONS.operation_metric_key(record) == operation  # now from the cache
     assert PROJECTIONS.metric(record) == expected
+
+
+def test_the_cached_metric_key_is_each_records_own() -> None:
+    # Records that differ in one metric field's value each get their own key, found
+    # again (the same object) for an equal record; a value that cannot be hashed is
+    # not cached; a full cache keeps answering.
+    base = {
+        "operation": "chat", "span_name": "chat", "model": "m", "provider": "p",
+        "server_address": "h", "server_port": 1, "error_type": "e",
+    }  # fmt: skip
+    changes: list[dict[str, Any]] = [
+        {}, {"model": "m2"}, {"provider": "p2"}, {"server_address": "h2"},
+        {"server_port": 2}, {"error_type": None}, {"error_type": "e2"},
+        {"operation": "execute_tool", "tool": "t"}, {"operation": "passthrough"},
+        {"operation": "mcp", "mcp_method": "tools/call"}, {"model": ["a", "b"]},
+    ]  # fmt: skip
+    for size in (1024, 1):
+        projections = Projections(FIELDS)
+        if size == 1:  # the cache full after its first key
+            metric = [f for f in projections._spans if f.metric]
+            projections.operation_metric_key = _cached_metric_function(
+                metric, _metric_function(metric, ATTR_OPERATION), size
+            )
+        for change in changes * 2:
+            record = CallRecord(**{**base, **change})
+            expected = metric_reference(record)
+            got = projections.operation_metric_key(record)
+            assert got == (tuple(expected.items()) if gen_ai_operation(record) else None)
+        twice = [projections.operation_metric_key(CallRecord(**base)) for _ in "ab"]
+        assert twice[0] is twice[1]
