@@ -368,9 +368,18 @@ def _span_field(
     # than copying one span's few hundred bytes again.
     body = b"".join(parts)
     size = len(body)
-    if 0x80 <= size < 0x4000:  # the usual span
-        return bytes((0x12, (size & 0x7F) | 0x80, size >> 7)) + body
-    return _field(0x12, body)
+    return (_span_heads.get(size) or _span_head(size)) + body
+
+
+# ScopeSpans.spans tags and sizes by size: a service's spans come in a few sizes.
+_span_heads: dict[int, bytes] = {}
+
+
+def _span_head(size: int) -> bytes:
+    head = _ONE_BYTE[0x12] + _varint(size)
+    if len(_span_heads) < 1024:
+        _span_heads[size] = head
+    return head
 
 
 def _resource(resource: Resource) -> bytes:

@@ -18,6 +18,7 @@ from opentelemetry.trace import NonRecordingSpan, SpanKind, Status, StatusCode
 
 from guard.engine.calls import CallRecord, FailureStage, Route, StallRule, Usage
 from guard.engine.config import TelemetryConfig
+from guard.telemetry import otlp_wire
 from guard.telemetry import spans as spans_module
 from guard.telemetry.facade import Telemetry
 from guard.telemetry.otlp_wire import SpanEncoder, WireSpanExporter, wire_span
@@ -191,6 +192,16 @@ def test_the_wire_encoder_writes_varying_values_and_long_fields_as_the_sdk_does(
         encoded = ExportTraceServiceRequest.FromString(encoder(batch))
         assert encoded == encode_spans(batch)
     assert ExportTraceServiceRequest.FromString(encoder([])) == encode_spans([])
+
+
+def test_a_spans_tag_and_size_are_the_fields_at_every_size() -> None:
+    # Looked up by size (up to a bound, then written each time): the field's own form.
+    sizes = [0, 1, 0x7F, 0x80, 0x3FFF, 0x4000, 1 << 21, *range(200, 1500)]
+    for size in sizes * 2:
+        body = b"x" * size
+        assert (otlp_wire._span_heads.get(size) or otlp_wire._span_head(size)) + body == (
+            otlp_wire._field(0x12, body)
+        )
 
 
 def test_a_batch_of_several_resources_and_scopes_is_the_sdks_message() -> None:
