@@ -275,12 +275,14 @@ def test_past_the_limit_the_record_writer_leaves_it_to_the_dict_path() -> None:
     assert fused_path(record, TelemetryConfig(), limit=count - 1) is None
 
 
-def span_reference(record: CallRecord) -> dict[str, Any]:
-    """The span attributes as the field table says them, field by field (no run of
-    fields within one object read together)."""
+def table_reference(record: CallRecord, *, metric: bool = False) -> dict[str, Any]:
+    """The span attributes (or, ``metric``, the metric attributes) as the field table
+    says them, field by field (no run of fields within one object read together)."""
     attrs: dict[str, Any] = {}
     for f in sorted(FIELDS, key=lambda f: (f.span or "").startswith("loopguard.")):
-        if f.span is None:
+        if f.span is None or (metric and not f.metric):
+            continue
+        if metric and f.metric_with is not None and f.metric_with not in attrs:
             continue
         value = f.reader()(record)
         if value is not None and f.span_as is not None:
@@ -293,7 +295,7 @@ def span_reference(record: CallRecord) -> dict[str, Any]:
 @settings(max_examples=200, deadline=None)
 @given(record=call_records)
 def test_the_span_projection_is_the_tables_span_attributes_in_order(record: CallRecord) -> None:
-    expected = span_reference(record)
+    expected = table_reference(record)
     got = PROJECTIONS.span(record)
     assert list(got.items()) == list(expected.items())
     # The usage fields, read together, are there exactly when the record has usage.
@@ -324,26 +326,10 @@ def test_values_that_vary_are_written_without_a_lookup() -> None:
     assert kinds[ATTR_TOOL_NAME] is str
 
 
-def metric_reference(record: CallRecord) -> dict[str, Any]:
-    """The metric attributes as the field table says them, field by field."""
-    attrs: dict[str, Any] = {}
-    for f in sorted(FIELDS, key=lambda f: (f.span or "").startswith("loopguard.")):
-        if not f.metric or f.span is None:
-            continue
-        if f.metric_with is not None and f.metric_with not in attrs:
-            continue
-        value = f.reader()(record)
-        if value is not None and f.span_as is not None:
-            value = f.span_as(value)
-        if value is not None:
-            attrs[f.span] = value
-    return attrs
-
-
 @settings(max_examples=200, deadline=None)
 @given(record=call_records)
 def test_the_metric_key_is_the_tables_metric_attributes_in_order(record: CallRecord) -> None:
-    expected = metric_reference(record)
+    expected = table_reference(record, metric=True)
     assert PROJECTIONS.metric_key(record) == tuple(expected.items())
     operation = PROJECTIONS.operation_metric_key(record)
     assert operation == (tuple(expected.items()) if gen_ai_operation(record) else None)
@@ -374,7 +360,7 @@ def test_the_cached_metric_key_is_each_records_own() -> None:
             )
         for change in changes * 2:
             record = CallRecord(**{**base, **change})
-            expected = metric_reference(record)
+            expected = table_reference(record, metric=True)
             got = projections.operation_metric_key(record)
             assert got == (tuple(expected.items()) if gen_ai_operation(record) else None)
         twice = [projections.operation_metric_key(CallRecord(**base)) for _ in "ab"]
