@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from adapters.http_tool import HttpToolAdapter
+from guard.doors import asgi
 from guard.doors.exchange import OFFLOAD_BYTES, Exchange
 from guard.engine.config import Config
 from guard.engine.contract import RequestView
@@ -143,3 +144,42 @@ async def test_a_large_mcp_sse_event_is_parsed_off_the_event_loop_and_settles_ea
     assert flow.outcome is not None and flow.outcome.value["content"][0]["text"] == text
     await exchange.finish()
     await engine.aclose()
+
+
+async def test_a_large_chunked_body_is_joined_off_the_event_loop(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A chunked body arrives in parts; joining a large one is a copy of the whole body,
+    so it runs in a worker thread (a small one's stays on the loop: a thread hop costs
+    more than its copy). The charge for the body stays with the caller either way."""
+    threads: list[int] = []
+    join = asgi.join_parts
+
+    def watched_join(parts: list[bytes]) -> bytes:
+        threads.append(threading.get_ident())
+        return join(parts)
+
+    monkeypatch.setattr(asgi, "join_parts", watched_join)
+
+    async def read(body: bytes, piece: int) -> tuple[bytes, int]:
+        messages = [
+            {"type": "http.request", "body": body[i : i + piece], "more_body": True}
+            for i in range(0, len(body), piece)
+        ]
+        messages.append({"type": "http.request", "body": b"", "more_body": False})
+        pending = iter(messages)
+
+        async def receive() -> dict[str, Any]:
+            return next(pending)
+
+        budget = asgi.BodyBudget(10 * len(body))
+        got = await asgi.read_body(receive, 10 * len(body), budget=budget)
+        return got, budget.used
+
+    loop_thread = threading.get_ident()
+    large = bytes(range(256)) * (OFFLOAD_BYTES // 128)
+    assert await read(large, 64 * 1024) == (large, len(large))  # charged, the caller's
+    assert len(threads) == 1 and threads[0] != loop_thread
+    small = b"x" * 10_000
+    assert await read(small, 1000) == (small, len(small))
+    assert threads[1] == loop_thread
