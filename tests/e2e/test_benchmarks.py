@@ -10,15 +10,22 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_bench_overhead_runs_every_target_through_the_real_apps() -> None:
+def run_benchmark(script: str, *args: str, timeout: float) -> subprocess.CompletedProcess[str]:
+    """``benchmarks/<script> args...`` from the repository root, its output captured;
+    it must exit 0."""
     result = subprocess.run(
-        [sys.executable, "benchmarks/bench_overhead.py", "--requests", "320", "--rounds", "1"],
+        [sys.executable, f"benchmarks/{script}", *args],
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=timeout,
     )
     assert result.returncode == 0, result.stderr
+    return result
+
+
+def test_bench_overhead_runs_every_target_through_the_real_apps() -> None:
+    result = run_benchmark("bench_overhead.py", "--requests", "320", "--rounds", "1", timeout=120)
     rows = {line.split()[0]: line.split()[1:] for line in result.stdout.splitlines()[2:]}
     assert set(rows) == {"floor", "loopguard", "loopguard-no-records"}
     assert all(float(cpu) > 0 for cpu, _ in rows.values())
@@ -27,21 +34,11 @@ def test_bench_overhead_runs_every_target_through_the_real_apps() -> None:
 def test_bench_proxy_runs_the_floors_loopguard_and_litellm_when_installed() -> None:
     """Real processes and load, one second each; LiteLLM is a target only where
     ``litellm[proxy]`` is installed, and says so when it is not."""
-    result = subprocess.run(
-        [
-            sys.executable,
-            "benchmarks/bench_proxy.py",
-            "--duration",
-            "1",
-            "--only",
-            "floor,floor-guard-minimum,loopguard-openai,litellm",
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
+    result = run_benchmark(
+        "bench_proxy.py",
+        *("--duration", "1", "--only", "floor,floor-guard-minimum,loopguard-openai,litellm"),
         timeout=240,
     )
-    assert result.returncode == 0, result.stderr
     assert "wrk reported errors" not in result.stderr
     assert "non-200" not in result.stderr
     rows = {
@@ -63,19 +60,12 @@ def test_bench_proxy_runs_the_floors_loopguard_and_litellm_when_installed() -> N
 def test_bench_ttft_times_all_three_paths_paced_and_in_a_burst() -> None:
     """The TTFT benchmark's three processes and its client, on a few short streams."""
     for pacing in ("0", "1"):
-        result = subprocess.run(
-            [
-                sys.executable,
-                "benchmarks/bench_ttft.py",
-                *("--requests", "6", "--warmup", "1", "--chunks", "5"),
-                *("--first-delay-ms", "2", "--chunk-delay-ms", pacing),
-            ],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
+        result = run_benchmark(
+            "bench_ttft.py",
+            *("--requests", "6", "--warmup", "1", "--chunks", "5"),
+            *("--first-delay-ms", "2", "--chunk-delay-ms", pacing),
             timeout=120,
         )
-        assert result.returncode == 0, result.stderr
         rows = {
             line.split()[0]: line.split()[1:]
             for line in result.stdout.splitlines()
